@@ -1,0 +1,277 @@
+"""Safe loading of BackdoorBench `.pt` records and atomic writing of every file the plugin produces.
+
+`safe_load` never executes pickled code: it runs `torch.load(weights_only=True)` with only the numpy
+globals a BackdoorBench `attack_result.pt` needs (arrays, dtypes, scalars) allowlisted. Every writer goes
+through a temp file in the destination folder, fsync and `os.replace`, so a crash or a full disk never
+leaves a half-written file behind and the previous file stays intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import os
+import pickle
+import re
+import tempfile
+import warnings
+import zipfile
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ftsam_plugin.errors import FtsamError
+
+__all__ = ["safe_load", "atomic_save", "atomic_write_text", "atomic_write_bytes", "write_csv", "numpy_safe_globals"]
+
+# Fixed-size numeric and bool dtypes only: no object, string, void or datetime dtypes.
+_DTYPE_CLASS_NAMES = (
+    "BoolDType",
+    "Int8DType", "Int16DType", "Int32DType", "Int64DType",
+    "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType",
+    "ByteDType", "UByteDType", "ShortDType", "UShortDType", "IntDType", "UIntDType",
+    "LongDType", "ULongDType", "LongLongDType", "ULongLongDType",
+    "Float16DType", "Float32DType", "Float64DType", "LongDoubleDType",
+    "Complex64DType", "Complex128DType", "CLongDoubleDType",
+)  # fmt: skip
+
+
+def _multiarray_module():
+    # numpy 2.x keeps the real module at numpy._core; numpy 1.x at numpy.core.
+    try:
+        from numpy._core import multiarray  # type: ignore[attr-defined]
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    return multiarray
+
+
+def numpy_safe_globals() -> list:
+    """The allowlist passed to `torch.serialization.safe_globals`: (object, "pickled.name") pairs.
+
+    Both spellings of the multiarray helpers are listed, because a file written under numpy 1.x names
+    `numpy.core.multiarray._reconstruct` and one written under numpy 2.x names `numpy._core.multiarray._reconstruct`.
+    """
+    multiarray = _multiarray_module()
+    entries: list = []
+    for prefix in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        entries.append((multiarray._reconstruct, f"{prefix}._reconstruct"))
+        entries.append((multiarray.scalar, f"{prefix}.scalar"))
+    entries.append((np.ndarray, "numpy.ndarray"))
+    entries.append((np.dtype, "numpy.dtype"))
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: each dtype instance has its own class
+    if dtypes is not None:
+        for name in _DTYPE_CLASS_NAMES:
+            cls = getattr(dtypes, name, None)
+            if cls is not None:
+                entries.append((cls, f"numpy.dtypes.{name}"))
+    return entries
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+_BUILD_RE = re.compile(r"but got <class '([\w.]+)'>")
+
+
+def safe_load(path: "str | os.PathLike[str]", what: str = "attack result") -> Any:
+    """Load a `.pt` file without running pickled code.
+
+    Args:
+        path: the file (e.g. `record/<r>/attack_result.pt`).
+        what: how to call the file in error messages.
+
+    Returns:
+        The loaded object, on CPU.
+
+    Raises:
+        FtsamError: missing, empty, truncated or non-torch file, or one that needs a global outside the
+            numpy allowlist (the global is named; it was refused, not executed).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FtsamError(f"{what} file {path} does not exist; check the path (or run the attack first)")
+    if os.path.isdir(path):
+        raise FtsamError(f"{what} path {path} is a folder, not a file; pass the .pt file inside it")
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise FtsamError(f"cannot read {what} file {path}: {exc.strerror or exc}; check its permissions") from exc
+    if size == 0:
+        raise FtsamError(f"{what} file {path} is empty (0 bytes); re-create it (the run that wrote it did not finish)")
+    try:
+        with torch.serialization.safe_globals(numpy_safe_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FtsamError:
+        raise
+    except PermissionError as exc:
+        raise FtsamError(f"cannot read {what} file {path}: permission denied; check its permissions") from exc
+    except pickle.UnpicklingError as exc:
+        raise FtsamError(_unpickling_message(path, what, str(exc))) from None
+    except Exception as exc:  # torch/zip/pickle internals raise many types (RuntimeError, EOFError, KeyError, ...)
+        raise FtsamError(_corrupt_message(path, what, exc)) from None
+
+
+def _unpickling_message(path: str, what: str, text: str) -> str:
+    match = _GLOBAL_RE.search(text) or _BUILD_RE.search(text)
+    if match:
+        return (
+            f"{what} file {path} needs the Python global '{match.group(1)}', which is not on the safe list; "
+            f"it was refused and not executed. Re-save the file with plain tensors/numpy arrays, or load it "
+            f"only if you trust its source"
+        )
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        detail = _first_line(text.split("WeightsUnpickler error:", 1)[-1])
+        return (
+            f"{what} file {path} holds content outside the safe list ({detail}); it was refused and not executed. "
+            f"Re-save it with plain tensors/numpy arrays"
+        )
+    return f"{what} file {path} is not a readable torch file ({_first_line(text)}); re-create it with torch.save"
+
+
+def _corrupt_message(path: str, what: str, exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "zip archive" in text or "central directory" in text:
+        return f"{what} file {path} is truncated or corrupt ({_first_line(text) or type(exc).__name__}); re-create it"
+    return (
+        f"{what} file {path} is not a readable torch file ({type(exc).__name__}: {_first_line(text)}); "
+        f"re-create it with torch.save"
+    )
+
+
+def _first_line(text: str) -> str:
+    # First non-empty line, cut at its first sentence: torch's messages run on for several lines.
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line.split(". ")[0].rstrip(".")[:160]
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _os_error_message(path: str, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC or exc.errno == getattr(errno, "EDQUOT", -1):
+        fix = "free space or choose another output folder"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "check the folder's permissions or choose another output folder"
+    else:
+        fix = "check the path or choose another output folder"
+    return f"cannot write {path}: {reason}; {fix}"
+
+
+def _ensure_parent(path: str) -> str:
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise FtsamError(
+            f"cannot create folder {parent} for {path}: {exc.strerror or exc}; choose another output folder"
+        ) from exc
+    if not os.path.isdir(parent):
+        raise FtsamError(
+            f"cannot create folder {parent} for {path}: a file is in the way; choose another output folder"
+        )
+    return parent
+
+
+def _atomic_write(path: "str | os.PathLike[str]", write: Callable[[io.BufferedWriter], None]) -> None:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FtsamError(f"cannot write {path}: it is a folder; choose a file name")
+    parent = _ensure_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise FtsamError(_os_error_message(path, exc)) from exc
+    try:
+        os.chmod(tmp, _new_file_mode(path))
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, FtsamError):
+            raise FtsamError(_os_error_message(path, exc)) from exc
+        raise
+    _fsync_dir(parent)
+
+
+def _new_file_mode(path: str) -> int:
+    # mkstemp creates 0600; give the file the mode a plain open() would (keep an existing file's mode).
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_dir(parent: str) -> None:
+    # Makes the rename durable; not supported everywhere (e.g. Windows), so best effort.
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_save(obj: Any, path: "str | os.PathLike[str]") -> None:
+    """`torch.save(obj)` to `path` atomically (temp file in the same folder, fsync, os.replace)."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"data must be bytes, got {type(data).__name__}")
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: "str | os.PathLike[str]", text: str, encoding: str = "utf-8") -> None:
+    """Write `text` to `path` atomically (UTF-8, newlines written as given)."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be str, got {type(text).__name__}")
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def write_csv(
+    path: "str | os.PathLike[str]",
+    rows: Iterable[Mapping[str, Any]],
+    columns: Optional[Sequence[str]] = None,
+) -> None:
+    """Write a list of dicts as CSV atomically.
+
+    Args:
+        path: destination file.
+        rows: one mapping per row.
+        columns: column order; default: keys in order of first appearance across rows. Missing values are
+            written empty; a key not in an explicit `columns` raises ValueError.
+    """
+    rows = list(rows)
+    if columns is None:
+        seen: dict = {}
+        for row in rows:
+            for key in row:
+                seen.setdefault(key, None)
+        columns = list(seen)
+    else:
+        columns = list(columns)
+        allowed = set(columns)
+        for row in rows:
+            extra = [key for key in row if key not in allowed]
+            if extra:
+                raise ValueError(f"row has keys {extra} not in columns {columns}")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(dict(row))
+    atomic_write_text(path, buffer.getvalue())
