@@ -1,0 +1,243 @@
+"""`ftsam attack`: train a backdoored model and write a BackdoorBench attack record.
+
+    ftsam attack --attack badnet --dataset cifar10 --dataset_path ./data --model preactresnet18 \
+        --save_folder_name badnet_0_1
+
+Settings come from (lowest to highest): built-in defaults (BackdoorBench's prototype/attack YAMLs), the
+`--yaml_path` file (BackdoorBench key names), then the command line. The record goes to
+`<record_root>/<save_folder_name>/` (which must not exist yet): attack_result.pt, bd_train_dataset/ and
+bd_test_dataset/ (PNG), attack_df.csv, attack_df_summary.csv, train_poison_index_list.pickle, info.pickle, a log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import secrets
+import time
+from typing import Any, Dict
+
+import numpy as np
+import torch
+import yaml
+
+from ftsam_plugin.data.backdoor import TransformDataset
+from ftsam_plugin.data.datasets import DATASETS, build_clean_datasets, get_dataset_info, resolve_dataset_dir
+from ftsam_plugin.data.records import save_attack_result, write_metrics_csv, write_metrics_summary_csv
+from ftsam_plugin.data.transforms import get_transform
+from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.io import atomic_save
+
+from .poison import make_backdoor_datasets
+from .train import train_backdoored_model
+from .triggers import TRIGGERS, create_trigger
+
+__all__ = ["add_arguments", "run", "resolve_config", "DEFAULTS"]
+
+logger = logging.getLogger(__name__)
+
+# BackdoorBench's prototype + attack defaults (config/attack/prototype/<ds>.yaml, config/attack/<atk>/default.yaml)
+DEFAULTS: Dict[str, Any] = {
+    "attack": "badnet",
+    "dataset": "cifar10",
+    "dataset_path": "./data",
+    "model": "preactresnet18",
+    "batch_size": 128,
+    "lr": 0.01,
+    "sgd_momentum": 0.9,
+    "wd": 5e-4,
+    "pratio": 0.1,
+    "attack_target": 0,
+    "attack_label_trans": "all2one",
+    "blended_alpha": 0.2,
+    "patch_size": 3,
+    "width": 1.0,
+    "num_workers": 2,
+    "random_seed": 0,
+    "record_root": "./record",
+}
+EPOCHS = {"cifar10": 100, "cifar100": 100, "gtsrb": 50, "tiny": 200}
+# BackdoorBench YAML names -> ours
+YAML_ALIASES = {"attack_train_blended_alpha": "blended_alpha"}
+
+
+def _bool(text: str) -> bool:
+    return str(text) in ("True", "true", "1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `ftsam attack`'s options (BackdoorBench's spelling; every default is None so the YAML decides)."""
+    parser.add_argument("--attack", choices=sorted(TRIGGERS), help="attack: badnet | blended (default badnet)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), help="dataset name (default cifar10)")
+    parser.add_argument("--dataset_path", help="folder holding <dataset>/ (default ./data), or the dataset folder")
+    parser.add_argument("--model", help="architecture, BackdoorBench's name (default preactresnet18)")
+    parser.add_argument("--save_folder_name", help="record folder name under --record_root (must not exist)")
+    parser.add_argument("--record_root", help="folder of records (default ./record)")
+    parser.add_argument("--yaml_path", help="YAML with defaults, BackdoorBench's key names")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: cifar 100, gtsrb 50, tiny 200)")
+    parser.add_argument("--batch_size", type=int, help="batch size (default 128)")
+    parser.add_argument("--lr", type=float, help="SGD learning rate (default 0.01), cosine over the epochs")
+    parser.add_argument("--sgd_momentum", type=float, help="SGD momentum (default 0.9)")
+    parser.add_argument("--wd", type=float, help="weight decay (default 5e-4)")
+    parser.add_argument("--pratio", type=float, help="fraction of train samples poisoned (default 0.1)")
+    parser.add_argument("--attack_target", type=int, help="target class (default 0)")
+    parser.add_argument("--attack_label_trans", choices=["all2one"], help="label change (only all2one)")
+    parser.add_argument("--blended_alpha", "--attack_train_blended_alpha", dest="blended_alpha", type=float,
+                        help="Blended mixing weight of the trigger (default 0.2)")
+    parser.add_argument("--patch_size", type=int, help="BadNets patch side in pixels (default 3)")
+    parser.add_argument("--width", type=float, help="PreAct-ResNet width multiplier (default 1.0), stored in the record")
+    parser.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    parser.add_argument("--num_workers", "-n", type=int, help="DataLoader workers (default 2)")
+    parser.add_argument("--random_seed", type=int, help="seed (default 0)")
+    parser.add_argument("--progress", type=_bool, help="show progress bars (True/False, default True)")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """Defaults < YAML (`yaml_path`) < non-None command-line values; returns a plain dict."""
+    cli = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "debug")}
+    from_yaml: Dict[str, Any] = {}
+    if cli.get("yaml_path"):
+        try:
+            with open(cli["yaml_path"]) as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except OSError as exc:
+            raise FtsamError(f"cannot read --yaml_path {cli['yaml_path']}: {exc.strerror}; check the path") from None
+        except yaml.YAMLError as exc:
+            raise FtsamError(f"--yaml_path {cli['yaml_path']} is not valid YAML ({exc}); fix the file") from None
+        if not isinstance(loaded, dict):
+            raise FtsamError(f"--yaml_path {cli['yaml_path']} must hold a mapping of settings; fix the file")
+        from_yaml = {YAML_ALIASES.get(k, k): v for k, v in loaded.items()}
+    config = dict(DEFAULTS)
+    config.update(from_yaml)
+    config.update(cli)
+    config.setdefault("epochs", EPOCHS.get(str(config["dataset"]).lower(), 100))
+    config.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    config.setdefault("progress", True)
+    return config
+
+
+def _validate(config: Dict[str, Any]) -> None:
+    if str(config["attack"]).lower() not in TRIGGERS:
+        raise FtsamError(f"unknown attack '{config['attack']}'; choose one of {', '.join(sorted(TRIGGERS))}")
+    info = get_dataset_info(config["dataset"])
+    if config.get("attack_label_trans", "all2one") != "all2one":
+        raise FtsamError(f"attack_label_trans '{config['attack_label_trans']}' is not supported; use all2one")
+    if not 0.0 < float(config["pratio"]) <= 1.0:
+        raise FtsamError(f"--pratio {config['pratio']} is outside (0, 1]; pass e.g. --pratio 0.1")
+    if not 0 <= int(config["attack_target"]) < info.num_classes:
+        raise FtsamError(f"--attack_target {config['attack_target']} is not a class of {info.name} (0..{info.num_classes - 1})")
+    if not 0.0 <= float(config["blended_alpha"]) <= 1.0:
+        raise FtsamError(f"--blended_alpha {config['blended_alpha']} is outside [0, 1]")
+    for key in ("epochs", "batch_size"):
+        if int(config[key]) < 1:
+            raise FtsamError(f"--{key} must be at least 1, got {config[key]}")
+    if not float(config["width"]) > 0:
+        raise FtsamError(f"--width must be positive, got {config['width']}")
+    if int(config["num_workers"]) < 0:
+        raise FtsamError(f"--num_workers must be >= 0, got {config['num_workers']}")
+
+
+def _stored_data_path(data_dir: str, root: str) -> str:
+    # BackdoorBench stores './data/<ds>' relative to the folder holding record/; keep that form when possible
+    data_abs, root_abs = os.path.abspath(data_dir), os.path.abspath(root)
+    if os.path.commonpath([data_abs, root_abs]) == root_abs:
+        return "./" + os.path.relpath(data_abs, root_abs).replace(os.sep, "/")
+    return data_abs
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `ftsam attack` (see the module docstring); returns 0. Errors raise FtsamError."""
+    config = resolve_config(args)
+    _validate(config)
+    info = get_dataset_info(config["dataset"])
+    attack = str(config["attack"]).lower()
+    record_root = os.path.normpath(os.fspath(config["record_root"]))
+    name = config.get("save_folder_name") or (
+        f"{time.strftime('%Y_%m_%d_%H_%M_%S')}_attack_{attack}_{secrets.token_hex(2)}"
+    )
+    if os.sep in name or "/" in name or name in (".", ".."):
+        raise FtsamError(f"--save_folder_name '{name}' must be a plain folder name; pass --record_root for the location")
+    record_dir = os.path.join(record_root, name)
+    if os.path.exists(record_dir):
+        raise FtsamError(f"record folder {record_dir} already exists; choose another --save_folder_name or remove it")
+
+    data_dir = resolve_dataset_dir(os.fspath(config["dataset_path"]), info.name)
+    raw_train, raw_test = build_clean_datasets(info.name, data_dir)
+    from ftsam_plugin.models import create_model  # FtsamError for an unknown model, before anything is written
+
+    if str(config["device"]).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device %s requested but CUDA is not available; using cpu", config["device"])
+        config["device"] = "cpu"
+    seed = int(config["random_seed"])
+    _seed_everything(seed)
+    model = create_model(str(config["model"]), info.num_classes, image_size=info.img_size[0],
+                         width=float(config["width"]))
+    try:
+        os.makedirs(record_root, exist_ok=True)
+        os.mkdir(record_dir)
+    except FileExistsError:
+        raise FtsamError(f"record folder {record_dir} already exists; choose another --save_folder_name") from None
+    except OSError as exc:
+        raise FtsamError(f"cannot create record folder {record_dir}: {exc.strerror}; check --record_root") from None
+
+    handler = logging.FileHandler(os.path.join(record_dir, time.strftime("%Y_%m_%d_%H_%M_%S") + ".log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+    handler.setLevel(logging.INFO)
+    package_logger = logging.getLogger("ftsam_plugin")
+    package_logger.addHandler(handler)
+    old_level = package_logger.level
+    package_logger.setLevel(logging.INFO)
+    try:
+        logger.info("ftsam attack: %s", config)
+        atomic_save({k: v for k, v in config.items() if isinstance(v, (str, int, float, bool))},
+                    os.path.join(record_dir, "info.pickle"))
+        root = os.path.dirname(os.path.abspath(record_root))
+        trigger = create_trigger(attack, info.img_size, blended_alpha=float(config["blended_alpha"]),
+                                 patch_size=int(config["patch_size"]))
+        stored_prefix = f"./{os.path.basename(os.path.abspath(record_root))}/{name}"
+        bd_train, bd_test = make_backdoor_datasets(
+            raw_train, raw_test, trigger, int(config["attack_target"]), float(config["pratio"]), info.img_size,
+            record_dir, stored_prefix, rng=np.random.default_rng(seed), progress=bool(config["progress"]),
+        )
+        atomic_save(bd_train.poison_indicator.copy(), os.path.join(record_dir, "train_poison_index_list.pickle"))
+
+        train_tf, test_tf = get_transform(info.name, True), get_transform(info.name, False)
+        test_set = TransformDataset(raw_test, test_tf)
+        csv_path = os.path.join(record_dir, "attack_df.csv")
+        rows = train_backdoored_model(
+            model, TransformDataset(bd_train, train_tf), test_set, TransformDataset(bd_test, test_tf),
+            epochs=int(config["epochs"]), batch_size=int(config["batch_size"]), lr=float(config["lr"]),
+            momentum=float(config["sgd_momentum"]), weight_decay=float(config["wd"]), device=config["device"],
+            num_workers=int(config["num_workers"]), seed=seed, progress=bool(config["progress"]),
+            on_epoch=lambda rows: (write_metrics_csv(csv_path, rows), logger.info("epoch %s", rows[-1])),
+        )
+        write_metrics_summary_csv(os.path.join(record_dir, "attack_df_summary.csv"), rows)
+        save_attack_result(
+            model_name=str(config["model"]),
+            num_classes=info.num_classes,
+            model=model,
+            data_path=_stored_data_path(data_dir, root),
+            img_size=info.img_size,
+            clean_data=info.name,
+            bd_train=bd_train,
+            bd_test=bd_test,
+            save_path=record_dir,
+            width=float(config["width"]),
+        )
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(old_level)
+        handler.close()
+    last = rows[-1]
+    print(f"record written to {record_dir}: test_acc {last['test_acc']:.4f}, test_asr {last['test_asr']:.4f}, "
+          f"test_ra {last['test_ra']:.4f}")
+    return 0

@@ -1,0 +1,371 @@
+"""Reading and writing BackdoorBench records: `attack_result.pt`, `defense_result.pt` and the metric CSVs.
+
+`load_attack_result` uses BackdoorBench's own loader when the current folder is a BackdoorBench root whose
+`utils.save_load_attack` is importable, and our reader otherwise; both return the same dict shape. The file
+is always opened with `safe_load` first, so a record holding pickled code is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import io
+import logging
+import math
+import os
+import pickle
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.io import atomic_save, atomic_write_text, safe_load
+
+from .backdoor import BackdoorDataset, TransformDataset
+from .datasets import build_clean_datasets, detect_layout, get_dataset_info, resolve_dataset_dir
+from .transforms import get_transform
+
+__all__ = [
+    "ATTACK_RESULT_KEYS",
+    "find_backdoorbench_root",
+    "load_attack_result",
+    "save_attack_result",
+    "save_defense_result",
+    "cpu_state_dict",
+    "summarize_metrics",
+    "write_metrics_csv",
+    "write_metrics_summary_csv",
+]
+
+logger = logging.getLogger(__name__)
+
+ATTACK_RESULT_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def cpu_state_dict(model) -> Dict[str, torch.Tensor]:
+    """A CPU state dict without DataParallel/DDP's `module.` prefix, from an nn.Module or a state dict."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    if not isinstance(state, Mapping):
+        raise ValueError(f"model must be an nn.Module or a state dict, got {type(model).__name__}")
+    out = {}
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        out[key] = value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def _record_paths(path) -> tuple:
+    path = os.fspath(path)
+    pt = os.path.join(path, "attack_result.pt") if os.path.isdir(path) else path
+    record_dir = os.path.dirname(os.path.abspath(pt))
+    # the folder holding record/: stored relative paths ('./record/<r>/...', './data/<ds>') start there
+    bases = []
+    for d in (os.path.abspath(record_dir), os.path.realpath(record_dir)):
+        base = os.path.dirname(os.path.dirname(d))
+        if base not in bases:
+            bases.append(base)
+    return pt, record_dir, bases
+
+
+def find_backdoorbench_root(cwd: Optional[str] = None) -> Optional[str]:
+    """The BackdoorBench root if `cwd` (default: the current folder) is one and its `utils.save_load_attack`
+    is importable from there (i.e. it is on sys.path, as with `python -m` or BackdoorBench's scripts)."""
+    cwd = os.path.abspath(cwd or os.getcwd())
+    target = os.path.join(cwd, "utils", "save_load_attack.py")
+    if not (os.path.isfile(target) and os.path.isfile(os.path.join(cwd, "utils", "bd_dataset_v2.py"))):
+        return None
+    try:
+        spec = importlib.util.find_spec("utils.save_load_attack")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or not os.path.samefile(spec.origin, target):
+        return None
+    return cwd
+
+
+def _resolve_data_dir(data_path: str, name: str, bases: Sequence[str], override: Optional[str]) -> str:
+    if override is not None:
+        return resolve_dataset_dir(os.fspath(override), name)
+    candidates = []
+    for base in bases:
+        norm = data_path.replace("\\", "/")
+        if "data" in norm:  # BackdoorBench's rule: <root> + data_path from 'data' on
+            candidates.append(os.path.join(base, norm[norm.index("data"):]))
+        if not os.path.isabs(data_path):
+            candidates.append(os.path.join(base, data_path))
+    if os.path.isabs(data_path):
+        candidates.append(data_path)
+    for candidate in candidates:
+        if os.path.isdir(candidate) and detect_layout(name, candidate) is not None:
+            return candidate
+    raise FtsamError(
+        f"dataset '{name}' of the record (data_path {data_path!r}) not found in {candidates}; "
+        f"pass dataset_path= (or --dataset_path) pointing at it"
+    )
+
+
+def _check_record(raw, pt: str) -> None:
+    if not isinstance(raw, Mapping):
+        raise FtsamError(f"{pt} is not an attack result (holds a {type(raw).__name__}); pass a record's attack_result.pt")
+    missing = [k for k in ATTACK_RESULT_KEYS if k not in raw]
+    if missing:
+        raise FtsamError(f"{pt} is not an attack result (missing keys {missing}); pass a record's attack_result.pt")
+    if raw["bd_test"] is None:
+        raise FtsamError(f"{pt} has no bd_test set; re-create the attack record")
+
+
+def _build_model(raw: Mapping, state: Mapping, device) -> nn.Module:
+    from ftsam_plugin.models import create_model
+
+    img_size = raw["img_size"]
+    width = float(raw.get("width", 1.0) or 1.0)
+    model = create_model(str(raw["model_name"]), int(raw["num_classes"]), image_size=int(img_size[0]), width=width)
+    state = cpu_state_dict(state)
+    expected = model.state_dict()
+    if list(state) != list(expected) and len(state) == len(expected):
+        # BackdoorBench's rule: rename keys by position when the counts match (e.g. older torchvision names)
+        state = {new: state[old] for new, old in zip(expected, state)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FtsamError(
+            f"the record's weights do not fit model {raw['model_name']} (width {width}): {str(exc).splitlines()[0]}; "
+            f"check model_name/width in the record"
+        ) from None
+    return model.to(device).eval()
+
+
+def _result_dict(raw, model, clean_train, clean_test, bd_train, bd_test, data_dir, record_dir, loader) -> dict:
+    return {
+        "model_name": str(raw["model_name"]),
+        "num_classes": int(raw["num_classes"]),
+        "img_size": tuple(int(v) for v in raw["img_size"]),
+        "clean_data": str(raw["clean_data"]),
+        "data_path": data_dir,
+        "width": float(raw.get("width", 1.0) or 1.0),
+        "model": model,
+        "clean_train": clean_train,
+        "clean_test": clean_test,
+        "bd_train": bd_train,
+        "bd_test": bd_test,
+        "record_dir": record_dir,
+        "loader": loader,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_attack_result(path, dataset_path: Optional[str] = None, use_backdoorbench: Optional[bool] = None,
+                       device="cpu") -> dict:
+    """Read an attack record (the folder `record/<r>/` or its `attack_result.pt`).
+
+    Args:
+        path: the record folder or its attack_result.pt.
+        dataset_path: the dataset folder (e.g. './data/cifar10', or its parent); default: resolved from the
+            record's data_path like BackdoorBench (relative to the folder holding `record/`).
+        use_backdoorbench: True: BackdoorBench's loader (FtsamError if its root is not the current folder);
+            False: ours; None: BackdoorBench's when available and no dataset_path is given.
+        device: where to put the model.
+
+    Returns:
+        dict with model_name, num_classes, img_size (H, W, C), clean_data, data_path (resolved folder), width,
+        model (nn.Module with the weights, eval mode), clean_train/clean_test (TransformDataset over raw
+        `(PIL, label)` sets), bd_train (or None)/bd_test (TransformDataset over BackdoorDataset: 5-tuple items),
+        record_dir and loader ('backdoorbench' or 'ftsam'). Train sets carry the train transform.
+
+    Raises:
+        FtsamError: missing/unsafe/malformed file, data not found, weights not matching the model.
+    """
+    pt, record_dir, bases = _record_paths(path)
+    raw = safe_load(pt, what="attack result")  # refuses pickled code before anything else reads the file
+    _check_record(raw, pt)
+    bb_root = find_backdoorbench_root()
+    if use_backdoorbench and bb_root is None:
+        raise FtsamError("BackdoorBench's loader needs the BackdoorBench root as the current folder; run from there "
+                         "with `python -m ...`, or pass use_backdoorbench=False")
+    if use_backdoorbench or (use_backdoorbench is None and bb_root is not None and dataset_path is None):
+        try:
+            return _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device)
+        except pickle.UnpicklingError as exc:
+            if use_backdoorbench:
+                raise FtsamError(
+                    "BackdoorBench's torch.load refused the record under torch>=2.6 weights_only; apply the plugin's "
+                    "patch or set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (the file was checked with safe_load)"
+                ) from exc
+            logger.warning("BackdoorBench's loader failed (%s); reading the record with ftsam's own reader",
+                           str(exc).splitlines()[0])
+    return _load_with_ftsam(raw, record_dir, bases, dataset_path, device)
+
+
+def _load_with_ftsam(raw, record_dir, bases, dataset_path, device) -> dict:
+    name = get_dataset_info(raw["clean_data"]).name
+    data_dir = _resolve_data_dir(str(raw["data_path"]), name, bases, dataset_path)
+    raw_train, raw_test = build_clean_datasets(name, data_dir)
+    img_size = raw["img_size"]
+    train_tf, test_tf = get_transform(name, True, img_size), get_transform(name, False, img_size)
+
+    def bd(state, raw_set, transform):
+        if state is None:
+            return None
+        stored = state.get("save_folder_path") or ""
+        fallback = os.path.join(record_dir, os.path.basename(stored.replace("\\", "/").rstrip("/")))
+        return TransformDataset(BackdoorDataset(raw_set).set_state(state, bases, fallback), transform)
+
+    return _result_dict(
+        raw,
+        _build_model(raw, raw["model"], device),
+        TransformDataset(raw_train, train_tf),
+        TransformDataset(raw_test, test_tf),
+        bd(raw["bd_train"], raw_train, train_tf),
+        bd(raw["bd_test"], raw_test, test_tf),
+        data_dir,
+        record_dir,
+        "ftsam",
+    )
+
+
+def _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device) -> dict:
+    module = importlib.import_module("utils.save_load_attack")
+    result = module.load_attack_result(pt)
+    clean_train, clean_test = result["clean_train"], result["clean_test"]
+
+    def bd(wrapper, raw_set):
+        if wrapper is None:
+            return None
+        state = wrapper.wrapped_dataset.retrieve_state()
+        stored = state.get("save_folder_path") or ""
+        fallback = os.path.join(record_dir, os.path.basename(stored.replace("\\", "/").rstrip("/")))
+        dataset = BackdoorDataset(raw_set).set_state(state, [bb_root, *bases], fallback)
+        return TransformDataset(dataset, wrapper.wrap_img_transform, wrapper.wrap_label_transform)
+
+    raw_train, raw_test = clean_train.wrapped_dataset, clean_test.wrapped_dataset
+    data_dir = getattr(raw_train, "root", None) or os.path.dirname(getattr(raw_train, "data_folder", "") or "")
+    return _result_dict(
+        raw,
+        _build_model(raw, result["model"], device),
+        TransformDataset(raw_train, clean_train.wrap_img_transform, clean_train.wrap_label_transform),
+        TransformDataset(raw_test, clean_test.wrap_img_transform, clean_test.wrap_label_transform),
+        bd(result.get("bd_train"), raw_train),
+        bd(result["bd_test"], raw_test),
+        data_dir,
+        record_dir,
+        "backdoorbench",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def save_attack_result(model_name: str, num_classes: int, model, data_path: str, img_size: Sequence[int],
+                       clean_data: str, bd_test, save_path: str, bd_train=None, **kwargs) -> str:
+    """Write `<save_path>/attack_result.pt` in BackdoorBench's format (atomically).
+
+    Args:
+        model_name, num_classes, data_path, img_size, clean_data: as BackdoorBench stores them.
+        model: nn.Module or state dict (saved on CPU, without a `module.` prefix).
+        bd_test, bd_train: BackdoorDataset (or a TransformDataset over one); saved via `retrieve_state()`.
+        save_path: the record folder.
+        **kwargs: extra keys (e.g. width), as BackdoorBench's save_attack_result allows.
+
+    Returns:
+        The path of the written file.
+    """
+    reserved = set(ATTACK_RESULT_KEYS) & set(kwargs)
+    if reserved:
+        raise ValueError(f"extra keys {sorted(reserved)} clash with the attack-result keys")
+    payload = {
+        "model_name": model_name,
+        "num_classes": int(num_classes),
+        "model": cpu_state_dict(model),
+        "data_path": data_path,
+        "img_size": tuple(int(v) for v in img_size),
+        "clean_data": clean_data,
+        "bd_train": bd_train.retrieve_state() if bd_train is not None else None,
+        "bd_test": bd_test.retrieve_state(),
+        **kwargs,
+    }
+    target = os.path.join(os.fspath(save_path), "attack_result.pt")
+    atomic_save(payload, target)
+    return target
+
+
+def save_defense_result(model_name: str, num_classes: int, model, save_path: str) -> str:
+    """Write `<save_path>/defense_result.pt` = {model_name, num_classes, model (CPU state dict, no `module.`)}."""
+    target = os.path.join(os.fspath(save_path), "defense_result.pt")
+    atomic_save({"model_name": model_name, "num_classes": int(num_classes), "model": cpu_state_dict(model)}, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- metric CSVs
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _clean_row(row: Mapping[str, Any]) -> dict:
+    # BackdoorBench's Metric_Aggregator: drop None values, turn NaN into the string 'nan_value'
+    out = {}
+    for key, value in row.items():
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        out[key] = "nan_value" if _is_nan(value) else value
+    return out
+
+
+def _columns(rows: Iterable[Mapping[str, Any]]) -> List[str]:
+    seen: Dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def _fmt(value) -> str:
+    if value is None or _is_nan(value):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _write_indexed_csv(path: str, index: Sequence, columns: Sequence[str], rows: Sequence[Mapping]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["", *columns])  # pandas' to_csv: an unnamed index column first
+    for label, row in zip(index, rows):
+        writer.writerow([label, *(_fmt(row.get(c)) for c in columns)])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_metrics_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Per-epoch metrics as BackdoorBench writes `<prefix>_df.csv` (index column, then the row keys in order)."""
+    rows = [_clean_row(r) for r in rows]
+    _write_indexed_csv(os.fspath(path), list(range(len(rows))), _columns(rows), rows)
+
+
+def summarize_metrics(rows: Sequence[Mapping[str, Any]]) -> Dict[str, dict]:
+    """BackdoorBench's summary per column: 'last' (last non-missing value), 'valid_max' (max over numeric values,
+    NaN if none) and 'exist_nan_value' (whether any value was NaN)."""
+    rows = [_clean_row(r) for r in rows]
+    last, valid_max, has_nan = {}, {}, {}
+    for col in _columns(rows):
+        values = [r[col] for r in rows if col in r]
+        last[col] = values[-1] if values else None
+        numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        valid_max[col] = max(numeric) if numeric else float("nan")
+        has_nan[col] = any(v == "nan_value" for v in values)
+    return {"last": last, "valid_max": valid_max, "exist_nan_value": has_nan}
+
+
+def write_metrics_summary_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """`<prefix>_df_summary.csv`: rows last / valid_max / exist_nan_value, one column per metric."""
+    summary = summarize_metrics(rows)
+    columns = _columns([_clean_row(r) for r in rows])
+    _write_indexed_csv(os.fspath(path), list(summary), columns, list(summary.values()))
