@@ -1,0 +1,148 @@
+"""SAM / ASAM as a `torch.optim.Optimizer` wrapping a base optimizer (the davda54/sam protocol)."""
+
+import contextlib
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ftsam_plugin import kernels
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization (adaptive=True: ASAM as in davda54/sam, eta=0 -> FT-SAM's formula).
+
+    e = rho * T^2 * g / (||T * g||_2 + 1e-12), T = |w| + eta if adaptive else 1, the norm over every param with a
+    grad in every group. first_step: w += e. second_step: restore w, then the base optimizer steps with the grad
+    taken at w + e. The base optimizer shares `param_groups` (and `state`), so a scheduler on either works.
+
+    Args:
+        params: iterable of tensors or param-group dicts (groups may set their own rho/adaptive/eta).
+        base_optimizer: optimizer class, e.g. torch.optim.SGD; built on the same groups with `**base_kwargs`.
+        rho: perturbation radius (> 0). adaptive: ASAM scaling. eta: ASAM offset (>= 0).
+        restore: "copy" (exact, default) or "subtract" (w -= e, the ASAM/BackdoorBench way).
+        adaptive_weights_only: T = 1 for biases and norm layers (params with ndim <= 1), as official ASAM.
+        backend: "auto" | "triton" | "foreach" | "loop", passed to ftsam_plugin.kernels.
+
+    Usage (AMP + BN freeze; under DDP put the whole first pass, forward included, in `with model.no_sync():`
+    so each worker perturbs with its local gradient and only the second backward all-reduces):
+
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=2.0, adaptive=True, lr=0.01, momentum=0.9)
+        scaler = torch.amp.GradScaler("cuda")                   # or pass grad_scaler=None without AMP
+        for x, y in loader:
+            with torch.autocast("cuda", dtype=torch.float16):
+                scaler.scale(loss_fn(model(x), y)).backward()
+            opt.first_step(zero_grad=True, grad_scaler=scaler)  # unscales, one host sync: skip if inf/nan
+            with freeze_bn(model), torch.autocast("cuda", dtype=torch.float16):
+                scaler.scale(loss_fn(model(x), y)).backward()
+            opt.second_step(zero_grad=True, grad_scaler=scaler)  # restore, scaler.step(base), scaler.update()
+
+    With a scaler, do not call scaler.step/update yourself; a non-finite grad in either pass skips the update
+    (params unchanged) and lowers the scale. Without a scaler nothing syncs with the host. bf16 autocast needs
+    no scaler.
+    """
+
+    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, eta=0.0, restore="copy",
+                 adaptive_weights_only=False, backend="auto", **base_kwargs):
+        if not rho > 0.0:
+            raise ValueError(f"rho must be > 0, got {rho}")
+        if eta < 0.0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if restore not in kernels.RESTORE_MODES:
+            raise ValueError(f"restore must be 'copy' or 'subtract', got {restore!r}")
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise ValueError("base_optimizer must be an optimizer class such as torch.optim.SGD")
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self.restore, self.weights_only, self.backend = restore, adaptive_weights_only, backend
+        self._saved = []  # (params, saved tensors) per bucket, between first_step and second_step
+        self._skipped = False
+
+    def _buckets(self):
+        """Params with a grad, bucketed by (rho, adaptive, eta) so the usual single group is one kernel call."""
+        out = {}
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if ps:
+                out.setdefault((group["rho"], bool(group["adaptive"]), group["eta"]), []).extend(ps)
+        return out
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False, grad_scaler=None):
+        """w += e (e from the current grads). With an enabled GradScaler: unscale, skip on non-finite grads."""
+        self._skipped, self._saved = False, []
+        amp = grad_scaler is not None and grad_scaler.is_enabled()
+        if amp:
+            grad_scaler.unscale_(self)  # SAM counts as its own optimizer; scaler.step(base) handles pass two
+        buckets = self._buckets()
+        if buckets:
+            opts = dict(backend=self.backend, weights_only=self.weights_only)
+            norms = [kernels.grad_norm(ps, adaptive, eta, **opts) for (_, adaptive, eta), ps in buckets.items()]
+            norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+            self._skipped = amp and not bool(torch.isfinite(norm))  # AMP only: the one host sync
+        if not self._skipped and buckets:
+            store = "w" if self.restore == "copy" else "e"
+            self._saved = [(ps, kernels.perturb(ps, norm, rho, adaptive, eta, store=store, **opts))
+                           for (rho, adaptive, eta), ps in buckets.items()]
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False, grad_scaler=None):
+        """Restore w, then the base step with the grad at w + e (via scaler.step + scaler.update if given)."""
+        for ps, saved in self._saved:
+            kernels.restore(ps, saved, mode=self.restore, backend=self.backend)
+        self._saved = []
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            if not self._skipped:
+                grad_scaler.step(self.base_optimizer)  # unscales, skips the step on non-finite grads
+            grad_scaler.update()
+        else:
+            self.base_optimizer.step()
+        self._opt_called = True  # what an LRScheduler's step() wrapper records; first/second_step bypass step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure=None, grad_scaler=None):
+        """One SAM update; grads at w must exist; `closure` re-does forward and backward (at w + e)."""
+        if closure is None:
+            raise ValueError("SAM.step needs a closure doing a full forward and backward pass")
+        closure = torch.enable_grad()(closure)
+        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        loss = closure()
+        self.second_step(grad_scaler=grad_scaler)
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        self.base_optimizer.zero_grad(set_to_none)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups  # re-link (davda54/sam#: schedulers, momentum)
+        self.base_optimizer.state = self.state
+
+
+@contextlib.contextmanager
+def freeze_bn(model):
+    """Keep BatchNorm running statistics unchanged inside the block (the SAM second pass).
+
+    Sets every _BatchNorm momentum to 0 (also for momentum=None, the cumulative average) and restores momentum
+    and num_batches_tracked on exit, so running_mean/var/num_batches_tracked are exactly as before.
+    """
+    saved = []
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            nbt = m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
+            saved.append((m, m.momentum, nbt))
+            m.momentum = 0.0
+    try:
+        yield model
+    finally:
+        for m, momentum, nbt in saved:
+            m.momentum = momentum
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
