@@ -1,0 +1,270 @@
+"""Arguments and YAML configs of the FT / FT-SAM defenses.
+
+One YAML per dataset ships in `ftsam_plugin/configs/ftsam/` and serves both defenses (FT ignores the SAM keys).
+Every argparse option defaults to None, so the YAML decides and only flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from importlib import resources
+from typing import Dict, Optional
+
+import yaml
+
+from ftsam_plugin.errors import FtsamError
+
+__all__ = [
+    "add_arguments",
+    "str2bool",
+    "packaged_config",
+    "list_packaged_configs",
+    "load_yaml",
+    "merge_config",
+    "validate",
+    "KNOWN_KEYS",
+]
+
+logger = logging.getLogger("ftsam_plugin.defense")
+
+CONFIG_PACKAGE = "ftsam_plugin"
+DEFAULT_CONFIG_FOLDER = "ftsam"
+PROTOCOLS = ("fixed", "backdoorbench")
+AMP_DTYPES = ("bf16", "fp16")
+
+# Keys a YAML may hold. BackdoorBench's keys first (some are accepted and unused: they appear in its YAMLs).
+BB_KEYS = {
+    "device", "amp", "pin_memory", "non_blocking", "prefetch", "checkpoint_load", "checkpoint_save", "log",
+    "dataset_path", "dataset", "result_file", "epochs", "batch_size", "num_workers", "lr", "lr_scheduler",
+    "steplr_stepsize", "steplr_gamma", "steplr_milestones", "model", "client_optimizer", "sgd_momentum", "wd",
+    "frequency_save", "random_seed", "yaml_path", "ratio", "index", "print_freq", "checkpoint_path", "bd_yaml_path",
+    "cos_t_max", "ReduceLROnPlateau_factor",
+    # ft-sam extras
+    "rho", "rho_max", "rho_min", "adaptive", "label_smoothing", "alpha",
+}
+OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width"}
+KNOWN_KEYS = BB_KEYS | OUR_KEYS
+
+
+def str2bool(value) -> bool:
+    """Parse true/false/1/0/yes/no (any case); argparse error otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "on"):
+        return True
+    if text in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{value}'")
+
+
+def _int_list(value):
+    text = str(value).strip().strip("[]")
+    try:
+        return [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a list of integers like '50,75', got '{value}'") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add BackdoorBench's defense flags (with correct types) and the FT-SAM ones; every default is None."""
+    add = parser.add_argument
+    add("--device", type=str, help="cpu, cuda or cuda:N (multi-GPU: launch with torchrun)")
+    add("-pm", "--pin_memory", type=str2bool, help="DataLoader pin_memory (true/false)")
+    add("-nb", "--non_blocking", type=str2bool, help=".to(device, non_blocking=...) (true/false)")
+    add("-pf", "--prefetch", type=str2bool, help="accepted for BackdoorBench compatibility; unused")
+    add("--amp", type=str2bool, help="mixed precision (true/false); dtype from --amp_dtype")
+    add("--amp_dtype", type=str, choices=AMP_DTYPES, help="bf16 (no loss scaling) or fp16 (GradScaler)")
+    add("--checkpoint_load", type=str, help="accepted for BackdoorBench compatibility; unused (see --resume)")
+    add("--checkpoint_save", type=str, help="checkpoint folder (default <save_path>/checkpoint/)")
+    add("--log", type=str, help="log folder (default <save_path>/log/)")
+    add("--dataset_path", type=str, help="data root holding <dataset>/ (default: where the record says)")
+    add("--dataset", type=str, help="cifar10, cifar100, gtsrb, tiny")
+    add("--result_file", type=str, help="record name under ./record/, or a path to a record folder")
+    add("--epochs", type=int)
+    add("--batch_size", type=int, help="global batch size (split across torchrun processes)")
+    add("--num_workers", type=int)
+    add("--lr", type=float)
+    add("--lr_scheduler", type=str, help="CosineAnnealingLR, ReduceLROnPlateau, StepLR, MultiStepLR, none")
+    add("--steplr_stepsize", type=int)
+    add("--steplr_gamma", type=float)
+    add("--steplr_milestones", type=_int_list, help="e.g. 50,75")
+    add("--cos_t_max", type=int, help="cosine T_max (backdoorbench protocol: in steps, default 100)")
+    add("--model", type=str, help="model name (default: the record's)")
+    add("--client_optimizer", type=str, help="sgd, adam or adamw (the SAM base optimizer)")
+    add("--sgd_momentum", type=float)
+    add("--wd", type=float, help="weight decay")
+    add("--frequency_save", type=int, help="accepted for BackdoorBench compatibility; a checkpoint is kept each epoch")
+    add("--print_freq", type=int, help="accepted for BackdoorBench compatibility")
+    add("--random_seed", type=int)
+    add("--yaml_path", type=str,
+        help="YAML config, or the name of a packaged one (cifar10, cifar100, gtsrb, tiny, cpu); "
+             "default: the packaged config of the dataset")
+    add("--ratio", type=float, help="fraction of the clean training set used, class-balanced, in (0, 1]")
+    add("--index", type=str, help="text file with the clean-subset indices (one per line); overrides --ratio")
+    add("--width", type=float, help="model width multiplier if the record does not say")
+    # SAM
+    add("--rho", type=float, help="SAM neighbourhood size (ASAM scale: 2 cifar, 8 gtsrb/tiny)")
+    add("--rho_max", type=float, help="BackdoorBench alias of --rho")
+    add("--rho_min", type=float, help="BackdoorBench alias of --rho (must equal rho_max)")
+    add("--adaptive", type=str2bool, help="ASAM (true, default) or SAM (false)")
+    add("--eta", type=float, help="ASAM eta: T_w = |w| + eta (0 in FT-SAM)")
+    add("--alpha", type=float, help="GSAM alpha; only 0 is supported (BackdoorBench's value)")
+    add("--label_smoothing", type=float, help="epsilon: 1-eps on the true class, eps/(C-1) on the others")
+    add("--restore", type=str, choices=("copy", "subtract"), help="how SAM undoes the perturbation")
+    # run control
+    add("--eval_every", type=int, help="evaluate ACC/ASR/RA every k epochs (the last epoch always)")
+    add("--protocol", type=str, choices=PROTOCOLS,
+        help="fixed (default) or backdoorbench (reproduce the reference's schedule/subset/restore)")
+    add("--resume", type=str2bool, nargs="?", const=True, help="continue from <save_path>/checkpoint/last.pt")
+    add("--bd_yaml_path", type=str, help="accepted for BackdoorBench compatibility; unused")
+    add("--checkpoint_path", type=str, help="accepted for BackdoorBench compatibility; unused")
+    return parser
+
+
+def list_packaged_configs(folder: str = DEFAULT_CONFIG_FOLDER):
+    """Names (without .yaml) of the configs shipped in `ftsam_plugin/configs/<folder>/`."""
+    root = resources.files(CONFIG_PACKAGE) / "configs" / folder
+    if not root.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def packaged_config(name: str, folder: str = DEFAULT_CONFIG_FOLDER):
+    """The packaged YAML `configs/<folder>/<name>.yaml`, falling back to the shared `configs/ftsam/` folder."""
+    for sub in dict.fromkeys((folder, DEFAULT_CONFIG_FOLDER)):
+        ref = resources.files(CONFIG_PACKAGE) / "configs" / sub / f"{name}.yaml"
+        if ref.is_file():
+            return ref
+    raise FtsamError(f"no packaged config '{name}'; pass --yaml_path FILE or one of "
+                     f"{', '.join(list_packaged_configs())}")
+
+
+def _resolve_yaml(yaml_path, dataset, folder):
+    if yaml_path is None:
+        if dataset is None:
+            raise FtsamError("no config: pass --yaml_path or --dataset")
+        return packaged_config(str(dataset).lower(), folder)
+    text = str(yaml_path)
+    if not os.path.exists(text) and os.sep not in text and not text.endswith((".yaml", ".yml")):
+        return packaged_config(text, folder)
+    return text
+
+
+def load_yaml(yaml_path=None, dataset=None, folder: str = DEFAULT_CONFIG_FOLDER) -> Dict:
+    """Read a YAML config (a path, a packaged name, or the packaged config of `dataset`) into a dict.
+
+    Unknown keys are kept but logged as a warning; a file that is missing or does not parse is an FtsamError.
+    """
+    source = _resolve_yaml(yaml_path, dataset, folder)
+    try:
+        text = source.read_text() if hasattr(source, "read_text") else open(source).read()
+    except OSError as exc:
+        raise FtsamError(f"cannot read config {source}: {exc.strerror}; check --yaml_path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise FtsamError(f"config {source} is not valid YAML{line}; fix the file or pass another --yaml_path") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise FtsamError(f"config {source} must be a mapping of key: value; fix the file")
+    unknown = sorted(set(data) - KNOWN_KEYS)
+    if unknown:
+        logger.warning("config %s: unknown keys ignored: %s", source, ", ".join(map(str, unknown)))
+    data["yaml_path"] = str(source)
+    return data
+
+
+def merge_config(yaml_cfg: Dict, cli: Dict) -> Dict:
+    """YAML values, overridden by the command-line values that are not None; BackdoorBench aliases resolved."""
+    cfg = dict(yaml_cfg)
+    given = {k: v for k, v in cli.items() if v is not None}
+    cfg.update(given)
+    cfg["yaml_path"] = yaml_cfg.get("yaml_path", cfg.get("yaml_path"))
+    # rho: --rho > --rho_max > yaml rho > yaml rho_max
+    for source in (given, yaml_cfg):
+        if source.get("rho") is not None:
+            cfg["rho"] = source["rho"]
+            break
+        if source.get("rho_max") is not None:
+            cfg["rho"] = source["rho_max"]
+            break
+    return cfg
+
+
+DEFAULTS = {
+    "device": "cpu", "amp": False, "amp_dtype": "bf16", "pin_memory": False, "non_blocking": False,
+    "epochs": 100, "batch_size": 256, "num_workers": 0, "lr": 0.01, "lr_scheduler": "CosineAnnealingLR",
+    "client_optimizer": "sgd", "sgd_momentum": 0.9, "wd": 5e-4, "random_seed": 0, "ratio": 0.05,
+    "rho": 2.0, "adaptive": True, "eta": 0.0, "alpha": 0.0, "label_smoothing": 0.1, "eval_every": 1,
+    "protocol": "fixed", "resume": False, "steplr_gamma": 0.1, "steplr_stepsize": 30,
+}
+
+
+def _num(cfg, key, kind):
+    value = cfg.get(key)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise FtsamError(f"{key} must be a number, got {value!r}; fix --{key} or the YAML") from None
+
+
+def validate(cfg: Dict, uses_sam: bool) -> Dict:
+    """Fill defaults for missing keys, coerce types, and raise FtsamError one-liners on bad values."""
+    for key in KNOWN_KEYS:
+        cfg.setdefault(key, None)
+    for key, value in DEFAULTS.items():
+        if cfg.get(key) is None:
+            cfg[key] = value
+    for key in ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "prefetch"):
+        if cfg.get(key) is not None:
+            try:
+                cfg[key] = str2bool(cfg[key])
+            except argparse.ArgumentTypeError:
+                raise FtsamError(f"{key} must be true or false, got {cfg[key]!r}; fix the YAML") from None
+    for key in ("epochs", "batch_size", "num_workers", "random_seed", "eval_every"):
+        cfg[key] = _num(cfg, key, int)
+    for key in ("lr", "sgd_momentum", "wd", "ratio", "rho", "eta", "alpha", "label_smoothing"):
+        cfg[key] = _num(cfg, key, float)
+    if cfg["epochs"] < 1:
+        raise FtsamError(f"epochs must be >= 1, got {cfg['epochs']}; fix --epochs")
+    if cfg["batch_size"] < 1:
+        raise FtsamError(f"batch_size must be >= 1, got {cfg['batch_size']}; fix --batch_size")
+    if cfg["eval_every"] < 1:
+        raise FtsamError(f"eval_every must be >= 1, got {cfg['eval_every']}; fix --eval_every")
+    if cfg["num_workers"] < 0:
+        raise FtsamError(f"num_workers must be >= 0, got {cfg['num_workers']}; fix --num_workers")
+    if cfg["lr"] <= 0:
+        raise FtsamError(f"lr must be > 0, got {cfg['lr']}; fix --lr")
+    if not 0.0 < cfg["ratio"] <= 1.0:
+        raise FtsamError(f"ratio must be in (0, 1], got {cfg['ratio']}; fix --ratio")
+    if not 0.0 <= cfg["label_smoothing"] < 1.0:
+        raise FtsamError(f"label_smoothing must be in [0, 1), got {cfg['label_smoothing']}; fix --label_smoothing")
+    if cfg["protocol"] not in PROTOCOLS:
+        raise FtsamError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg['protocol']!r}")
+    if str(cfg["amp_dtype"]) not in AMP_DTYPES:
+        raise FtsamError(f"amp_dtype must be bf16 or fp16, got {cfg['amp_dtype']!r}; fix --amp_dtype")
+    if uses_sam:
+        if cfg["rho"] <= 0:
+            raise FtsamError(f"rho must be > 0, got {cfg['rho']}; fix --rho")
+        if cfg["eta"] < 0:
+            raise FtsamError(f"eta must be >= 0, got {cfg['eta']}; fix --eta")
+        if cfg["alpha"] != 0.0:
+            raise FtsamError(f"alpha (GSAM) = {cfg['alpha']} is not supported; set alpha to 0")
+        rmin, rmax = cfg.get("rho_min"), cfg.get("rho_max")
+        if rmin is not None and rmax is not None and float(rmin) != float(rmax):
+            logger.warning("rho_min %s != rho_max %s: the proportional rho schedule is not implemented, "
+                           "using a constant rho = %s", rmin, rmax, cfg["rho"])
+    if cfg.get("restore") is None:
+        cfg["restore"] = "subtract" if cfg["protocol"] == "backdoorbench" else "copy"
+    return cfg
+
+
+def packaged_yaml_text(name: str, folder: Optional[str] = None) -> str:
+    """Text of a packaged config (for docs and tests)."""
+    return packaged_config(name, folder or DEFAULT_CONFIG_FOLDER).read_text()

@@ -1,0 +1,568 @@
+"""Vanilla fine-tuning on a clean subset: the pipeline FT-SAM shares (BackdoorBench's defense interface).
+
+`FineTune` owns everything (config, record, subset, loaders, schedule, evaluation, checkpoints, outputs);
+`FTSAM` (in `ftsam.py`) overrides only `create_optimizer` and `train_step`, so the two differ only in the optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pprint import pformat
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from ftsam_plugin.errors import FtsamError
+
+from . import ddp
+from .checkpoint import plain, rng_state, set_rng_state
+from .config import add_arguments as _add_arguments
+from .config import load_yaml, merge_config, validate
+
+__all__ = ["FineTune", "smooth_crossentropy", "class_balanced_subset", "read_index_file"]
+
+logger = logging.getLogger("ftsam_plugin.defense")
+
+CHECKPOINT_FORMAT = "ftsam-defense-checkpoint"
+# settings a resumed run must share with the run that wrote the checkpoint
+RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd", "random_seed",
+               "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "restore", "cos_t_max")
+CSV_COLUMNS = ("epoch", "train_epoch_loss_avg_over_batch", "train_acc", "test_acc", "test_asr", "test_ra", "lr")
+
+
+def smooth_crossentropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
+    """BackdoorBench's label-smoothed loss, batch mean: KL(q || softmax(logits)), q = 1-eps on the true class and
+    eps/(C-1) on each other class (torch's `label_smoothing` puts eps/C everywhere instead)."""
+    num_classes = logits.size(1)
+    q = torch.full_like(logits, smoothing / max(num_classes - 1, 1), dtype=torch.float32)
+    q.scatter_(1, target.unsqueeze(1), 1.0 - smoothing)
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return F.kl_div(log_p, q, reduction="none").sum(-1).mean()
+
+
+def _labels(dataset) -> List[int]:
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        return [int(t) for t in targets]
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # slow path: reads every item
+
+
+def class_balanced_subset(labels: Sequence[int], num_classes: int, ratio: float, seed: int,
+                          protocol: str = "fixed") -> List[int]:
+    """int(N*ratio/num_classes) indices per class, drawn without replacement, classes in order.
+
+    protocol 'backdoorbench' reproduces `choose_by_class` after `np.random.seed(seed)` (legacy global-RNG draws);
+    'fixed' draws with `np.random.default_rng(seed)` and sorts each class's indices.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    per_class = int(len(labels) * ratio / num_classes)
+    if per_class < 1:
+        raise FtsamError(f"ratio {ratio} gives int({len(labels)}*{ratio}/{num_classes}) = 0 samples per class; "
+                         f"raise --ratio")
+    legacy = protocol == "backdoorbench"
+    rng = np.random.RandomState(seed) if legacy else np.random.default_rng(seed)
+    chosen: List[int] = []
+    for c in range(num_classes):
+        pool = np.flatnonzero(labels == c)
+        if len(pool) < per_class:
+            raise FtsamError(f"class {c} has {len(pool)} training samples, fewer than the {per_class} a "
+                             f"class-balanced subset needs; lower --ratio or pass --index")
+        picked = rng.choice(pool, per_class, replace=False)
+        chosen += (picked.tolist() if legacy else sorted(picked.tolist()))
+    return [int(i) for i in chosen]
+
+
+def read_index_file(path: str, n: int) -> List[int]:
+    """Indices (one integer per line) from an --index file, checked against the dataset size `n`."""
+    try:
+        idx = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except OSError:
+        raise FtsamError(f"index file {path} not found; fix --index") from None
+    except ValueError:
+        raise FtsamError(f"index file {path} must hold one integer per line; fix --index") from None
+    if idx.size == 0:
+        raise FtsamError(f"index file {path} is empty; fix --index")
+    if idx.min() < 0 or idx.max() >= n:
+        raise FtsamError(f"index file {path} holds indices outside 0..{n - 1}; it belongs to another dataset")
+    return [int(i) for i in idx]
+
+
+def _sgd(params, cfg):
+    return torch.optim.SGD, dict(lr=cfg["lr"], momentum=cfg["sgd_momentum"], weight_decay=cfg["wd"])
+
+
+def _adam(params, cfg):
+    return torch.optim.Adam, dict(lr=cfg["lr"], weight_decay=cfg["wd"], amsgrad=True)
+
+
+def _adamw(params, cfg):
+    return torch.optim.AdamW, dict(lr=cfg["lr"], weight_decay=cfg["wd"])
+
+
+BASE_OPTIMIZERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+
+
+def _cosine(opt, cfg, per_batch):
+    t_max = cfg.get("cos_t_max") or (100 if per_batch else cfg["epochs"])
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(t_max))
+
+
+def _plateau(opt, cfg, per_batch):
+    kw = {"factor": float(cfg["ReduceLROnPlateau_factor"])} if cfg.get("ReduceLROnPlateau_factor") else {}
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **kw)
+
+
+def _step(opt, cfg, per_batch):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg["steplr_stepsize"]), gamma=float(cfg["steplr_gamma"]))
+
+
+def _multistep(opt, cfg, per_batch):
+    milestones = cfg.get("steplr_milestones") or []
+    if isinstance(milestones, str):
+        milestones = [int(m) for m in milestones.replace(",", " ").split()]
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=float(cfg["steplr_gamma"]))
+
+
+SCHEDULERS = {"cosineannealinglr": _cosine, "reducelronplateau": _plateau, "steplr": _step,
+              "multisteplr": _multistep, "none": None}
+
+
+class FineTune:
+    """Vanilla fine-tuning of a backdoored model on a class-balanced clean subset (BackdoorBench interface).
+
+    Args:
+        args: an argparse.Namespace from a parser prepared with `add_arguments` (every unset value None). The YAML
+            at `args.yaml_path` (default: the packaged config of the dataset) gives the values; flags given on the
+            command line override it.
+
+    Use: `FineTune(args).defense(result_file)` -> {'model': nn.Module}; outputs go to
+    `record/<result_file>/defense/<name>/` (or `<record folder>/defense/<name>/`).
+    """
+
+    name = "ft-baseline"
+    config_folder = "ftsam"  # shared YAMLs; SAM keys are ignored here
+    uses_sam = False
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """BackdoorBench's defense flags plus the FT-SAM ones, all defaulting to None."""
+        return _add_arguments(parser)
+
+    def __init__(self, args: argparse.Namespace):
+        cli = dict(vars(args))
+        dataset = cli.get("dataset")
+        if cli.get("yaml_path") is None and dataset is None and cli.get("result_file"):
+            dataset = _peek_record_dataset(cli["result_file"])
+        yaml_cfg = load_yaml(cli.get("yaml_path"), dataset, self.config_folder)
+        cfg = merge_config(yaml_cfg, cli)
+        if cfg.get("dataset") is None:
+            cfg["dataset"] = dataset
+        cfg = validate(cfg, self.uses_sam)
+        cfg["terminal_info"] = list(sys.argv)
+        self.cli_dataset_path = cli.get("dataset_path")  # BackdoorBench ignores the YAML's dataset_path too
+        self.args = argparse.Namespace(**cfg)
+        self.result = None
+        self._record_dir = None
+        self._handlers: List[logging.Handler] = []
+        self.dist = ddp.DistInfo()
+        ddp.resolve_device(self.args.device, int(os.environ.get("LOCAL_RANK", "0")))  # fail before loading data
+        if self.args.result_file is not None:
+            self.set_result(self.args.result_file)
+
+    # ------------------------------------------------------------------ BackdoorBench interface
+    def set_result(self, result_file: str) -> None:
+        """Find the record (a name under ./record/ or a record folder), set save_path/checkpoint/log, load it."""
+        record_dir = _resolve_record(result_file)
+        args = self.args
+        args.result_file = result_file
+        save_path = os.path.join(record_dir, "defense", self.name) + os.sep
+        if getattr(args, "save_path", None) != save_path or args.checkpoint_save is None:
+            args.save_path = save_path
+            args.checkpoint_save = args.checkpoint_save or os.path.join(save_path, "checkpoint") + os.sep
+            args.log = args.log or os.path.join(save_path, "log") + os.sep
+        for folder in (args.checkpoint_save, args.log):
+            os.makedirs(folder, exist_ok=True)
+        if self.result is None or self._record_dir != record_dir:  # BackdoorBench loads it twice; once is enough
+            from ftsam_plugin.data.records import load_attack_result
+
+            self.result = load_attack_result(record_dir, dataset_path=self._data_path())
+            self._record_dir = record_dir
+            self._adopt_record()
+
+    def set_logger(self) -> None:
+        """Log to `<log>/<YYYY_mm_dd_HH_MM_SS>.log` and the console (handlers removed when `defense` ends)."""
+        self._close_logger()
+        pkg_logger = logging.getLogger("ftsam_plugin")
+        pkg_logger.setLevel(logging.INFO)
+        fmt = logging.Formatter("%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s",
+                                datefmt="%Y-%m-%d:%H:%M:%S")
+        handlers: List[logging.Handler] = [logging.StreamHandler()]
+        if self.dist.is_main:
+            stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.localtime())
+            handlers.append(logging.FileHandler(os.path.join(self.args.log, f"{stamp}.log")))
+        for handler in handlers:
+            handler.setFormatter(fmt)
+            pkg_logger.addHandler(handler)
+        self._handlers = handlers
+        logger.info("%s defense, config:\n%s", self.name, pformat(vars(self.args)))
+
+    def set_devices(self) -> None:
+        """Check --device and join the torchrun process group if there is one."""
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = ddp.resolve_device(self.args.device, local_rank)
+        self.dist = ddp.setup_distributed(self.device)
+
+    def defense(self, result_file: Optional[str] = None) -> Dict[str, torch.nn.Module]:
+        """set_result, set_logger, mitigation (BackdoorBench's order); returns {'model': the fine-tuned model}."""
+        self.set_result(result_file or self.args.result_file)
+        self.set_devices()
+        try:
+            self.set_logger()
+            return self.mitigation()
+        finally:
+            self._close_logger()
+
+    # ------------------------------------------------------------------ pipeline
+    def mitigation(self) -> Dict[str, torch.nn.Module]:
+        """Fine-tune on the clean subset with per-epoch evaluation and checkpoints; save defense_result.pt."""
+        from ftsam_plugin.data.records import save_defense_result, write_metrics_csv, write_metrics_summary_csv
+
+        if self.result is None:
+            raise FtsamError("no attack record loaded; pass --result_file")
+        if not hasattr(self, "device"):
+            self.set_devices()
+        args, cfg, dev = self.args, vars(self.args), self.device
+        _seed_everything(args.random_seed + self.dist.rank)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+
+        model = self.result["model"].to(dev)
+        indices = self.choose_subset()
+        train_set = self.build_train_set(indices)
+        self.setup_training(model)
+        history: List[dict] = []
+        start = 1
+        ckpt_path = os.path.join(args.checkpoint_save, "last.pt")
+        if args.resume:
+            start, history = self._load_checkpoint(ckpt_path, model, indices)
+        if self.dist.is_main:
+            from ftsam_plugin.io import atomic_write_text
+
+            atomic_write_text(os.path.join(args.log, "index.txt"), "".join(f"{i}\n" for i in indices))
+            logger.info("clean subset: %d samples (%s); %d epochs from epoch %d", len(indices),
+                        f"--index {args.index}" if args.index else f"ratio {args.ratio}, class-balanced",
+                        args.epochs, start)
+        if self.dist.is_distributed:
+            ids = [dev.index] if dev.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        csv_path = os.path.join(args.save_path, f"{self.name}_df.csv")
+        epochs = range(start, args.epochs + 1)
+        bar = _tqdm(epochs, desc=self.name, disable=not self.dist.is_main)
+        for epoch in bar:
+            loss, acc = self.train_epoch(model, train_set, epoch)
+            if self.scheduler is not None and not self.step_per_batch:
+                self.scheduler.step(loss) if self.plateau else self.scheduler.step()
+            row = {"epoch": epoch, "train_epoch_loss_avg_over_batch": loss, "train_acc": acc,
+                   "test_acc": None, "test_asr": None, "test_ra": None,
+                   "lr": self.optimizer.param_groups[0]["lr"]}
+            row.update(self.extra_metrics())
+            if self.dist.is_main and (epoch % args.eval_every == 0 or epoch == args.epochs):
+                row.update(self.evaluate(ddp.unwrap(model)))
+            history.append(row)
+            if self.dist.is_main:
+                logger.info("epoch %d: %s", epoch, {k: v for k, v in row.items() if v is not None})
+                write_metrics_csv(csv_path, history)
+                self._plot(history)
+                self._save_checkpoint(ckpt_path, epoch, model, indices, history)
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("test_acc", "test_asr", "test_ra")
+                                 if row[k] is not None})
+            ddp.barrier(self.dist)
+            self._after_epoch(epoch)
+        if self.dist.is_main:
+            write_metrics_summary_csv(os.path.join(args.save_path, f"{self.name}_df_summary.csv"), history)
+            out = save_defense_result(self.result["model_name"], self.result["num_classes"], ddp.unwrap(model),
+                                      args.save_path)
+            logger.info("saved %s", out)
+        ddp.barrier(self.dist)
+        self.history = history
+        return {"model": ddp.unwrap(model)}
+
+    def setup_training(self, model: torch.nn.Module) -> None:
+        """Loss, AMP (dtype, GradScaler for fp16), optimizer and lr scheduler for `model` (maybe DDP-wrapped)."""
+        args = self.args
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype] if args.amp else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        smoothing = float(args.label_smoothing)
+        self.loss_fn = lambda logits, y: smooth_crossentropy(logits, y, smoothing)
+        self.optimizer = self.create_optimizer(model)
+        per_batch = args.protocol == "backdoorbench"
+        key = str(args.lr_scheduler or "none").lower()
+        if key not in SCHEDULERS:
+            raise FtsamError(f"unknown lr_scheduler '{args.lr_scheduler}'; use CosineAnnealingLR, ReduceLROnPlateau, "
+                             f"StepLR, MultiStepLR or none")
+        make = SCHEDULERS[key]
+        # schedule the base optimizer (SAM shares its param_groups; SAM.step itself is never called)
+        target = getattr(self.optimizer, "base_optimizer", self.optimizer)
+        self.scheduler = make(target, vars(args), per_batch) if make else None
+        self.plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.step_per_batch = per_batch and not self.plateau
+
+    # ------------------------------------------------------------------ hooks FT-SAM overrides
+    def create_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """The base optimizer (SGD by default) over the trainable parameters."""
+        cls, kwargs = self._base_optimizer()
+        return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+
+    def train_step(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """One plain step: forward, (scaled) backward, optimizer step. Returns (loss, logits), both detached."""
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits = model(x)
+            loss = self.loss_fn(logits, y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        return loss.detach(), logits.detach()
+
+    def extra_metrics(self) -> dict:
+        """Extra per-epoch CSV columns (FT-SAM adds rho)."""
+        return {}
+
+    def _after_epoch(self, epoch: int) -> None:
+        """Called after each epoch's checkpoint is written (tests interrupt runs here)."""
+
+    # ------------------------------------------------------------------ pieces
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _base_optimizer(self):
+        key = str(self.args.client_optimizer).lower()
+        if key not in BASE_OPTIMIZERS:
+            raise FtsamError(f"unknown client_optimizer '{self.args.client_optimizer}'; use "
+                             f"{', '.join(BASE_OPTIMIZERS)}")
+        return BASE_OPTIMIZERS[key](None, vars(self.args))
+
+    def choose_subset(self) -> List[int]:
+        """Indices of the clean training samples to fine-tune on (--index file, else class-balanced --ratio)."""
+        raw = _raw(self.result["clean_train"])
+        if self.args.index:
+            return read_index_file(self.args.index, len(raw))
+        return class_balanced_subset(_labels(raw), int(self.result["num_classes"]), self.args.ratio,
+                                     self.args.random_seed, self.args.protocol)
+
+    def build_train_set(self, indices: Sequence[int]):
+        """The subset with the dataset's train transform, yielding (image tensor, label)."""
+        from ftsam_plugin.data.backdoor import TransformDataset
+        from ftsam_plugin.data.transforms import get_transform
+
+        raw = _raw(self.result["clean_train"])
+        transform = get_transform(self.result["clean_data"], train=True, img_size=self.result.get("img_size"))
+        return TransformDataset(Subset(raw, list(indices)), transform)
+
+    def _loader(self, train_set, epoch: int) -> DataLoader:
+        args, info = self.args, self.dist
+        gen = torch.Generator()
+        gen.manual_seed(args.random_seed + epoch)  # same order on resume, whatever ran before
+        batch = args.batch_size
+        sampler = None
+        if info.is_distributed:
+            batch = max(1, args.batch_size // info.world_size)
+            sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank,
+                                                          shuffle=True, seed=args.random_seed)
+            sampler.set_epoch(epoch)
+        return DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                          num_workers=args.num_workers, generator=gen, drop_last=False,
+                          pin_memory=bool(args.pin_memory) and self.device.type == "cuda",
+                          persistent_workers=False)
+
+    def train_epoch(self, model, train_set, epoch: int):
+        """One pass over the subset; returns (sample-weighted mean loss, train accuracy), summed over ranks."""
+        args, dev = self.args, self.device
+        loader = self._loader(train_set, epoch)
+        model.train()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss*n, correct, n
+        nb = bool(args.non_blocking)
+        steps = _tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not self.dist.is_main)
+        for step, batch in enumerate(steps, start=1):
+            x = batch[0].to(dev, non_blocking=nb)
+            y = torch.as_tensor(batch[1]).to(dev, non_blocking=nb).long()
+            loss, logits = self.train_step(model, x, y)
+            value = float(loss)
+            bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+            if ddp.all_reduce_sum(bad, self.dist).item() > 0:
+                raise FtsamError(f"non-finite loss at epoch {epoch} step {step}; stopped, the last good checkpoint "
+                                 f"is kept in {args.checkpoint_save}: lower --lr or --rho (or --amp false), "
+                                 f"then --resume")
+            n = y.numel()
+            totals += torch.tensor([value * n, float((logits.argmax(1) == y).sum()), n], dtype=torch.float64)
+            if self.step_per_batch:
+                self.scheduler.step()
+            if step % 10 == 0 or step == len(loader):
+                steps.set_postfix(loss=f"{value:.4f}")
+        ddp.all_reduce_sum(totals, self.dist)
+        return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+    def evaluate(self, model) -> dict:
+        """ACC on the clean test set; ASR (backdoor labels) and RA (original labels) on the backdoor test set."""
+        from ftsam_plugin.metrics import evaluate_backdoor
+
+        m = evaluate_backdoor(model, self.result["clean_test"], self.result["bd_test"], device=self.device,
+                              batch_size=self.args.batch_size, amp_dtype=self.amp_dtype,
+                              num_workers=self.args.num_workers)
+        return {"test_acc": float(m["acc"]), "test_asr": float(m["asr"]), "test_ra": float(m["ra"])}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, path, epoch, model, indices, history) -> None:
+        from ftsam_plugin.data.records import cpu_state_dict
+        from ftsam_plugin.io import atomic_save
+
+        cfg = vars(self.args)
+        state = {
+            "format": CHECKPOINT_FORMAT, "version": 1, "defense": self.name, "epoch": int(epoch),
+            "model": cpu_state_dict(ddp.unwrap(model)),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_state(),
+            "subset": torch.tensor(list(indices), dtype=torch.int64),
+            "history": plain(history),
+            "config": plain({k: cfg.get(k) for k in RESUME_KEYS}),
+        }
+        atomic_save(state, path)
+
+    def _load_checkpoint(self, path, model, indices):
+        from ftsam_plugin.io import safe_load
+
+        if not os.path.isfile(path):
+            raise FtsamError(f"no checkpoint at {path} to resume from; run without --resume")
+        state = safe_load(path, what="defense checkpoint")
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise FtsamError(f"{path} is not a {self.name} checkpoint; delete it or run without --resume")
+        if state.get("defense") != self.name:
+            raise FtsamError(f"{path} was written by '{state.get('defense')}', not '{self.name}'; run without --resume")
+        cfg = vars(self.args)
+        for key, old in state["config"].items():
+            if plain(cfg.get(key)) != old:
+                raise FtsamError(f"checkpoint {path} was made with {key}={old!r}, now {cfg.get(key)!r}; "
+                                 f"use the same settings or run without --resume")
+        if state["subset"].tolist() != list(indices):
+            raise FtsamError(f"checkpoint {path} used another clean subset; use the same data or run without --resume")
+        epoch = int(state["epoch"])
+        model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        logger.info("resumed from %s after epoch %d", path, epoch)
+        return epoch + 1, list(state["history"])
+
+    # ------------------------------------------------------------------ outputs
+    def _plot(self, history) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from ftsam_plugin.io import atomic_write_bytes
+
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        drawn = False
+        for key, label in (("test_acc", "ACC"), ("test_asr", "ASR"), ("test_ra", "RA")):
+            pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+                drawn = True
+        ax.set_xlabel("epoch")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{self.name}: ACC / ASR / RA")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        atomic_write_bytes(os.path.join(self.args.save_path, "acc_like_metric_plots.png"), buf.getvalue())
+
+    # ------------------------------------------------------------------ helpers
+    def _data_path(self) -> Optional[str]:
+        path = self.cli_dataset_path
+        if path is None:
+            return None
+        sub = os.path.join(path, str(self.args.dataset)) if self.args.dataset else None
+        return sub if sub and os.path.isdir(sub) else path
+
+    def _adopt_record(self) -> None:
+        """The record decides dataset and model; warn where the config said otherwise."""
+        args, res = self.args, self.result
+        for key, value in (("dataset", res["clean_data"]), ("model", res["model_name"])):
+            mine = getattr(args, key, None)
+            if mine is not None and str(mine).lower() != str(value).lower():
+                logger.warning("config says %s=%s but the record was made with %s; using %s", key, mine, value, value)
+            setattr(args, key, value)
+        args.num_classes = int(res["num_classes"])
+        args.img_size = tuple(int(v) for v in res["img_size"])
+
+    def _close_logger(self) -> None:
+        pkg_logger = logging.getLogger("ftsam_plugin")
+        for handler in self._handlers:
+            pkg_logger.removeHandler(handler)
+            handler.close()
+        self._handlers = []
+
+
+def _tqdm(iterable, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, dynamic_ncols=True, **kw)
+
+
+def _raw(dataset):
+    """The raw (PIL, label) dataset under a transform wrapper."""
+    return getattr(dataset, "wrapped_dataset", dataset) if hasattr(dataset, "wrap_img_transform") else dataset
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resolve_record(result_file) -> str:
+    """A record folder: `result_file` itself if it holds attack_result.pt, else ./record/<result_file>."""
+    if result_file is None:
+        raise FtsamError("no record given; pass --result_file <name under ./record/ or a record folder>")
+    text = str(result_file)
+    if text.endswith("attack_result.pt") and os.path.isfile(text):
+        return os.path.dirname(os.path.abspath(text)) or "."
+    for candidate in (text, os.path.join("record", text)):
+        if os.path.isfile(os.path.join(candidate, "attack_result.pt")):
+            return os.path.normpath(candidate)
+    raise FtsamError(f"no attack_result.pt in '{text}' or 'record/{text}'; pass --result_file <record name under "
+                     f"./record/ or a record folder> (make one with `ftsam attack`)")
+
+
+def _peek_record_dataset(result_file) -> Optional[str]:
+    """The dataset a record was made on (for choosing the packaged YAML), without loading its data."""
+    from ftsam_plugin.io import safe_load
+
+    raw = safe_load(os.path.join(_resolve_record(result_file), "attack_result.pt"), what="attack result")
+    return raw.get("clean_data") if isinstance(raw, dict) else None

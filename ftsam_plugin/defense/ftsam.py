@@ -1,0 +1,91 @@
+"""FT-SAM (Zhu et al., ICCV 2023): fine-tuning with ASAM, as a BackdoorBench defense.
+
+Entry points (setup.cfg, group `backdoorbench.defenses`): `ftsam` -> FTSAM, `ft-baseline` -> FineTune.
+Run standalone: `python -m ftsam_plugin.defense.ftsam --result_file <record> [--defense ft-baseline] ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import ddp
+from .finetune import FineTune
+
+__all__ = ["FTSAM", "FineTune", "main"]
+
+
+class FTSAM(FineTune):
+    """FT-SAM: FineTune's pipeline with ASAM (e = rho * w^2 * g / || |w| * g ||, eta 0) and BN frozen in pass two.
+
+    Args:
+        args: argparse.Namespace from a parser prepared with `FTSAM.add_arguments` (see FineTune).
+
+    Each step: forward/backward at w (under DDP's `no_sync`, forward included: each rank perturbs with its local
+    gradient), w += e, forward/backward at w + e with BatchNorm running statistics frozen (the gradient all-reduce
+    happens here), restore w, base-optimizer step with that gradient.
+    """
+
+    name = "ftsam"
+    uses_sam = True
+
+    def create_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        from ftsam_plugin.optim import SAM
+
+        args = self.args
+        restore = args.restore
+        if self.dist.is_distributed and restore == "subtract":
+            # w + e - e rounds differently on each rank (e is local): ranks would drift apart
+            restore = "copy"
+        cls, kwargs = self._base_optimizer()
+        return SAM([p for p in model.parameters() if p.requires_grad], cls, rho=args.rho, adaptive=args.adaptive,
+                   eta=args.eta, restore=restore, **kwargs)
+
+    def train_step(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+        from ftsam_plugin.optim import freeze_bn
+
+        sam, scaler = self.optimizer, self.scaler
+        sam.zero_grad(set_to_none=True)
+        with ddp.no_sync(model):
+            with self.autocast():
+                logits = model(x)
+                loss = self.loss_fn(logits, y)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        sam.first_step(zero_grad=True, grad_scaler=scaler)
+        with freeze_bn(model):
+            with self.autocast():
+                loss2 = self.loss_fn(model(x), y)
+            (scaler.scale(loss2) if scaler is not None else loss2).backward()
+        sam.second_step(zero_grad=True, grad_scaler=scaler)
+        return loss.detach(), logits.detach()
+
+    def extra_metrics(self) -> dict:
+        return {"rho": float(self.optimizer.param_groups[0]["rho"])}
+
+
+DEFENSES = {FTSAM.name: FTSAM, FineTune.name: FineTune}
+
+
+def main(argv=None) -> int:
+    """`python -m ftsam_plugin.defense.ftsam`: the same flags and error handling as `ftsam defend`."""
+    from .cli import add_arguments, run
+    from ftsam_plugin.errors import FtsamError
+
+    parser = argparse.ArgumentParser(prog="python -m ftsam_plugin.defense.ftsam", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except FtsamError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
