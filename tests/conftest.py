@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tests: one thread avoids oversubscribing 2 shared cores
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,692 @@
+"""`ftsam leaderboard`: one table per dataset x model of every attack record and defense result under record roots.
+
+Discovery. Every folder holding `attack_result.pt` under the given roots is an attack record (BackdoorBench's and
+`ftsam attack`'s, same format); every `<record>/defense/<name>/defense_result.pt` is a defense result (any name:
+ours, `ft-baseline`/`ftsam`, and BackdoorBench's own, `ft`, `ft-sam`, `anp`, ...).
+
+Metrics (fractions; tables show percent). For each model, in this order:
+1. a summary file, unless `--source eval`: the `last` row (or `--summary_row valid_max`) of
+   - the attack: `<record>/attack_df_summary.csv`;
+   - a defense: `<defense dir>/<name>_df_summary.csv`, else any `*_df_summary.csv` in the folder or its `log/`
+     (BackdoorBench's ft-sam writes `log/d-sam_df_summary.csv`);
+   columns `test_acc`, `test_asr`, `test_ra` (BackdoorBench's). `last` is BackdoorBench's last non-missing value
+   per column, i.e. the final evaluation. A summary lacking one of the three, or older than its result file by more
+   than SUMMARY_MAX_AGE_S (the result was replaced after the run), is ignored.
+2. the evaluation cache `<folder>/ftsam_eval.json`, if its key matches: the result file's size, mtime_ns and
+   sha256, the attack record's size and mtime_ns and the `--dataset_path` override (`--no_cache` skips it);
+3. an evaluation (ACC on clean_test; ASR and RA on bd_test; `ftsam_plugin.metrics.evaluate_backdoor`), written to
+   the cache atomically. A record's datasets are loaded once and reused for all its models.
+
+Tables. Rows are attack records (name, plus the attack type from `info.pickle` when readable), then an average row
+(mean of each column over the attacks, DER averaged per attack); columns are `no defense`, then the defenses.
+DER = BackdoorBench's [max(0, ASR_bd - ASR_def) - max(0, ACC_bd - ACC_def) + 1] / 2 against the record's own
+undefended model. Best values are marked (bold in Markdown/HTML, the `best` column in CSV): by default per row
+among the defenses (the best defense for each attack and on average; `no defense` is not a candidate), with
+`--best_axis column` per column among the attacks. Best = highest ACC, RA, DER and lowest ASR.
+
+Outputs in `--out`: leaderboard.md, leaderboard.csv (long format: one line per table cell, fractions at full
+precision), leaderboard.html (self-contained: inline CSS, heatmaps embedded as data URIs) and per table
+heatmap_<dataset>_<model>_{asr,der}.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import fnmatch
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from ftsam_plugin import metrics
+from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.io import atomic_write_bytes, atomic_write_text, safe_load, write_csv
+
+__all__ = [
+    "add_arguments",
+    "run",
+    "find_records",
+    "find_defenses",
+    "read_summary",
+    "load_defense_model",
+    "build_leaderboard",
+    "Entry",
+    "Table",
+]
+
+NO_DEFENSE = "no defense"
+METRICS = ("acc", "asr", "ra", "der")
+HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
+SUMMARY_COLUMNS = {"acc": "test_acc", "asr": "test_asr", "ra": "test_ra"}
+CSV_COLUMNS = {"acc": "test_acc", "asr": "test_asr", "ra": "test_ra", "der": "der"}
+CACHE_NAME = "ftsam_eval.json"
+CACHE_VERSION = 1
+SUMMARY_MAX_AGE_S = 3600  # a summary this much older than its result file belongs to an earlier run
+SKIP_DIRS = {"bd_train_dataset", "bd_test_dataset", "checkpoint", "log", "__pycache__"}
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def find_records(roots: Iterable[str]) -> List[str]:
+    """Absolute paths of every folder holding `attack_result.pt` under `roots` (a root may be a record itself)."""
+    found: Dict[str, str] = {}
+    for root in roots:
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise FtsamError(f"record root {root} is not a folder; pass record/ folders (e.g. ./record)")
+        for dirpath, dirnames, filenames in os.walk(root):
+            if "attack_result.pt" in filenames:
+                found.setdefault(os.path.realpath(dirpath), os.path.abspath(dirpath))
+                dirnames[:] = []  # records are not nested; skips the bd_*_dataset image folders
+                continue
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+    return sorted(found.values())
+
+
+def find_defenses(record_dir: str) -> Dict[str, str]:
+    """{defense name: path of `<record>/defense/<name>/defense_result.pt`}, sorted by name."""
+    base = os.path.join(record_dir, "defense")
+    if not os.path.isdir(base):
+        return {}
+    out = {}
+    for name in sorted(os.listdir(base)):
+        pt = os.path.join(base, name, "defense_result.pt")
+        if os.path.isfile(pt):
+            out[name] = pt
+    return out
+
+
+def _attack_type(record_dir: str) -> Optional[str]:
+    # info.pickle is BackdoorBench's torch.save(args.__dict__) (and ours): read it safely, never unpickle code
+    path = os.path.join(record_dir, "info.pickle")
+    if not os.path.isfile(path):
+        return None
+    try:
+        info = safe_load(path, what="record info")
+    except FtsamError:
+        return None
+    value = info.get("attack") if isinstance(info, dict) else None
+    return str(value) if value else None
+
+
+def read_summary(path: str, row: str = "last") -> Optional[Dict[str, float]]:
+    """{acc, asr, ra} from row `row` of a BackdoorBench `*_df_summary.csv`; None if a value is missing."""
+    try:
+        with open(path, newline="") as handle:
+            lines = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines:
+        return None
+    header = lines[0]
+    for line in lines[1:]:
+        if line and line[0] == row:
+            values = dict(zip(header, line))
+            out = {}
+            for metric, column in SUMMARY_COLUMNS.items():
+                try:
+                    value = float(values.get(column, ""))
+                except ValueError:
+                    return None
+                if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                    return None
+                out[metric] = value
+            return out
+    return None
+
+
+def _summary_candidates(folder: str, name: str, only_named: bool = False) -> List[str]:
+    preferred = [os.path.join(folder, f"{name}_df_summary.csv")]
+    if only_named:
+        return [p for p in preferred if os.path.isfile(p)]
+    others = []
+    for sub in (folder, os.path.join(folder, "log")):
+        if os.path.isdir(sub):
+            others += sorted(os.path.join(sub, f) for f in os.listdir(sub) if f.endswith("_df_summary.csv"))
+    others.sort(key=lambda p: -os.path.getmtime(p))  # newest first
+    return [p for p in preferred if os.path.isfile(p)] + [p for p in others if p not in preferred]
+
+
+def _find_summary(folder: str, name: str, result_path: str, row: str, only_named: bool = False):
+    result_mtime = os.path.getmtime(result_path)
+    for path in _summary_candidates(folder, name, only_named):
+        if os.path.getmtime(path) < result_mtime - SUMMARY_MAX_AGE_S:
+            continue
+        values = read_summary(path, row)
+        if values is not None:
+            return path, values
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def _fingerprint(path: str, with_hash: bool = True) -> dict:
+    st = os.stat(path)
+    out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if with_hash:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        out["sha256"] = digest.hexdigest()
+    return out
+
+
+def _cache_key(result_path: str, record_dir: str, dataset_path: Optional[str]) -> dict:
+    return {
+        "version": CACHE_VERSION,
+        "result": _fingerprint(result_path),
+        "attack_result": _fingerprint(os.path.join(record_dir, "attack_result.pt"), with_hash=False),
+        "dataset_path": os.path.abspath(dataset_path) if dataset_path else None,
+    }
+
+
+def _read_cache(folder: str, key: dict) -> Optional[Dict[str, float]]:
+    try:
+        with open(os.path.join(folder, CACHE_NAME)) as handle:
+            stored = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key:
+        return None
+    values = stored.get("metrics")
+    if not isinstance(values, dict) or any(not isinstance(values.get(m), (int, float)) for m in SUMMARY_COLUMNS):
+        return None
+    return {m: float(values[m]) for m in SUMMARY_COLUMNS}
+
+
+def _write_cache(folder: str, key: dict, values: Dict[str, float]) -> None:
+    try:
+        atomic_write_text(os.path.join(folder, CACHE_NAME), json.dumps({"key": key, "metrics": values}, indent=1))
+    except FtsamError as exc:  # a read-only record still gets its table
+        print(f"warning: cache not written: {exc}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def load_defense_model(path: str, record: dict, device="cpu"):
+    """The model of a `defense_result.pt` ({model_name, num_classes, model}), built like the record's model.
+
+    Args:
+        path: the defense_result.pt.
+        record: a `load_attack_result` dict (gives img_size and width, which defense results do not store).
+        device: where to put the model.
+    """
+    from ftsam_plugin.data.records import _build_model
+
+    raw = safe_load(path, what="defense result")
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise FtsamError(f"{path} is not a defense result (no 'model' key); pass a defense_result.pt")
+    spec = {
+        "model_name": raw.get("model_name") or record["model_name"],
+        "num_classes": raw.get("num_classes") or record["num_classes"],
+        "img_size": record["img_size"],
+        "width": record.get("width", 1.0),
+    }
+    return _build_model(spec, raw["model"], device)
+
+
+@dataclass
+class RecordInfo:
+    path: str
+    name: str
+    dataset: str
+    model: str
+    attack: Optional[str]
+    defenses: Dict[str, str]
+    label: str = ""
+    _loaded: Optional[dict] = field(default=None, repr=False)
+    _error: Optional[str] = field(default=None, repr=False)
+
+
+@dataclass
+class Entry:
+    """One table cell: a model (the attacked one, defense NO_DEFENSE, or a defense result) and its metrics."""
+
+    record: RecordInfo
+    defense: str
+    result_path: str
+    acc: Optional[float] = None
+    asr: Optional[float] = None
+    ra: Optional[float] = None
+    der: Optional[float] = None
+    source: str = ""
+
+    def get(self, metric: str) -> Optional[float]:
+        return getattr(self, metric)
+
+
+def _record_info(path: str) -> RecordInfo:
+    raw = safe_load(os.path.join(path, "attack_result.pt"), what="attack result")
+    if not isinstance(raw, dict) or "model_name" not in raw:
+        raise FtsamError(f"{path}/attack_result.pt is not an attack result; re-create it")
+    return RecordInfo(
+        path=path,
+        name=os.path.basename(path.rstrip(os.sep)),
+        dataset=str(raw.get("clean_data", "?")),
+        model=str(raw["model_name"]),
+        attack=_attack_type(path),
+        defenses=find_defenses(path),
+    )
+
+
+def _load_record(info: RecordInfo, opts) -> dict:
+    if info._error is not None:
+        raise FtsamError(info._error)
+    if info._loaded is None:
+        from ftsam_plugin.data.records import load_attack_result
+
+        try:
+            info._loaded = load_attack_result(info.path, dataset_path=opts.dataset_path, device=opts.device)
+        except FtsamError as exc:
+            info._error = str(exc)
+            raise
+    return info._loaded
+
+
+def _evaluate(entry: Entry, opts) -> Dict[str, float]:
+    record = _load_record(entry.record, opts)
+    if entry.defense == NO_DEFENSE:
+        model = record["model"]
+    else:
+        model = load_defense_model(entry.result_path, record, opts.device)
+    values = metrics.evaluate_backdoor(model, record["clean_test"], record["bd_test"], device=opts.device,
+                                       batch_size=opts.batch_size, num_workers=opts.num_workers)
+    return {m: float(values[m]) for m in SUMMARY_COLUMNS}
+
+
+def _fill_metrics(entry: Entry, opts) -> None:
+    folder = os.path.dirname(entry.result_path)
+    values = None
+    if opts.source != "eval":
+        attack = entry.defense == NO_DEFENSE  # the record folder: only attack_df_summary.csv
+        name = "attack" if attack else entry.defense
+        path, values = _find_summary(folder, name, entry.result_path, opts.summary_row, only_named=attack)
+        if values is not None:
+            entry.source = f"summary:{os.path.relpath(path, entry.record.path)}:{opts.summary_row}"
+    if values is None:
+        key = _cache_key(entry.result_path, entry.record.path, opts.dataset_path)
+        if not opts.no_cache:
+            values = _read_cache(folder, key)
+            entry.source = "cache" if values is not None else ""
+        if values is None:
+            values = _evaluate(entry, opts)
+            entry.source = "eval"
+            _write_cache(folder, key, values)
+    entry.acc, entry.asr, entry.ra = values["acc"], values["asr"], values["ra"]
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Table:
+    """One dataset x model table: rows[i] is a record, cells[(label, defense)] an Entry."""
+
+    dataset: str
+    model: str
+    rows: List[RecordInfo]
+    defenses: List[str]  # NO_DEFENSE first
+    cells: Dict[Tuple[str, str], Entry]
+    average: Dict[str, Dict[str, Optional[float]]] = field(default_factory=dict)  # defense -> metric -> mean
+    best: Dict[Tuple[str, str], set] = field(default_factory=dict)  # (row label or AVERAGE, defense) -> metrics
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.dataset}_{self.model}")
+
+    def value(self, label: str, defense: str, metric: str) -> Optional[float]:
+        if label == AVERAGE:
+            return self.average.get(defense, {}).get(metric)
+        entry = self.cells.get((label, defense))
+        return entry.get(metric) if entry is not None else None
+
+
+AVERAGE = "average"
+
+
+def _patterns(values: Optional[Sequence[str]]) -> Optional[List[str]]:
+    if not values:
+        return None
+    return [p.strip().lower() for v in values for p in v.split(",") if p.strip()]
+
+
+def _matches(patterns: Optional[List[str]], *names: Optional[str]) -> bool:
+    if patterns is None:
+        return True
+    return any(n is not None and fnmatch.fnmatchcase(n.lower(), p) for p in patterns for n in names)
+
+
+def _mean(values: Iterable[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _sort_key(spec: str, table: Table):
+    if spec in ("name", "record"):
+        return lambda r: r.label.lower(), False
+    if spec == "attack":
+        return lambda r: ((r.attack or "").lower(), r.label.lower()), False
+    metric, _, defense = spec.partition(":")
+    if metric not in METRICS:
+        raise FtsamError(f"--sort {spec!r}: use name, attack or <metric>[:<defense>] with metric in {METRICS}")
+    if defense and defense not in table.defenses:
+        raise FtsamError(f"--sort {spec!r}: no defense {defense!r} in the table; choose one of {table.defenses}")
+
+    def key(r):
+        if defense:
+            v = table.value(r.label, defense, metric)
+        elif metric == "der":
+            v = _mean(table.value(r.label, d, "der") for d in table.defenses[1:])
+        else:
+            v = table.value(r.label, NO_DEFENSE, metric)
+        missing = v is None
+        v = 0.0 if missing else (v if HIGHER_IS_BETTER[metric] else -v)
+        return (missing, -v, r.label.lower())
+
+    return key, False
+
+
+def _mark_best(table: Table, axis: str) -> None:
+    table.best = {}
+    labels = [r.label for r in table.rows] + [AVERAGE]
+    for metric in METRICS:
+        sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+        if axis == "row":
+            groups = [[(label, d) for d in table.defenses[1:]] for label in labels]
+        else:
+            groups = [[(r.label, d) for r in table.rows] for d in table.defenses]
+        for group in groups:
+            scored = [(cell, table.value(cell[0], cell[1], metric)) for cell in group]
+            scored = [(cell, v) for cell, v in scored if v is not None]
+            if not scored:
+                continue
+            top = max(sign * v for _, v in scored)
+            for cell, v in scored:
+                if sign * v >= top - 1e-12:
+                    table.best.setdefault(cell, set()).add(metric)
+
+
+def build_leaderboard(roots: Sequence[str], opts) -> List[Table]:
+    """Discover, filter and evaluate; returns the tables (sorted by dataset, model). See the module docstring."""
+    datasets, models = _patterns(opts.dataset), _patterns(opts.model)
+    attacks, defenses = _patterns(opts.attack), _patterns(opts.defense)
+    records = find_records(roots)
+    if not records:
+        raise FtsamError(f"no attack_result.pt under {list(roots)}; pass record/ folders holding attack records")
+    infos = []
+    for path in records:
+        try:
+            info = _record_info(path)
+        except FtsamError as exc:
+            print(f"warning: skipping {path}: {exc}", file=sys.stderr)
+            continue
+        if _matches(datasets, info.dataset) and _matches(models, info.model) and _matches(attacks, info.name,
+                                                                                            info.attack):
+            info.defenses = {n: p for n, p in info.defenses.items() if _matches(defenses, n)}
+            infos.append(info)
+    if not infos:
+        raise FtsamError(f"none of the {len(records)} attack records under {list(roots)} match the filters; "
+                         f"check --dataset/--model/--attack")
+    groups: Dict[Tuple[str, str], List[RecordInfo]] = {}
+    for info in infos:
+        groups.setdefault((info.dataset, info.model), []).append(info)
+    tables = []
+    for (dataset, model), rows in sorted(groups.items()):
+        _label_rows(rows)
+        names = sorted({n for r in rows for n in r.defenses})
+        table = Table(dataset, model, rows, [NO_DEFENSE, *names], {})
+        for r in rows:
+            cells = [Entry(r, NO_DEFENSE, os.path.join(r.path, "attack_result.pt"))]
+            cells += [Entry(r, n, p) for n, p in r.defenses.items()]
+            for entry in cells:
+                try:
+                    _fill_metrics(entry, opts)
+                except FtsamError as exc:
+                    entry.source = "error"
+                    print(f"warning: {r.label}/{entry.defense}: {exc}", file=sys.stderr)
+                table.cells[(r.label, entry.defense)] = entry
+            base = table.cells[(r.label, NO_DEFENSE)]
+            for entry in cells[1:]:
+                if None not in (base.acc, base.asr, entry.acc, entry.asr):
+                    entry.der = metrics.der(base.acc, entry.acc, base.asr, entry.asr)
+            r._loaded = None  # free the datasets and models of this record
+        table.average = {d: {m: _mean(table.value(r.label, d, m) for r in rows) for m in METRICS}
+                         for d in table.defenses}
+        key, reverse = _sort_key(opts.sort, table)
+        table.rows.sort(key=key, reverse=reverse ^ bool(opts.reverse))
+        _mark_best(table, opts.best_axis)
+        tables.append(table)
+    return tables
+
+
+def _label_rows(rows: List[RecordInfo]) -> None:
+    counts: Dict[str, int] = {}
+    for r in rows:
+        counts[r.name] = counts.get(r.name, 0) + 1
+    base = os.path.commonpath([os.path.dirname(r.path) for r in rows]) if len(rows) > 1 else ""
+    for r in rows:
+        r.label = r.name if counts[r.name] == 1 or not base else os.path.relpath(r.path, base)
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _metrics_shown(choice: str) -> List[str]:
+    return list(METRICS) if choice == "all" else [choice]
+
+
+def _pct(value: Optional[float]) -> str:
+    return "—" if value is None else f"{100.0 * value:.2f}"
+
+
+def _cell_parts(table: Table, label: str, defense: str, shown: List[str]):
+    """[(metric, text, is_best)] for the metrics shown in one cell (no DER under `no defense`)."""
+    best = table.best.get((label, defense), set())
+    return [(m, _pct(table.value(label, defense, m)), m in best)
+            for m in shown if not (m == "der" and defense == NO_DEFENSE)]
+
+
+def _cell_text(parts, bold) -> str:
+    if all(t == "—" for _, t, _ in parts):
+        return "—"
+    texts = {m: bold(t) if b else t for m, t, b in parts}
+    main = " / ".join(texts[m] for m in ("acc", "asr", "ra") if m in texts)
+    if "der" in texts:
+        return f"{main} ({texts['der']})" if main else texts["der"]
+    return main
+
+
+def _legend(shown: List[str]) -> str:
+    names = [m.upper() for m in shown if m != "der"]
+    text = " / ".join(names)
+    if "der" in shown:
+        text = f"{text} (DER)" if text else "DER"
+    return f"cells: {text}, percent"
+
+
+def _table_rows(table: Table):
+    for r in table.rows:
+        yield r.label, r.attack or ""
+    yield AVERAGE, ""
+
+
+def render_markdown(tables: List[Table], opts) -> str:
+    shown = _metrics_shown(opts.metric)
+    lines = ["# Backdoor defense leaderboard", "",
+             f"{_legend(shown)}; DER against the undefended model; best per {opts.best_axis} in bold "
+             f"(highest ACC/RA/DER, lowest ASR); summary row `{opts.summary_row}` where a summary exists.", ""]
+    for table in tables:
+        lines += [f"## {table.dataset} / {table.model}", ""]
+        lines.append("| record | attack | " + " | ".join(table.defenses) + " |")
+        lines.append("|---|---|" + "---|" * len(table.defenses))
+        for label, attack in _table_rows(table):
+            cells = [_cell_text(_cell_parts(table, label, d, shown), lambda t: f"**{t}**") for d in table.defenses]
+            name = f"**{label}**" if label == AVERAGE else label.replace("|", "\\|")
+            lines.append(f"| {name} | {attack} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def csv_rows(tables: List[Table]) -> List[dict]:
+    """Long format: one row per (table, record or average, defense); metrics as fractions."""
+    rows = []
+    for table in tables:
+        for label, attack in _table_rows(table):
+            for d in table.defenses:
+                entry = table.cells.get((label, d))
+                row = {"dataset": table.dataset, "model": table.model, "record": label, "attack": attack, "defense": d}
+                for m in METRICS:
+                    v = table.value(label, d, m)
+                    row[CSV_COLUMNS[m]] = "" if v is None else repr(v)
+                row["best"] = ";".join(m for m in METRICS if m in table.best.get((label, d), set()))
+                row["source"] = entry.source if entry is not None else ("mean" if label == AVERAGE else "missing")
+                rows.append(row)
+    return rows
+
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;
+white-space:nowrap}th{background:#f0f0f0}td.name{text-align:left}tr.avg td{background:#fafafa;font-style:italic}
+b{color:#0a5}img{max-width:48%;margin-right:1%}.note{color:#555}"""
+
+
+def render_html(tables: List[Table], opts, images: Dict[str, List[Tuple[str, bytes]]]) -> str:
+    shown = _metrics_shown(opts.metric)
+    esc = html.escape
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>Backdoor defense leaderboard</title>",
+             f"<style>{_CSS}</style></head><body>", "<h1>Backdoor defense leaderboard</h1>",
+             f"<p class='note'>{esc(_legend(shown))}; DER against the undefended model; best per "
+             f"{esc(opts.best_axis)} in bold (highest ACC/RA/DER, lowest ASR); summary row "
+             f"<code>{esc(opts.summary_row)}</code> where a summary exists.</p>"]
+    for table in tables:
+        parts.append(f"<h2>{esc(table.dataset)} / {esc(table.model)}</h2><table><tr><th>record</th><th>attack</th>"
+                     + "".join(f"<th>{esc(d)}</th>" for d in table.defenses) + "</tr>")
+        for label, attack in _table_rows(table):
+            cls = " class='avg'" if label == AVERAGE else ""
+            cells = "".join(
+                f"<td>{_cell_text(_cell_parts(table, label, d, shown), lambda t: f'<b>{t}</b>')}</td>"
+                for d in table.defenses)
+            parts.append(f"<tr{cls}><td class='name'>{esc(label)}</td><td class='name'>{esc(attack)}</td>"
+                         f"{cells}</tr>")
+        parts.append("</table>")
+        for title, png in images.get(table.slug, []):
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_heatmap(table: Table, metric: str) -> Optional[bytes]:
+    """PNG bytes of a metric heatmap (rows: records + average; columns: defenses), or None if no value."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    defenses = table.defenses[1:] if metric == "der" else table.defenses
+    labels = [label for label, _ in _table_rows(table)]
+    if not defenses:
+        return None
+    grid = np.array([[np.nan if (v := table.value(label, d, metric)) is None else 100.0 * v for d in defenses]
+                     for label in labels])
+    if np.isnan(grid).all():
+        return None
+    fig = Figure(figsize=(1.4 + 1.2 * len(defenses), 1.0 + 0.45 * len(labels)), layout="constrained")
+    ax = fig.subplots()
+    cmap = "RdYlGn_r" if metric == "asr" else "RdYlGn"
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"{metric.upper()} (%): {table.dataset} / {table.model}")
+    fig.colorbar(image, ax=ax)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def write_outputs(tables: List[Table], opts) -> Dict[str, str]:
+    """Write leaderboard.md/.csv/.html and the heatmaps to `opts.out`; returns {kind: path}."""
+    out = os.path.abspath(opts.out)
+    paths = {"markdown": os.path.join(out, "leaderboard.md"), "csv": os.path.join(out, "leaderboard.csv"),
+             "html": os.path.join(out, "leaderboard.html")}
+    images: Dict[str, List[Tuple[str, bytes]]] = {}
+    for table in tables:
+        for metric in ("asr", "der"):
+            png = render_heatmap(table, metric)
+            if png is None:
+                continue
+            path = os.path.join(out, f"heatmap_{table.slug}_{metric}.png")
+            atomic_write_bytes(path, png)
+            paths[f"heatmap_{table.slug}_{metric}"] = path
+            images.setdefault(table.slug, []).append((f"{metric} heatmap", png))
+    atomic_write_text(paths["markdown"], render_markdown(tables, opts))
+    columns = ["dataset", "model", "record", "attack", "defense", *CSV_COLUMNS.values(), "best", "source"]
+    write_csv(paths["csv"], csv_rows(tables), columns=columns)
+    atomic_write_text(paths["html"], render_html(tables, opts, images))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("roots", nargs="+", help="record/ folders (searched recursively for attack_result.pt)")
+    parser.add_argument("--out", default="leaderboard", help="output folder (default ./leaderboard)")
+    parser.add_argument("--metric", choices=[*METRICS, "all"], default="all", help="what the cells show")
+    parser.add_argument("--sort", default="name",
+                        help="row order: name (default), attack, or <metric>[:<defense>], best first; without a "
+                             "defense acc/asr/ra sort by the undefended model, der by the mean DER of the row")
+    parser.add_argument("--reverse", action="store_true", help="reverse the row order")
+    for flag, what in (("dataset", "datasets"), ("model", "models"), ("attack", "record names or attack types"),
+                       ("defense", "defense names")):
+        parser.add_argument(f"--{flag}", action="append", metavar="GLOB",
+                            help=f"keep only these {what} (glob, case-insensitive; repeat or comma-separate)")
+    parser.add_argument("--best_axis", choices=["row", "column"], default="row",
+                        help="mark the best defense per attack row (default) or the best attack per column")
+    parser.add_argument("--source", choices=["auto", "eval"], default="auto",
+                        help="auto: summary CSVs where present, else evaluate; eval: always evaluate")
+    parser.add_argument("--summary_row", choices=["last", "valid_max"], default="last",
+                        help="row of *_df_summary.csv to read (default last: the final evaluation)")
+    parser.add_argument("--no_cache", action="store_true", help="ignore ftsam_eval.json caches (they are rewritten)")
+    parser.add_argument("--dataset_path", default=None, help="dataset folder override passed to load_attack_result")
+    parser.add_argument("--device", default=None, help="evaluation device (default: cuda if available, else cpu)")
+    parser.add_argument("--batch_size", type=int, default=256, help="evaluation batch size")
+    parser.add_argument("--num_workers", type=int, default=0, help="evaluation data-loader workers")
+    return parser
+
+
+def _resolve_device(device: Optional[str]) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise FtsamError(f"--batch_size {args.batch_size} must be >= 1")
+    metric = args.sort.partition(":")[0]
+    if args.sort not in ("name", "record", "attack") and metric not in METRICS:
+        raise FtsamError(f"--sort {args.sort!r}: use name, attack or <metric>[:<defense>] with metric in {METRICS}")
+    args.device = _resolve_device(args.device)
+    tables = build_leaderboard(args.roots, args)
+    paths = write_outputs(tables, args)
+    print(render_markdown(tables, args))
+    for kind, path in paths.items():
+        print(f"wrote {path}")
+    return 0
