@@ -1,6 +1,7 @@
 """The `ftsam` command: one sub-command per module, each exposing `add_arguments(parser)` and `run(args)`.
 
-Errors of type FtsamError become one line on stderr and exit code 2; `--debug` shows the traceback.
+Errors of type FtsamError become one line on stderr and exit code 2; an interrupted run (Ctrl-C) exits with 130
+after one line saying how to resume; `--debug` shows the traceback.
 """
 import argparse
 import importlib
@@ -42,17 +43,35 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
-    module = COMMANDS[args.command][0]
+    return run_reporting_errors(importlib.import_module(COMMANDS[args.command][0]).run, args)
+
+
+def run_reporting_errors(run, args) -> int:
+    """`run(args)` with the CLI's error contract: FtsamError -> `error: ...` and 2, Ctrl-C -> `interrupted: ...`
+    and 130, each one line (`args.debug` re-raises for the traceback)."""
     try:
-        return importlib.import_module(module).run(args) or 0
+        return run(args) or 0
     except FtsamError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        print(f"interrupted: {one_line(exc)}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(exc: BaseException) -> str:
+    """The message on one line. An FtsamError re-raised from a DataLoader worker carries the worker's traceback
+    in its message; its last line holds the original message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    last = lines[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else " ".join(lines)
 
 
 if __name__ == "__main__":

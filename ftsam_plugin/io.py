@@ -100,6 +100,15 @@ def safe_load(path: "str | os.PathLike[str]", what: str = "attack result") -> An
     if size == 0:
         raise FtsamError(f"{what} file {path} is empty (0 bytes); re-create it (the run that wrote it did not finish)")
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise FtsamError(f"cannot read {what} file {path}: {exc.strerror or exc}; check its permissions") from exc
+    # torch.save writes a zip archive (torch >= 1.6) or a protocol-2 pickle (legacy); anything else is another format
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise FtsamError(f"{what} file {path} is not a torch file (it starts with {head!r}); pass the .pt file that "
+                         f"torch.save wrote, or re-create it")
+    try:
         with torch.serialization.safe_globals(numpy_safe_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -24,7 +24,7 @@ from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_save, atomic_write_text, safe_load
 
 from .backdoor import BackdoorDataset, TransformDataset
-from .datasets import build_clean_datasets, detect_layout, get_dataset_info, resolve_dataset_dir
+from .datasets import DATASETS, build_clean_datasets, detect_layout, get_dataset_info, resolve_dataset_dir
 from .transforms import get_transform
 
 __all__ = [
@@ -117,6 +117,14 @@ def _check_record(raw, pt: str) -> None:
         raise FtsamError(f"{pt} is not an attack result (missing keys {missing}); pass a record's attack_result.pt")
     if raw["bd_test"] is None:
         raise FtsamError(f"{pt} has no bd_test set; re-create the attack record")
+    try:
+        num_classes = int(raw["num_classes"])
+    except (TypeError, ValueError):
+        raise FtsamError(f"{pt} has num_classes {raw['num_classes']!r}, not an integer; fix the record") from None
+    info = DATASETS.get(str(raw["clean_data"]).lower())  # others (BackdoorBench's mnist, ...) are not checked here
+    if info is not None and num_classes != info.num_classes:
+        raise FtsamError(f"{pt} says num_classes={num_classes} but {info.name} has {info.num_classes} classes; "
+                         f"fix num_classes (or clean_data) in the record")
 
 
 def _build_model(raw: Mapping, state: Mapping, device) -> nn.Module:
@@ -130,14 +138,53 @@ def _build_model(raw: Mapping, state: Mapping, device) -> nn.Module:
     if list(state) != list(expected) and len(state) == len(expected):
         # BackdoorBench's rule: rename keys by position when the counts match (e.g. older torchvision names)
         state = {new: state[old] for new, old in zip(expected, state)}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
+    problem = _state_mismatch(state, expected)
+    if problem is None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            problem = str(exc).strip().splitlines()[-1].strip()[:200]
+    if problem is not None:
         raise FtsamError(
-            f"the record's weights do not fit model {raw['model_name']} (width {width}): {str(exc).splitlines()[0]}; "
-            f"check model_name/width in the record"
-        ) from None
+            f"the weights do not fit model {raw['model_name']} (num_classes {int(raw['num_classes'])}, width {width}): "
+            f"{problem}; check model_name, num_classes and width in the record"
+        )
     return model.to(device).eval()
+
+
+def _state_mismatch(state: Mapping, expected: Mapping) -> Optional[str]:
+    """The first difference between a state dict and the model's (shape, missing or unexpected key), or None."""
+    classifier = [k for k in expected if k.endswith("weight")][-1:]
+    for key, value in state.items():
+        if key in expected and isinstance(value, torch.Tensor) and value.shape != expected[key].shape:
+            text = f"{key} has shape {list(value.shape)} in the file but {list(expected[key].shape)} in the model"
+            if [key] == classifier and value.shape[1:] == expected[key].shape[1:]:
+                text += f" (the weights have {value.shape[0]} classes)"
+            return text
+    missing = [k for k in expected if k not in state]
+    if missing:
+        return f"{len(missing)} parameters missing from the file (first: {missing[0]})"
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        return f"{len(unexpected)} unexpected parameters in the file (first: {unexpected[0]})"
+    return None
+
+
+def _check_poisoned_files(dataset: BackdoorDataset) -> None:
+    """Fail at load time, not mid-run, when poisoned images the record references are missing."""
+    folder = getattr(dataset, "_folder", None)
+    if folder is None:
+        return
+    missing = []
+    for entry in dataset.data_dict.values():
+        if isinstance(entry, Mapping):
+            # stored paths are <save_folder_path>/<orig_label>/<idx>.png: the last two parts, under the found folder
+            path = os.path.join(folder, *str(entry["path"]).replace("\\", "/").split("/")[-2:])
+            if not os.path.isfile(path):
+                missing.append(path)
+    if missing:
+        raise FtsamError(f"{len(missing)} poisoned image(s) referenced by the record are missing (first: {missing[0]});"
+                         f" restore the record's {os.path.basename(folder)} folder or re-create the attack record")
 
 
 def _result_dict(raw, model, clean_train, clean_test, bd_train, bd_test, data_dir, record_dir, loader) -> dict:
@@ -215,7 +262,9 @@ def _load_with_ftsam(raw, record_dir, bases, dataset_path, device) -> dict:
             return None
         stored = state.get("save_folder_path") or ""
         fallback = os.path.join(record_dir, os.path.basename(stored.replace("\\", "/").rstrip("/")))
-        return TransformDataset(BackdoorDataset(raw_set).set_state(state, bases, fallback), transform)
+        dataset = BackdoorDataset(raw_set).set_state(state, bases, fallback)
+        _check_poisoned_files(dataset)
+        return TransformDataset(dataset, transform)
 
     return _result_dict(
         raw,
@@ -242,6 +291,7 @@ def _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device) -> dic
         stored = state.get("save_folder_path") or ""
         fallback = os.path.join(record_dir, os.path.basename(stored.replace("\\", "/").rstrip("/")))
         dataset = BackdoorDataset(raw_set).set_state(state, [bb_root, *bases], fallback)
+        _check_poisoned_files(dataset)
         return TransformDataset(dataset, wrapper.wrap_img_transform, wrapper.wrap_label_transform)
 
     raw_train, raw_test = clean_train.wrapped_dataset, clean_test.wrapped_dataset

@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pprint import pformat
 from typing import Dict, List, Optional, Sequence
@@ -30,7 +32,7 @@ from .checkpoint import plain, rng_state, set_rng_state
 from .config import add_arguments as _add_arguments
 from .config import load_yaml, merge_config, validate
 
-__all__ = ["FineTune", "smooth_crossentropy", "class_balanced_subset", "read_index_file"]
+__all__ = ["FineTune", "Interrupted", "smooth_crossentropy", "class_balanced_subset", "read_index_file"]
 
 logger = logging.getLogger("ftsam_plugin.defense")
 
@@ -191,14 +193,15 @@ class FineTune:
             args.save_path = save_path
             args.checkpoint_save = args.checkpoint_save or os.path.join(save_path, "checkpoint") + os.sep
             args.log = args.log or os.path.join(save_path, "log") + os.sep
-        for folder in (args.checkpoint_save, args.log):
-            os.makedirs(folder, exist_ok=True)
         if self.result is None or self._record_dir != record_dir:  # BackdoorBench loads it twice; once is enough
             from ftsam_plugin.data.records import load_attack_result
 
             self.result = load_attack_result(record_dir, dataset_path=self._data_path())
             self._record_dir = record_dir
             self._adopt_record()
+            self.choose_subset()  # an impossible subset fails here, before anything is written
+        for folder in (args.save_path, args.checkpoint_save, args.log):  # only once the inputs are known good
+            _make_output_folder(folder)
 
     def set_logger(self) -> None:
         """Log to `<log>/<YYYY_mm_dd_HH_MM_SS>.log` and the console (handlers removed when `defense` ends)."""
@@ -210,7 +213,12 @@ class FineTune:
         handlers: List[logging.Handler] = [logging.StreamHandler()]
         if self.dist.is_main:
             stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.localtime())
-            handlers.append(logging.FileHandler(os.path.join(self.args.log, f"{stamp}.log")))
+            path = os.path.join(self.args.log, f"{stamp}.log")
+            try:
+                handlers.append(logging.FileHandler(path))
+            except OSError as exc:
+                raise FtsamError(f"cannot write log file {path}: {exc.strerror}; fix the folder's permissions or "
+                                 f"pass --log elsewhere") from None
         for handler in handlers:
             handler.setFormatter(fmt)
             pkg_logger.addHandler(handler)
@@ -236,7 +244,7 @@ class FineTune:
     # ------------------------------------------------------------------ pipeline
     def mitigation(self) -> Dict[str, torch.nn.Module]:
         """Fine-tune on the clean subset with per-epoch evaluation and checkpoints; save defense_result.pt."""
-        from ftsam_plugin.data.records import save_defense_result, write_metrics_csv, write_metrics_summary_csv
+        from ftsam_plugin.data.records import save_defense_result, write_metrics_summary_csv
 
         if self.result is None:
             raise FtsamError("no attack record loaded; pass --result_file")
@@ -254,8 +262,10 @@ class FineTune:
         history: List[dict] = []
         start = 1
         ckpt_path = os.path.join(args.checkpoint_save, "last.pt")
-        if args.resume:
+        if args.resume and os.path.isfile(ckpt_path):
             start, history = self._load_checkpoint(ckpt_path, model, indices)
+        elif args.resume:
+            logger.warning("--resume: no checkpoint at %s yet; starting from epoch 1", ckpt_path)
         if self.dist.is_main:
             from ftsam_plugin.io import atomic_write_text
 
@@ -269,8 +279,31 @@ class FineTune:
         csv_path = os.path.join(args.save_path, f"{self.name}_df.csv")
         epochs = range(start, args.epochs + 1)
         bar = _tqdm(epochs, desc=self.name, disable=not self.dist.is_main)
+        self._last_checkpoint = start - 1
+        with _StopOnSigint() as self._stop:
+            try:
+                self._train_epochs(model, train_set, bar, indices, history, ckpt_path, csv_path)
+            finally:
+                bar.close()  # before any error message is printed
+        if self.dist.is_main:
+            write_metrics_summary_csv(os.path.join(args.save_path, f"{self.name}_df_summary.csv"), history)
+            out = save_defense_result(self.result["model_name"], self.result["num_classes"], ddp.unwrap(model),
+                                      args.save_path)
+            logger.info("saved %s", out)
+        ddp.barrier(self.dist)
+        self.history = history
+        return {"model": ddp.unwrap(model)}
+
+    def _train_epochs(self, model, train_set, bar, indices, history, ckpt_path, csv_path) -> None:
+        from ftsam_plugin.data.records import write_metrics_csv
+
+        args = self.args
         for epoch in bar:
+            _test_pause(epoch, 0, self._stop)
+            if self._stop_requested():
+                self._interrupted(epoch, 0)
             loss, acc = self.train_epoch(model, train_set, epoch)
+            self._check_weights(model, epoch)
             if self.scheduler is not None and not self.step_per_batch:
                 self.scheduler.step(loss) if self.plateau else self.scheduler.step()
             row = {"epoch": epoch, "train_epoch_loss_avg_over_batch": loss, "train_acc": acc,
@@ -288,15 +321,35 @@ class FineTune:
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("test_acc", "test_asr", "test_ra")
                                  if row[k] is not None})
             ddp.barrier(self.dist)
+            self._last_checkpoint = epoch
             self._after_epoch(epoch)
-        if self.dist.is_main:
-            write_metrics_summary_csv(os.path.join(args.save_path, f"{self.name}_df_summary.csv"), history)
-            out = save_defense_result(self.result["model_name"], self.result["num_classes"], ddp.unwrap(model),
-                                      args.save_path)
-            logger.info("saved %s", out)
-        ddp.barrier(self.dist)
-        self.history = history
-        return {"model": ddp.unwrap(model)}
+
+    def _stop_requested(self) -> bool:
+        """Whether a SIGINT arrived on any rank."""
+        flag = torch.tensor([1.0 if self._stop.requested else 0.0])
+        return ddp.all_reduce_sum(flag, self.dist).item() > 0
+
+    def _interrupted(self, epoch: int, step: int):
+        where = f"epoch {epoch} step {step}" if step else f"the start of epoch {epoch}"
+        done = self._last_checkpoint
+        kept = (f"the checkpoint of epoch {done} is in {self.args.checkpoint_save}" if done >= 1 else
+                "no epoch had finished, so there is no checkpoint yet")
+        raise Interrupted(f"stopped at {where}; {kept}; continue with the same command plus --resume")
+
+    def _check_weights(self, model, epoch: int) -> None:
+        """Refuse to checkpoint non-finite weights (the loss of the last step is computed before its update)."""
+        params = [p.detach() for p in model.parameters()]
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(p).all()) for p in params) else 1.0])
+        if ddp.all_reduce_sum(bad, self.dist).item() > 0:
+            raise FtsamError(f"non-finite weights at epoch {epoch} step {self._last_step} (its last); stopped, "
+                             f"{self._kept_checkpoint()}; lower --lr or --rho (or --amp false) and rerun without "
+                             f"--resume")
+
+    def _kept_checkpoint(self) -> str:
+        done = getattr(self, "_last_checkpoint", 0)
+        if done >= 1:
+            return f"the last good checkpoint (epoch {done}) is kept in {self.args.checkpoint_save}"
+        return "no checkpoint was written (no good epoch yet)"
 
     def setup_training(self, model: torch.nn.Module) -> None:
         """Loss, AMP (dtype, GradScaler for fp16), optimizer and lr scheduler for `model` (maybe DDP-wrapped)."""
@@ -401,22 +454,32 @@ class FineTune:
         totals = torch.zeros(3, dtype=torch.float64)  # loss*n, correct, n
         nb = bool(args.non_blocking)
         steps = _tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not self.dist.is_main)
-        for step, batch in enumerate(steps, start=1):
-            x = batch[0].to(dev, non_blocking=nb)
-            y = torch.as_tensor(batch[1]).to(dev, non_blocking=nb).long()
-            loss, logits = self.train_step(model, x, y)
-            value = float(loss)
-            bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
-            if ddp.all_reduce_sum(bad, self.dist).item() > 0:
-                raise FtsamError(f"non-finite loss at epoch {epoch} step {step}; stopped, the last good checkpoint "
-                                 f"is kept in {args.checkpoint_save}: lower --lr or --rho (or --amp false), "
-                                 f"then --resume")
-            n = y.numel()
-            totals += torch.tensor([value * n, float((logits.argmax(1) == y).sum()), n], dtype=torch.float64)
-            if self.step_per_batch:
-                self.scheduler.step()
-            if step % 10 == 0 or step == len(loader):
-                steps.set_postfix(loss=f"{value:.4f}")
+        try:
+            for step, batch in enumerate(steps, start=1):
+                x = batch[0].to(dev, non_blocking=nb)
+                y = torch.as_tensor(batch[1]).to(dev, non_blocking=nb).long()
+                loss, logits = self.train_step(model, x, y)
+                value = float(loss)
+                stop = getattr(self, "_stop", None)
+                _test_pause(epoch, step, stop)
+                # one collective for both flags, so every rank stops at the same step
+                flags = torch.tensor([0.0 if math.isfinite(value) else 1.0, 1.0 if stop and stop.requested else 0.0])
+                ddp.all_reduce_sum(flags, self.dist)
+                if flags[0].item() > 0:
+                    raise FtsamError(f"non-finite loss at epoch {epoch} step {step}; stopped, "
+                                     f"{self._kept_checkpoint()}; lower --lr or --rho (or --amp false) and rerun "
+                                     f"without --resume")
+                if flags[1].item() > 0:
+                    self._interrupted(epoch, step)
+                self._last_step = step
+                n = y.numel()
+                totals += torch.tensor([value * n, float((logits.argmax(1) == y).sum()), n], dtype=torch.float64)
+                if self.step_per_batch:
+                    self.scheduler.step()
+                if step % 10 == 0 or step == len(loader):
+                    steps.set_postfix(loss=f"{value:.4f}")
+        finally:
+            steps.close()
         ddp.all_reduce_sum(totals, self.dist)
         return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
@@ -459,20 +522,26 @@ class FineTune:
         if state.get("defense") != self.name:
             raise FtsamError(f"{path} was written by '{state.get('defense')}', not '{self.name}'; run without --resume")
         cfg = vars(self.args)
-        for key, old in state["config"].items():
-            if plain(cfg.get(key)) != old:
-                raise FtsamError(f"checkpoint {path} was made with {key}={old!r}, now {cfg.get(key)!r}; "
-                                 f"use the same settings or run without --resume")
-        if state["subset"].tolist() != list(indices):
-            raise FtsamError(f"checkpoint {path} used another clean subset; use the same data or run without --resume")
-        epoch = int(state["epoch"])
-        model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        try:
+            for key, old in state["config"].items():
+                if plain(cfg.get(key)) != old:
+                    raise FtsamError(f"checkpoint {path} was made with {key}={old!r}, now {cfg.get(key)!r}; "
+                                     f"use the same settings or run without --resume")
+            if state["subset"].tolist() != list(indices):
+                raise FtsamError(f"checkpoint {path} used another clean subset; use the same data or run without "
+                                 f"--resume")
+            epoch = int(state["epoch"])
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state["scheduler"] is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise FtsamError(f"checkpoint {path} does not fit this model or run ({detail}); delete it or run without "
+                             f"--resume") from None
         logger.info("resumed from %s after epoch %d", path, epoch)
         return epoch + 1, list(state["history"])
 
@@ -529,6 +598,50 @@ class FineTune:
         self._handlers = []
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT at a step boundary; the message says where and how to resume (exit code 130)."""
+
+
+class _StopOnSigint:
+    """While active, the first SIGINT only sets `requested` (the run stops after the current step, keeping the last
+    completed epoch's checkpoint); a second SIGINT interrupts at once. A no-op outside the main thread."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        logger.warning("SIGINT: stopping after the current step (press Ctrl-C again to abort at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _test_pause(epoch: int, step: int, stop) -> None:
+    """TEST-ONLY hook: with FTSAM_TEST_PAUSE="EPOCH:STEP:MARKER", the run creates the file MARKER and waits (until
+    killed, or until a SIGINT makes it stop) after step STEP of epoch EPOCH (STEP 0: at the epoch's start, after
+    the previous epoch's checkpoint). Lets tests kill a run at an exact point; not meant for users."""
+    spec = os.environ.get("FTSAM_TEST_PAUSE")
+    if not spec:
+        return
+    want_epoch, want_step, marker = spec.split(":", 2)
+    if (int(want_epoch), int(want_step)) != (epoch, step):
+        return
+    with open(marker, "w"):
+        pass
+    while not (stop is not None and stop.requested):
+        time.sleep(0.02)
+
+
 def _tqdm(iterable, **kw):
     from tqdm.auto import tqdm
 
@@ -553,11 +666,28 @@ def _resolve_record(result_file) -> str:
     text = str(result_file)
     if text.endswith("attack_result.pt") and os.path.isfile(text):
         return os.path.dirname(os.path.abspath(text)) or "."
-    for candidate in (text, os.path.join("record", text)):
+    candidates = [text] if os.path.isabs(text) else [text, os.path.join("record", text)]
+    for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, "attack_result.pt")):
             return os.path.normpath(candidate)
-    raise FtsamError(f"no attack_result.pt in '{text}' or 'record/{text}'; pass --result_file <record name under "
-                     f"./record/ or a record folder> (make one with `ftsam attack`)")
+    folders = [c for c in candidates if os.path.isdir(c)]
+    if folders:
+        raise FtsamError(f"no attack_result.pt in record folder '{folders[0]}' (did the attack finish?); pass the "
+                         f"folder of a finished attack, or re-create it with `ftsam attack`")
+    raise FtsamError(f"no attack_result.pt: record folder {' or '.join(repr(c) for c in candidates)} does not exist; "
+                     f"pass --result_file <record name under ./record/ or a record folder> (make one with "
+                     f"`ftsam attack`)")
+
+
+def _make_output_folder(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise FtsamError(f"cannot create output folder {folder}: {reason}; free that path or fix its permissions"
+                         ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FtsamError(f"output folder {folder} is not writable; fix its permissions")
 
 
 def _peek_record_dataset(result_file) -> Optional[str]:

@@ -71,21 +71,12 @@ DEFENSES = {FTSAM.name: FTSAM, FineTune.name: FineTune}
 def main(argv=None) -> int:
     """`python -m ftsam_plugin.defense.ftsam`: the same flags and error handling as `ftsam defend`."""
     from .cli import add_arguments, run
-    from ftsam_plugin.errors import FtsamError
+    from ftsam_plugin.cli import run_reporting_errors
 
     parser = argparse.ArgumentParser(prog="python -m ftsam_plugin.defense.ftsam", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except FtsamError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_reporting_errors(run, parser.parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())
