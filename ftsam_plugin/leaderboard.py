@@ -223,7 +223,7 @@ def load_defense_model(path: str, record: dict, device="cpu"):
         record: a `load_attack_result` dict (gives img_size and width, which defense results do not store).
         device: where to put the model.
     """
-    from ftsam_plugin.data.records import _build_model
+    from ftsam_plugin.data.records import build_model
 
     raw = safe_load(path, what="defense result")
     if not isinstance(raw, dict) or "model" not in raw:
@@ -234,7 +234,7 @@ def load_defense_model(path: str, record: dict, device="cpu"):
         "img_size": record["img_size"],
         "width": record.get("width", 1.0),
     }
-    return _build_model(spec, raw["model"], device)
+    return build_model(spec, raw["model"], device)
 
 
 @dataclass

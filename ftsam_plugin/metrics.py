@@ -64,6 +64,7 @@ def count_correct(
     amp_dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
     num_workers: int = 0,
+    return_loss: bool = False,
 ):
     """One no-grad pass: the same predictions compared against several label fields of each item.
 
@@ -77,9 +78,12 @@ def count_correct(
         batch_size, num_workers: used only when `data` is a Dataset.
         amp_dtype: run under torch.autocast with this dtype (e.g. torch.bfloat16); None = full precision.
         channels_last: feed 4-D inputs in channels_last memory format.
+        return_loss: also return the cross-entropy against the first label field, averaged over batches
+            (each batch's mean, then the mean of those, as BackdoorBench's `*_loss_avg_over_batch`).
 
     Returns:
-        (correct counts, one int per label field; number of samples).
+        (correct counts, one int per label field; number of samples), plus the mean batch loss (a float) as a
+        third element when `return_loss`.
 
     Raises:
         ValueError: empty data, bad arguments, or a batch without the requested fields.
@@ -92,6 +96,7 @@ def count_correct(
     model.to(device)
     correct = torch.zeros(len(fields), dtype=torch.long, device=device)
     total = 0
+    loss_sum, batches = torch.zeros((), dtype=torch.float64, device=device), 0
     autocast = (
         torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )
@@ -114,9 +119,14 @@ def count_correct(
             for slot, field in enumerate(fields):
                 labels = torch.as_tensor(batch[field]).to(device, non_blocking=True).view(-1)
                 correct[slot] += (predictions == labels).sum()
+                if return_loss and slot == 0 and predictions.numel():
+                    loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels.long())
+                    batches += 1
             total += predictions.numel()
     if total == 0:
         raise ValueError("cannot evaluate on an empty dataset")
+    if return_loss:
+        return [int(c) for c in correct.tolist()], total, float(loss_sum) / batches
     return [int(c) for c in correct.tolist()], total
 
 
@@ -148,6 +158,7 @@ def evaluate_backdoor(
     num_workers: int = 0,
     bd_label_field: int = 1,
     orig_label_field: int = 4,
+    with_loss: bool = False,
 ) -> Dict[str, float]:
     """ACC on `clean_test`; ASR and RA from one pass over `bd_test`.
 
@@ -155,14 +166,22 @@ def evaluate_backdoor(
     `getitem_all_switch` False (with it True the two label fields are swapped: pass the fields accordingly).
 
     Returns:
-        dict(acc=..., asr=..., ra=...), fractions.
+        dict(acc=..., asr=..., ra=...), fractions; with `with_loss` also clean_loss and bd_loss: cross-entropy
+        averaged over batches, on `clean_test` and on `bd_test` against the backdoor labels (same passes).
     """
     opts = dict(
         device=device, batch_size=batch_size, amp_dtype=amp_dtype, channels_last=channels_last, num_workers=num_workers
     )
-    acc = evaluate(model, clean_test, label_field=1, **opts)
-    (asr_correct, ra_correct), total = count_correct(model, bd_test, (bd_label_field, orig_label_field), **opts)
-    return {"acc": acc, "asr": asr_correct / total, "ra": ra_correct / total}
+    if not with_loss:
+        acc = evaluate(model, clean_test, label_field=1, **opts)
+        (asr_correct, ra_correct), total = count_correct(model, bd_test, (bd_label_field, orig_label_field), **opts)
+        return {"acc": acc, "asr": asr_correct / total, "ra": ra_correct / total}
+    (clean_correct,), clean_total, clean_loss = count_correct(model, clean_test, (1,), return_loss=True, **opts)
+    (asr_correct, ra_correct), total, bd_loss = count_correct(
+        model, bd_test, (bd_label_field, orig_label_field), return_loss=True, **opts
+    )
+    return {"acc": clean_correct / clean_total, "asr": asr_correct / total, "ra": ra_correct / total,
+            "clean_loss": clean_loss, "bd_loss": bd_loss}
 
 
 def _check_fractions(**values: float) -> None:

@@ -7,8 +7,10 @@ layer with weight W (C_out x C_in x kh x kw) and output feature map f (C_out x H
 - weight norm of channel k:  ||W_k||_2, the L2 norm of the k-th filter (all C_in*kh*kw weights; no bias);
 - TAC of channel k (CLP, Zheng et al., ECCV 2022, "trigger-activated change"), over N clean/poisoned pairs
   (x_i, x_i'), where f_k is channel k of the layer's output (the conv's own output, before any BN/ReLU/residual):
-    `--tac mean_abs` (default, "the mean absolute change"):  TAC_k = 1/N sum_i mean_{h,w} |f_k(x_i')[h,w] - f_k(x_i)[h,w]|
-    `--tac l2` (CLP's L2 over the map):                     TAC_k = 1/N sum_i || f_k(x_i') - f_k(x_i) ||_2
+    `--tac mean_abs` (default, "the mean absolute change"):
+        TAC_k = 1/N sum_i mean_{h,w} |f_k(x_i')[h,w] - f_k(x_i)[h,w]|
+    `--tac l2` (CLP's L2 over the map):
+        TAC_k = 1/N sum_i || f_k(x_i') - f_k(x_i) ||_2
   Pairs: the first `--num_samples` items of the record's bd_test set (poisoned, test transform) with the clean_test
   item they came from (bd_test field 2 = original index). The models run in eval mode.
 

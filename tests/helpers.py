@@ -5,26 +5,29 @@
         label i = i-th class name in sorted order. Images are class-tinted noise (learnable), PNG = lossless.
     make_gtsrb_folder(root, n_train_per_class=2, n_test=43, size=32, num_classes=43, seed=0, vary_size=False) -> Path
         BackdoorBench's GTSRB layout: root/Train/000NN/GT-000NN.csv + images, root/Test/GT-final_test.csv + images
-        (';'-separated: Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId). vary_size: sizes differ (resize path).
+        (';'-separated: Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId).
+        vary_size: sizes differ (resize path).
     make_attack_record(root, name="rec", attack="badnet", dataset="cifar10", n_per_class=20, epochs=1, width=0.125,
                        batch_size=64, extra_args=()) -> Path
         Synthesizes root/data/<dataset> (image folder for cifar10/cifar100/tiny, BB layout for gtsrb) unless it exists,
         runs `ftsam attack` through ftsam_plugin.cli.main, returns root/record/<name>. Raises if the CLI fails.
     run_cli(argv) -> (exit_code, stdout, stderr)
+    one_torch_thread: module-scoped autouse fixture (torch.set_num_threads(1)); a test module opts in by importing it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pytest
 from PIL import Image
 
-__all__ = ["make_image_folder", "make_gtsrb_folder", "make_attack_record", "run_cli", "synthetic_image"]
+__all__ = ["make_image_folder", "make_gtsrb_folder", "make_attack_record", "run_cli", "synthetic_image",
+           "one_torch_thread"]
 
 
 def synthetic_image(rng: np.random.Generator, label: int, num_classes: int, size: Union[int, Tuple[int, int]]):
@@ -124,3 +127,15 @@ def make_attack_record(root, name: str = "rec", attack: str = "badnet", dataset:
     if code != 0:
         raise RuntimeError(f"ftsam attack failed ({code}): {err or out}")
     return root / "record" / name
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for the importing module: on 2 shared cores this avoids oversubscription
+    (convolutions ran 20x slower under load)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -57,4 +57,11 @@ def test_bad_arguments_exit_2_without_a_folder(tmp_path):
     assert run_cli(base + ["--pratio", "1.5"])[0] == 2
     assert run_cli(base + ["--model", "nonexistent"])[0] == 2
     assert run_cli(["attack", "--dataset_path", str(tmp_path / "nowhere"), "--device", "cpu"])[0] == 2
+    assert run_cli(base + ["--progress", "maybe"])[0] == 2  # not silently False
+    (tmp_path / "bad.yaml").write_text("pratio: [0.1\n")
+    code, _, err = run_cli(base + ["--yaml_path", str(tmp_path / "bad.yaml")])
+    assert code == 2 and "is not valid YAML" in err and err.count("\n") == 1
+    if not torch.cuda.is_available():  # like `ftsam defend`: an error naming the fix, not a silent CPU run
+        code, _, err = run_cli(base + ["--device", "cuda"])
+        assert code == 2 and "pass --device cpu" in err and err.count("\n") == 1
     assert not (tmp_path / "record" / "x").exists()

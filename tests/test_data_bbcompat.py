@@ -69,6 +69,10 @@ from ftsam_plugin.data import load_attack_result as ftsam_load
 ours = ftsam_load(record)  # cwd is the BackdoorBench root: our loader delegates to BackdoorBench's
 d["auto"] = dump(ours, ours["model"] if with_model else None)
 d["auto_loader"] = ours["loader"]
+bd = ours["bd_test"].wrapped_dataset
+d["auto_bd_class"] = type(bd).__name__  # BackdoorBench's own dataset object, kept
+ra = ours["bd_test"].with_original_labels().wrapped_dataset
+d["auto_ra_ok"] = all(int(ra[i][1]) == int(bd[i][4]) and int(ra[i][4]) == int(bd[i][1]) for i in range(len(bd)))
 json.dump(d, open(out, "w"))
 '''
 
@@ -128,6 +132,7 @@ def test_backdoorbench_reads_our_record(bb_copy, tmp_path):
     _compare(bb["bb"], ours)
     _compare(bb["auto"], ours)
     assert bb["auto_loader"] == "backdoorbench"
+    assert bb["auto_bd_class"] == "prepro_cls_DatasetBD_v2" and bb["auto_ra_ok"]
 
 
 def test_we_read_a_record_made_by_backdoorbench(bb_copy, tmp_path):
@@ -143,10 +148,28 @@ def test_we_read_a_record_made_by_backdoorbench(bb_copy, tmp_path):
     ours = _our_dump(record, with_model=True)
     _compare(bb["bb"], ours)
     _compare(bb["auto"], ours)
-    # and BadNets pixels agree with BackdoorBench's: same poisoned-image hashes for the same indices
     moved = tmp_path / "moved_record"
     shutil.copytree(record, moved)
     from ftsam_plugin.data import load_attack_result
 
     again = load_attack_result(moved, dataset_path=str(bb_copy / "data"), use_backdoorbench=False)
     assert len(again["bd_test"]) == len(ours["bd_test"])
+
+
+def test_badnet_trigger_matches_backdoorbench_png():
+    """Our BadNets trigger vs BackdoorBench's resource/badnet/trigger_image.png applied its way (pixels where the
+    PNG is non-zero take the PNG's value, the rest are kept)."""
+    import numpy as np
+    from PIL import Image
+
+    from ftsam_plugin.attacks.triggers import create_trigger
+
+    with Image.open(os.path.join(BB_ROOT, "resource", "badnet", "trigger_image.png")) as png:
+        mask = np.asarray(png.convert("RGB").resize((32, 32)))
+    rows, cols = np.nonzero(mask.any(axis=2))
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (29, 31, 29, 31)  # the 3x3 patch we reproduce
+    img = np.random.default_rng(0).integers(0, 255, size=(32, 32, 3), dtype=np.uint8)  # no 255: patch shows
+    expected = np.where(mask > 0, mask, img)
+    ours = create_trigger("badnet", (32, 32, 3))(img)
+    np.testing.assert_array_equal(ours, expected)
+    assert not np.array_equal(ours, img)

@@ -135,3 +135,34 @@ def test_metric_csvs_follow_backdoorbench(tmp_path):
     assert summary["valid_max"] == ["0.7", "0.9", "0.1"]
     assert summary["exist_nan_value"] == ["False", "True", "False"]
     assert summarize_metrics(rows)["valid_max"]["test_asr"] == 0.9
+
+
+@pytest.fixture
+def failing_backdoorbench(tmp_path, monkeypatch):
+    """A stand-in BackdoorBench root (the current folder) whose loader fails as BB's does offline (a download)."""
+    import sys
+
+    bb = tmp_path / "bb"
+    (bb / "utils").mkdir(parents=True)
+    (bb / "utils" / "__init__.py").write_text("")
+    (bb / "utils" / "bd_dataset_v2.py").write_text("")
+    (bb / "utils" / "save_load_attack.py").write_text(
+        "def load_attack_result(path):\n    raise OSError('<urlopen error [Errno -3] Temporary failure in name "
+        "resolution>')\n")
+    for name in [m for m in sys.modules if m == "utils" or m.startswith("utils.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(bb))
+    monkeypatch.chdir(bb)
+    yield bb
+    for name in [m for m in sys.modules if m == "utils" or m.startswith("utils.")]:
+        del sys.modules[name]  # the stand-in's modules; monkeypatch then puts back any earlier ones
+
+
+def test_backdoorbench_loader_failure_falls_back_or_names_the_fix(record, failing_backdoorbench, caplog):
+    with caplog.at_level("WARNING", logger="ftsam_plugin.data.records"):
+        result = load_attack_result(record)  # auto: BackdoorBench's loader first, ours after its failure
+    assert result["loader"] == "ftsam" and len(result["bd_test"]) > 0
+    assert "BackdoorBench's loader failed (OSError" in caplog.text
+    with pytest.raises(FtsamError, match=r"BackdoorBench's loader failed on .*OSError.*use_backdoorbench=False") as exc:
+        load_attack_result(record, use_backdoorbench=True)
+    assert "\n" not in str(exc.value)

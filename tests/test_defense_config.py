@@ -84,7 +84,9 @@ def test_bb_aliases_rho_max_and_protocol_restore(tmp_path):
     path = tmp_path / "bb.yaml"
     path.write_text("device: cpu\nrho_max: 8.0\nrho_min: 8.0\nepochs: 3\nprotocol: backdoorbench\n")
     ftsam = FTSAM(parse(["--yaml_path", str(path)]))
-    assert ftsam.args.rho == 8.0 and ftsam.args.restore == "subtract"
+    # the protocol runs the reference's effective rho 2 (its YAML rho_max was dead); restore by subtraction
+    assert ftsam.args.rho == 2.0 and ftsam.args.restore == "subtract"
+    assert FTSAM(parse(["--yaml_path", str(path), "--protocol", "fixed"])).args.rho == 8.0  # the alias applies
     assert FTSAM(parse(["--yaml_path", str(path), "--rho_max", "5"])).args.rho == 5.0
     assert FTSAM(parse(["--yaml_path", str(path), "--rho_max", "5", "--rho", "1"])).args.rho == 1.0
 
@@ -196,8 +198,33 @@ def test_amp_is_really_used(dtype):
     want = torch.bfloat16 if dtype == "bf16" else torch.float16
     assert seen == [want, want]  # both SAM passes ran under autocast
     assert all(p.dtype == torch.float32 for p in net.parameters())
-    if dtype == "bf16":  # (fp16: the scaler may skip the first steps while it calibrates)
+    if dtype == "bf16":
         assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_fp16_grad_scaler_steps_on_finite_grads_and_skips_inf():
+    net = tiny_net()
+    defense = prepared(["--amp", "true", "--amp_dtype", "fp16"], net)
+    defense.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # small: no overflow on the first step
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in net.parameters()]
+    defense.train_step(net, x, y)
+    assert defense.scaler.get_scale() == 16.0  # finite grads: no back-off
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # the step was taken
+    good_loss = defense.loss_fn
+    for bad_pass in (1, 2):  # an inf in either SAM pass: the step is skipped, the weights stay exactly as they were
+        calls = []
+
+        def loss_fn(logits, target):
+            calls.append(1)
+            return good_loss(logits, target) * (float("inf") if len(calls) == bad_pass else 1.0)
+
+        defense.loss_fn = loss_fn
+        before = [p.detach().clone() for p in net.parameters()]
+        scale = defense.scaler.get_scale()
+        defense.train_step(net, x, y)
+        assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())), bad_pass
+        assert defense.scaler.get_scale() < scale, bad_pass
 
 
 def test_schedules_fixed_vs_backdoorbench_protocol():
@@ -208,6 +235,33 @@ def test_schedules_fixed_vs_backdoorbench_protocol():
     assert bb.scheduler.T_max == 100 and bb.step_per_batch and bb.args.restore == "subtract"
     plateau = prepared(["--lr_scheduler", "ReduceLROnPlateau", "--protocol", "backdoorbench"], tiny_net())
     assert plateau.plateau and not plateau.step_per_batch  # stepped once per epoch with the train loss
+    # BackdoorBench's ft: the T_max = 100 cosine stepped once per epoch, plain cross-entropy
+    ft = FineTune(parse(["--yaml_path", "cpu", "--device", "cpu", "--epochs", "7", "--protocol", "backdoorbench"]))
+    ft.set_devices()
+    ft.setup_training(tiny_net())
+    assert ft.scheduler.T_max == 100 and not ft.step_per_batch and ft.args.label_smoothing == 0.0
+    logits, target = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    assert float(ft.loss_fn(logits, target)) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, target)),
+                                                              rel=1e-5)
+    ft = FineTune(parse(["--yaml_path", "cpu", "--device", "cpu", "--protocol", "backdoorbench",
+                         "--label_smoothing", "0.2"]))
+    assert ft.args.label_smoothing == 0.2  # given on the command line: kept
+
+
+def test_backdoorbench_protocol_uses_the_references_effective_sam_values(tmp_path, caplog):
+    path = tmp_path / "gtsrb_like.yaml"  # the reference's gtsrb/tiny YAML values, which it never applied
+    path.write_text(config.packaged_config("cpu").read_text() + "\nrho: 8.0\nlabel_smoothing: 0.0\nadaptive: false\n")
+    fixed = FTSAM(parse(["--yaml_path", str(path), "--device", "cpu"]))
+    assert (fixed.args.rho, fixed.args.label_smoothing, fixed.args.adaptive) == (8.0, 0.0, False)
+    bb = FTSAM(parse(["--yaml_path", str(path), "--device", "cpu", "--protocol", "backdoorbench"]))
+    assert (bb.args.rho, bb.args.label_smoothing, bb.args.adaptive, bb.args.eta) == (2.0, 0.1, True, 0.0)
+    assert bb.args.protocol_overrides == {"rho": (8.0, 2.0), "label_smoothing": (0.0, 0.1), "adaptive": (False, True)}
+    given = FTSAM(parse(["--yaml_path", str(path), "--device", "cpu", "--protocol", "backdoorbench", "--rho", "8",
+                         "--label_smoothing", "0"]))
+    assert (given.args.rho, given.args.label_smoothing, given.args.adaptive) == (8.0, 0.0, True)
+    alias = FTSAM(parse(["--yaml_path", str(path), "--device", "cpu", "--protocol", "backdoorbench",
+                         "--rho_max", "4"]))
+    assert alias.args.rho == 4.0
 
 
 def test_non_finite_loss_stops_with_epoch_and_step():

@@ -92,3 +92,133 @@ def test_ddp_two_gloo_ranks_stay_identical_and_follow_the_protocol(tmp_path):
     for key, value in expected.items():
         assert not torch.equal(states[0][key], start[key].detach())
         torch.testing.assert_close(states[0][key], value.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- torchrun details: an explicit GPU index is refused ----
+def test_explicit_cuda_index_under_torchrun_is_refused(monkeypatch):
+    from ftsam_plugin.defense import ddp
+    from ftsam_plugin.errors import FtsamError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FtsamError, match=r"under torchrun pass --device cuda \(each process takes cuda:LOCAL_RANK\)"):
+        ddp.resolve_device("cuda:0", local_rank=1)
+
+
+def _spawn(fn, *args):
+    mp.start_processes(fn, args=(_free_port(), *args), nprocs=WORLD, start_method="spawn", join=True)
+
+
+def _join(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+# ---- SAM + GradScaler under DDP: an inf on one rank's local first pass skips the step on every rank ----
+def _skip_worker(rank, port, outdir):
+    from ftsam_plugin.optim.sam import SAM
+
+    _join(rank, port)
+    dist.init_process_group("gloo")
+    model = tiny_net()
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, adaptive=True, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(rank, 0)
+    with wrapped.no_sync():
+        scaler.scale(F.cross_entropy(wrapped(x), y)).backward()
+    if rank == 1:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")  # rank-local overflow in pass 1
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(F.cross_entropy(wrapped(x), y)).backward()  # pass 2: finite, all-reduced
+    opt.second_step(zero_grad=True, grad_scaler=scaler)
+    torch.save({"skipped": opt._skipped, "scale": scaler.get_scale(),
+                "unchanged": all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))},
+               os.path.join(outdir, f"skip{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_amp_skip_decision_is_shared_by_all_ranks(tmp_path):
+    _spawn(_skip_worker, str(tmp_path))
+    got = [torch.load(tmp_path / f"skip{r}.pt") for r in range(WORLD)]
+    for g in got:  # rank 0's own grads were finite: without the shared flag it would step and keep its scale
+        assert g == {"skipped": True, "scale": 2.0 ** 7, "unchanged": True}
+
+
+# ---- The whole defense under torchrun-style DDP (2 gloo processes): fresh run, then interrupt + resume ----
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+DEFEND = ["--yaml_path", "cpu", "--device", "cpu", "--ratio", "0.2", "--batch_size", "8", "--num_workers", "0",
+          "--epochs", "2"]
+
+
+def _defend(record, *extra):
+    parser = argparse.ArgumentParser()
+    FTSAM.add_arguments(parser)
+    args = parser.parse_args(["--result_file", str(record), *DEFEND, *extra])
+    return FTSAM(args).defense(args.result_file)["model"]
+
+
+def _defend_worker(rank, port, outdir, full_record, resumed_record):
+    from ftsam_plugin.data import records
+
+    _join(rank, port)
+    saves = []
+    real_save = records.save_defense_result
+
+    def counting_save(*args, **kwargs):
+        saves.append(rank)
+        return real_save(*args, **kwargs)
+
+    records.save_defense_result = counting_save
+    full = _defend(full_record)
+
+    def stop(self, epoch):
+        if epoch == 1:
+            raise Interrupt()
+
+    FTSAM._after_epoch = stop
+    try:
+        _defend(resumed_record)
+        raise AssertionError("the run was not interrupted")
+    except Interrupt:
+        pass
+    del FTSAM._after_epoch
+    resumed = _defend(resumed_record, "--resume")
+    snap = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+    torch.save({"full": snap(full), "resumed": snap(resumed), "saves": len(saves)},
+               os.path.join(outdir, f"defend{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_full_defense_under_ddp_is_rank_consistent_and_resumes_exactly(tmp_path):
+    import shutil
+
+    from ftsam_plugin.io import safe_load
+
+    from helpers import make_attack_record
+
+    full_record = make_attack_record(tmp_path, name="full", n_per_class=10, epochs=1)
+    resumed_record = tmp_path / "record" / "resumed"
+    shutil.copytree(full_record, resumed_record)
+    _spawn(_defend_worker, str(tmp_path), str(full_record), str(resumed_record))
+    ranks = [torch.load(tmp_path / f"defend{r}.pt") for r in range(WORLD)]
+    assert [r["saves"] for r in ranks] == [2, 0]  # defense_result.pt written by rank 0 only, once per run
+    attack = safe_load(full_record / "attack_result.pt")["model"]
+    for run, record in (("full", full_record), ("resumed", resumed_record)):
+        saved = safe_load(record / "defense" / "ftsam" / "defense_result.pt")["model"]
+        assert any(not torch.equal(saved[k], attack[k]) for k in saved)  # it trained
+        for key, value in saved.items():  # rank 0's file == every rank's final weights and BN buffers
+            for r in ranks:
+                assert torch.equal(r[run][key].cpu(), value), (run, key)
+    # interrupt + resume == uninterrupted, bit for bit: every rank resumed its own RNG stream (augmentations)
+    for key, value in ranks[0]["full"].items():
+        assert torch.equal(ranks[0]["resumed"][key], value), key
+    ckpt = safe_load(resumed_record / "defense" / "ftsam" / "checkpoint" / "last.pt", what="checkpoint")
+    assert len(ckpt["rng_ranks"]) == WORLD
+    assert not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])

@@ -22,6 +22,19 @@ class Interrupt(KeyboardInterrupt):
     pass
 
 
+def defense_entry_points():
+    """{name: entry point} of the group `backdoorbench.defenses` (Python 3.9's entry_points() has no group=)."""
+    try:
+        from importlib_metadata import entry_points  # the backport, if installed
+    except ImportError:
+        from importlib.metadata import entry_points
+    try:
+        eps = entry_points(group="backdoorbench.defenses")
+    except TypeError:  # 3.9: a dict of group -> entry points
+        eps = entry_points().get("backdoorbench.defenses", ())
+    return {ep.name: ep for ep in eps}
+
+
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
     root = tmp_path_factory.mktemp("defense")
@@ -57,10 +70,13 @@ def test_cli_outputs_in_backdoorbench_layout(record, full_run):
     # per-epoch CSV with BackdoorBench's columns; epoch 1 not evaluated (eval_every 2), epochs 2 and 3 are
     rows = read_csv(folder / "ftsam_df.csv")
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    assert {"train_epoch_loss_avg_over_batch", "train_acc", "test_acc", "test_asr", "test_ra", "rho"} <= set(rows[0])
+    assert {"train_epoch_loss_avg_over_batch", "train_acc", "clean_test_loss_avg_over_batch",
+            "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra", "lr", "rho"} <= set(rows[0])
     assert rows[0]["test_acc"] == "" and rows[1]["test_acc"] != "" and rows[2]["test_asr"] != ""
-    assert float(rows[2]["lr"]) == pytest.approx(0.0, abs=1e-12)  # one cosine over the whole run, T_max = epochs
-    assert float(rows[0]["lr"]) == pytest.approx(0.01 * (1 + 0.5) / 2)  # cos(pi/3) after epoch 1
+    assert rows[0]["clean_test_loss_avg_over_batch"] == "" and float(rows[2]["bd_test_loss_avg_over_batch"]) > 0
+    assert float(rows[1]["clean_test_loss_avg_over_batch"]) > 0
+    # the lr used in each epoch: one cosine over the whole run (T_max = epochs), stepped after the epoch
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.01, 0.01 * (1 + 0.5) / 2, 0.01 * (1 - 0.5) / 2])
     summary = read_csv(folder / "ftsam_df_summary.csv")
     assert [r[""] for r in summary] == ["last", "valid_max", "exist_nan_value"]
     assert summary[0]["test_acc"] == rows[2]["test_acc"]
@@ -92,9 +108,7 @@ def test_resume_gives_the_uninterrupted_weights(record, full_run, monkeypatch):
 
 
 def test_entry_points_run_both_defenses_backdoorbench_style(record, full_run, monkeypatch):
-    from importlib.metadata import entry_points
-
-    found = {ep.name: ep for ep in entry_points(group="backdoorbench.defenses")}
+    found = defense_entry_points()
     assert {"ftsam", "ft-baseline"} <= set(found)
     cls = found["ft-baseline"].load()
     assert cls.name == "ft-baseline" and found["ftsam"].load() is FTSAM
@@ -118,3 +132,31 @@ def test_python_m_entry_reports_errors_in_one_line(tmp_path):
                            "--yaml_path", "cpu", "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no attack_result.pt") and proc.stderr.strip().count("\n") == 0
+
+
+def test_entry_point_runs_ftsam_backdoorbench_style(record, monkeypatch):
+    cls = defense_entry_points()["ftsam"].load()
+    assert cls is FTSAM
+    monkeypatch.chdir(record.parent.parent)  # the folder holding record/, as in a BackdoorBench checkout
+    parser = argparse.ArgumentParser()
+    cls.add_arguments(parser)
+    args = parser.parse_args(["--result_file", "rec", *FLAGS, "--epochs", "1"])
+    out = cls(args).defense(args.result_file)
+    assert isinstance(out["model"], torch.nn.Module)
+    folder = Path("record/rec/defense/ftsam")
+    rows = read_csv(folder / "ftsam_df.csv")
+    assert len(rows) == 1 and float(rows[0]["rho"]) == 2.0 and rows[0]["test_acc"] != ""
+    assert set(safe_load(folder / "defense_result.pt")) == {"model_name", "num_classes", "model"}
+
+
+def test_cli_runs_the_ft_baseline(record):
+    (record / "defense" / "ft-baseline" / "ft-baseline_df.csv").unlink(missing_ok=True)
+    existed = (record / "defense" / "ft-baseline" / "checkpoint" / "last.pt").is_file()
+    code, _, err = run_cli(["defend", "--defense", "ft-baseline", "--result_file", str(record), *FLAGS,
+                            "--epochs", "1"])
+    assert code == 0, err
+    assert ("will be overwritten (starting from epoch 1" in err) == existed  # a warning names an old checkpoint
+    folder = record / "defense" / "ft-baseline"
+    rows = read_csv(folder / "ft-baseline_df.csv")
+    assert len(rows) == 1 and "rho" not in rows[0] and rows[0]["test_asr"] != ""
+    assert (folder / "defense_result.pt").is_file()

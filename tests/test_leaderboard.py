@@ -15,19 +15,10 @@ from ftsam_plugin.data.records import load_attack_result, save_defense_result, w
 from ftsam_plugin.io import safe_load
 from ftsam_plugin.models import create_model
 
-from helpers import make_attack_record, run_cli
+from helpers import make_attack_record, one_torch_thread, run_cli  # noqa: F401 (autouse fixture)
 
 DEFEND = ["--yaml_path", "cpu", "--device", "cpu", "--ratio", "0.5", "--batch_size", "8", "--num_workers", "0",
           "--epochs", "1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: one intra-op thread avoids oversubscription (20x slower convs under load)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _save_noisy(record, name, scale, seed):

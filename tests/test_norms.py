@@ -20,16 +20,7 @@ from ftsam_plugin.norms import (
     trigger_activated_change,
 )
 
-from helpers import make_attack_record, run_cli
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: one intra-op thread avoids oversubscription (20x slower convs under load)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from helpers import make_attack_record, one_torch_thread, run_cli  # noqa: F401 (autouse fixture)
 
 # ---- Reference ----
 

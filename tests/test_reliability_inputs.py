@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from ftsam_plugin.defense.config import packaged_yaml_text
+from ftsam_plugin.defense.config import packaged_config
 from ftsam_plugin.defense.ftsam import FTSAM
 from ftsam_plugin.io import safe_load
 
@@ -170,7 +170,7 @@ def test_yaml_that_does_not_parse(record, tmp_path):
 def test_unknown_yaml_keys_are_named_in_a_warning(record, tmp_path, caplog):
     folder = clone(record, "yaml_unknown")
     path = tmp_path / "extra.yaml"
-    path.write_text(packaged_yaml_text("cpu") + "\nrhoo: 3\nfoo_bar: 1\n")
+    path.write_text(packaged_config("cpu").read_text() + "\nrhoo: 3\nfoo_bar: 1\n")
     with caplog.at_level(logging.WARNING, logger="ftsam_plugin"):
         result = run_cli(["defend", "--result_file", str(folder), "--yaml_path", str(path), "--rho", "0"])
     check_error(result, "rho must be > 0")
@@ -187,6 +187,11 @@ def test_unknown_yaml_keys_are_named_in_a_warning(record, tmp_path, caplog):
     (["--batch_size", "0"], "batch_size must be >= 1, got 0; fix --batch_size"),
     (["--device", "tpu9"], "unknown device 'tpu9'; use --device cpu"),
     (["--device", "cuda:57"], "'cuda:57'"),
+    (["--lr_scheduler", "cosine"], "unknown lr_scheduler 'cosine'; use one of CosineAnnealingLR, ReduceLROnPlateau, "
+                                   "StepLR, MultiStepLR, none"),
+    (["--client_optimizer", "rmsprop"], "unknown client_optimizer 'rmsprop'; use one of sgd, adam, adamw"),
+    (["--sgd_momentum", "-0.9"], "sgd_momentum must be >= 0, got -0.9; fix --sgd_momentum"),
+    (["--wd=-1e-4"], "wd (weight decay) must be >= 0, got -0.0001; fix --wd"),
     (["--ratio", "0.9"], "class 9 has 2 training samples, fewer than the 3 a class-balanced subset needs; lower --ratio"),
 ])
 def test_bad_values(record, flags, needle):

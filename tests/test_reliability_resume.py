@@ -105,17 +105,20 @@ def test_sigkill_then_resume_equals_uninterrupted(record, reference, tmp_path, p
     assert_same(outputs(out), reference)
 
 
-def test_sigint_stops_with_130_and_resumes_identically(record, reference, tmp_path):
+def test_sigint_finishes_the_epoch_checkpoints_exits_130_and_resumes_identically(record, reference, tmp_path):
     folder, out = copy_record(record, "sigint")
-    proc = start_paused(folder, "2:1", tmp_path)
+    proc = start_paused(folder, "2:1", tmp_path)  # one step into epoch 2
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
+    assert err.count("SIGINT: stopping after this epoch's checkpoint") == 1
     lines = [line for line in err.splitlines() if line.startswith(("interrupted", "error"))]
-    assert lines == [f"interrupted: stopped at epoch 2 step 1; the checkpoint of epoch 1 is in "
-                     f"{out / 'checkpoint'}{os.sep}; continue with the same command plus --resume"]
-    assert_nothing_half_written(out, 1)
+    assert lines == [f"interrupted: stopped after epoch 2 of 3; its checkpoint is {out / 'checkpoint' / 'last.pt'}; "
+                     f"continue with the same command plus --resume"]
+    # epoch 2 was finished: its checkpoint and its CSV row are written, no result yet
+    assert_nothing_half_written(out, 2)
+    assert [line.split(",")[1] for line in (out / "ftsam_df.csv").read_text().splitlines()[1:]] == ["1", "2"]
     # a checkpoint from other settings is refused
     code, _, err = run_cli(["defend", "--result_file", str(folder), *FLAGS, "--resume", "--lr", "0.02"])
     assert code == 2 and "Traceback" not in err
@@ -128,4 +131,16 @@ def test_sigint_stops_with_130_and_resumes_identically(record, reference, tmp_pa
 
 
 def test_sigint_handler_is_removed_after_the_run(record, reference):
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_second_sigint_aborts_at_once():
+    from ftsam_plugin.defense.finetune import _StopOnSigint
+
+    with _StopOnSigint() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # first: only a request
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # second: at once
+            time.sleep(1)  # (the handler runs between bytecodes; never reached)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

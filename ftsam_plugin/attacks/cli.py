@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import secrets
 import time
 from typing import Any, Dict
 
 import numpy as np
 import torch
-import yaml
 
 from ftsam_plugin.data.backdoor import TransformDataset
 from ftsam_plugin.data.datasets import DATASETS, build_clean_datasets, get_dataset_info, resolve_dataset_dir
@@ -29,6 +27,7 @@ from ftsam_plugin.data.records import save_attack_result, write_metrics_csv, wri
 from ftsam_plugin.data.transforms import get_transform
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_save
+from ftsam_plugin.settings import read_yaml, seed_everything, str2bool
 
 from .poison import make_backdoor_datasets
 from .train import train_backdoored_model
@@ -63,10 +62,6 @@ EPOCHS = {"cifar10": 100, "cifar100": 100, "gtsrb": 50, "tiny": 200}
 YAML_ALIASES = {"attack_train_blended_alpha": "blended_alpha"}
 
 
-def _bool(text: str) -> bool:
-    return str(text) in ("True", "true", "1")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `ftsam attack`'s options (BackdoorBench's spelling; every default is None so the YAML decides)."""
     parser.add_argument("--attack", choices=sorted(TRIGGERS), help="attack: badnet | blended (default badnet)")
@@ -87,11 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--blended_alpha", "--attack_train_blended_alpha", dest="blended_alpha", type=float,
                         help="Blended mixing weight of the trigger (default 0.2)")
     parser.add_argument("--patch_size", type=int, help="BadNets patch side in pixels (default 3)")
-    parser.add_argument("--width", type=float, help="PreAct-ResNet width multiplier (default 1.0), stored in the record")
-    parser.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    parser.add_argument("--width", type=float,
+                        help="PreAct-ResNet width multiplier (default 1.0), stored in the record")
+    parser.add_argument("--device", help="torch device (default cuda if available, else cpu; cuda without a GPU "
+                                         "is an error)")
     parser.add_argument("--num_workers", "-n", type=int, help="DataLoader workers (default 2)")
     parser.add_argument("--random_seed", type=int, help="seed (default 0)")
-    parser.add_argument("--progress", type=_bool, help="show progress bars (True/False, default True)")
+    parser.add_argument("--progress", type=str2bool, help="show progress bars (true/false, default true)")
     return parser
 
 
@@ -100,16 +97,7 @@ def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
     cli = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "debug")}
     from_yaml: Dict[str, Any] = {}
     if cli.get("yaml_path"):
-        try:
-            with open(cli["yaml_path"]) as handle:
-                loaded = yaml.safe_load(handle) or {}
-        except OSError as exc:
-            raise FtsamError(f"cannot read --yaml_path {cli['yaml_path']}: {exc.strerror}; check the path") from None
-        except yaml.YAMLError as exc:
-            raise FtsamError(f"--yaml_path {cli['yaml_path']} is not valid YAML ({exc}); fix the file") from None
-        if not isinstance(loaded, dict):
-            raise FtsamError(f"--yaml_path {cli['yaml_path']} must hold a mapping of settings; fix the file")
-        from_yaml = {YAML_ALIASES.get(k, k): v for k, v in loaded.items()}
+        from_yaml = {YAML_ALIASES.get(k, k): v for k, v in read_yaml(cli["yaml_path"]).items()}
     config = dict(DEFAULTS)
     config.update(from_yaml)
     config.update(cli)
@@ -128,7 +116,8 @@ def _validate(config: Dict[str, Any]) -> None:
     if not 0.0 < float(config["pratio"]) <= 1.0:
         raise FtsamError(f"--pratio {config['pratio']} is outside (0, 1]; pass e.g. --pratio 0.1")
     if not 0 <= int(config["attack_target"]) < info.num_classes:
-        raise FtsamError(f"--attack_target {config['attack_target']} is not a class of {info.name} (0..{info.num_classes - 1})")
+        raise FtsamError(f"--attack_target {config['attack_target']} is not a class of {info.name} "
+                         f"(0..{info.num_classes - 1})")
     if not 0.0 <= float(config["blended_alpha"]) <= 1.0:
         raise FtsamError(f"--blended_alpha {config['blended_alpha']} is outside [0, 1]")
     for key in ("epochs", "batch_size"):
@@ -148,12 +137,6 @@ def _stored_data_path(data_dir: str, root: str) -> str:
     return data_abs
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run `ftsam attack` (see the module docstring); returns 0. Errors raise FtsamError."""
     config = resolve_config(args)
@@ -165,20 +148,20 @@ def run(args: argparse.Namespace) -> int:
         f"{time.strftime('%Y_%m_%d_%H_%M_%S')}_attack_{attack}_{secrets.token_hex(2)}"
     )
     if os.sep in name or "/" in name or name in (".", ".."):
-        raise FtsamError(f"--save_folder_name '{name}' must be a plain folder name; pass --record_root for the location")
+        raise FtsamError(f"--save_folder_name '{name}' must be a plain folder name; "
+                         f"pass --record_root for the location")
     record_dir = os.path.join(record_root, name)
     if os.path.exists(record_dir):
         raise FtsamError(f"record folder {record_dir} already exists; choose another --save_folder_name or remove it")
 
     data_dir = resolve_dataset_dir(os.fspath(config["dataset_path"]), info.name)
     raw_train, raw_test = build_clean_datasets(info.name, data_dir)
+    from ftsam_plugin.defense.ddp import resolve_device
     from ftsam_plugin.models import create_model  # FtsamError for an unknown model, before anything is written
 
-    if str(config["device"]).startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("device %s requested but CUDA is not available; using cpu", config["device"])
-        config["device"] = "cpu"
+    config["device"] = str(resolve_device(config["device"]))  # FtsamError "...; pass --device cpu" without a GPU
     seed = int(config["random_seed"])
-    _seed_everything(seed)
+    seed_everything(seed)
     model = create_model(str(config["model"]), info.num_classes, image_size=info.img_size[0],
                          width=float(config["width"]))
     try:

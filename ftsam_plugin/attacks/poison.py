@@ -48,7 +48,8 @@ def poison_image(img: Image.Image, trigger: Callable, img_size: Sequence[int]) -
 
 
 def make_backdoor_dataset(raw, indicator: np.ndarray, trigger: Callable, target: int, img_size: Sequence[int],
-                          save_folder_path: str, folder: str, desc: str = "poison", progress: bool = True) -> BackdoorDataset:
+                          save_folder_path: str, folder: str, desc: str = "poison",
+                          progress: bool = True) -> BackdoorDataset:
     """Poison the samples of `raw` marked in `indicator`, writing PNGs to `folder` (stored as `save_folder_path`)."""
     dataset = BackdoorDataset(raw, save_folder_path=save_folder_path, folder=folder)
     for index in tqdm(np.flatnonzero(indicator), desc=desc, leave=False, disable=not progress):

@@ -6,38 +6,21 @@ Each epoch yields a row with BackdoorBench's attack_df.csv columns.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-__all__ = ["train_backdoored_model", "evaluate_loss_acc"]
+from ftsam_plugin.metrics import evaluate_backdoor
+
+__all__ = ["train_backdoored_model"]
 
 
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@torch.no_grad()
-def evaluate_loss_acc(model: nn.Module, loader: DataLoader, device, channels_last: bool = False) -> Dict[str, float]:
-    """One pass: mean batch loss, accuracy vs field 1 and, for 5-tuple items, accuracy vs field 4 (original label)."""
-    model.eval()
-    criterion = nn.CrossEntropyLoss()
-    losses, correct, correct_orig, total = [], 0, 0, 0
-    for batch in loader:
-        x, y = _to_device(batch[0], device, channels_last), batch[1].to(device)
-        out = model(x)
-        losses.append(criterion(out, y).item())
-        pred = out.argmax(1)
-        correct += (pred == y).sum().item()
-        if len(batch) >= 5:
-            correct_orig += (pred == batch[4].to(device)).sum().item()
-        total += len(y)
-    total = max(total, 1)
-    return {"loss": sum(losses) / max(len(losses), 1), "acc": correct / total, "acc_orig": correct_orig / total}
 
 
 def train_backdoored_model(model: nn.Module, bd_train, clean_test, bd_test, *, epochs: int, batch_size: int = 128,
@@ -102,8 +85,8 @@ def train_backdoored_model(model: nn.Module, bd_train, clean_test, bd_test, *, e
         def frac(mask, ref):
             return (pred[mask] == ref[mask]).float().mean().item() if mask.any() else None
 
-        clean_m = evaluate_loss_acc(model, test_loaders["clean"], device, channels_last)
-        bd_m = evaluate_loss_acc(model, test_loaders["bd"], device, channels_last)
+        test_m = evaluate_backdoor(model, test_loaders["clean"], test_loaders["bd"], device,
+                                   channels_last=channels_last, with_loss=True)
         rows.append({
             "epoch": epoch,
             "batch": len(losses),
@@ -112,11 +95,11 @@ def train_backdoored_model(model: nn.Module, bd_train, clean_test, bd_test, *, e
             "train_acc_clean_only": frac(clean, lab),
             "train_asr_bd_only": frac(bd, lab),
             "train_ra_bd_only": frac(bd, orig),
-            "clean_test_loss_avg_over_batch": clean_m["loss"],
-            "bd_test_loss_avg_over_batch": bd_m["loss"],
-            "test_acc": clean_m["acc"],
-            "test_asr": bd_m["acc"],
-            "test_ra": bd_m["acc_orig"],
+            "clean_test_loss_avg_over_batch": test_m["clean_loss"],
+            "bd_test_loss_avg_over_batch": test_m["bd_loss"],
+            "test_acc": test_m["acc"],
+            "test_asr": test_m["asr"],
+            "test_ra": test_m["ra"],
         })
         if on_epoch is not None:
             on_epoch(rows)

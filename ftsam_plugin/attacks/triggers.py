@@ -44,7 +44,8 @@ def blended_pattern(height: int, width: int, channels: int = 3) -> np.ndarray:
     for c in range(channels):
         phase = 2.0 * math.pi * c / 3.0
         # two crossing waves and a ring: t = 127.5 * (1 + (sin(a) + cos(b)) / 2) ... per channel phase
-        wave = np.sin(2 * math.pi * (3 * x + 2 * y) + phase) + np.cos(2 * math.pi * 5 * np.hypot(x - 0.5, y - 0.5) - phase)
+        ring = np.cos(2 * math.pi * 5 * np.hypot(x - 0.5, y - 0.5) - phase)
+        wave = np.sin(2 * math.pi * (3 * x + 2 * y) + phase) + ring
         planes.append(np.round(127.5 * (1.0 + wave / 2.0)))
     return np.clip(np.stack(planes, axis=-1), 0, 255).astype(np.uint8)
 

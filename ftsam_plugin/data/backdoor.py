@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_write_bytes
 
-__all__ = ["BackdoorDataset", "TransformDataset", "resolve_image_folder"]
+__all__ = ["BackdoorDataset", "TransformDataset", "resolve_image_folder", "stored_image_path", "original_label_view"]
 
 SAVE_FILE_FORMAT = ".png"
 
@@ -42,6 +42,20 @@ def resolve_image_folder(stored: Optional[str], bases: Sequence[str], fallback: 
         if os.path.isdir(candidate):
             return os.path.normpath(candidate)
     return None
+
+
+def stored_image_path(folder: str, stored: str) -> str:
+    """Where a stored poisoned-image path is under `folder`: stored paths are always
+    `<save_folder_path>/<orig_label>/<idx>.png`, so the last two parts are kept."""
+    return os.path.join(folder, *str(stored).replace("\\", "/").split("/")[-2:])
+
+
+def original_label_view(dataset):
+    """The RA view of a 5-tuple backdoor dataset (ours or BackdoorBench's prepro_cls_DatasetBD_v2): a shallow copy
+    with `getitem_all_switch` set, so field 1 holds the original label."""
+    view = copy.copy(dataset)
+    view.getitem_all_switch = True
+    return view
 
 
 class BackdoorDataset(Dataset):
@@ -100,8 +114,7 @@ class BackdoorDataset(Dataset):
         entry = self.data_dict[index]
         if isinstance(entry, tuple):
             return entry
-        # stored paths are always <save_folder_path>/<orig_label>/<idx>.png: keep the last two parts
-        path = os.path.join(self._folder, *entry["path"].replace("\\", "/").split("/")[-2:])
+        path = stored_image_path(self._folder, entry["path"])
         try:
             with Image.open(path) as handle:
                 img = handle.copy()
@@ -128,9 +141,7 @@ class BackdoorDataset(Dataset):
 
     def with_original_labels(self) -> "BackdoorDataset":
         """A shallow copy whose items carry the original label in field 1 (for robust accuracy, RA)."""
-        view = copy.copy(self)
-        view.getitem_all_switch = True
-        return view
+        return original_label_view(self)
 
     # ------------------------------------------------------------------ state
     def retrieve_state(self) -> dict:
@@ -148,7 +159,8 @@ class BackdoorDataset(Dataset):
             "save_folder_path": self.save_folder_path,
         }
 
-    def set_state(self, state: dict, bases: Sequence[str] = (".",), fallback: Optional[str] = None) -> "BackdoorDataset":
+    def set_state(self, state: dict, bases: Sequence[str] = (".",),
+                  fallback: Optional[str] = None) -> "BackdoorDataset":
         """Load a BackdoorBench state; the image folder is resolved with `resolve_image_folder(.., bases, fallback)`."""
         try:
             container = state["bd_data_container"]
@@ -160,7 +172,8 @@ class BackdoorDataset(Dataset):
             self.original_index_array = np.asarray(state["original_index_array"], dtype=np.int64)
             self.poison_indicator = np.asarray(state["poison_indicator"])
         except (KeyError, TypeError, AttributeError) as exc:
-            raise FtsamError(f"backdoor dataset state is malformed (missing {exc}); re-create the attack record") from None
+            raise FtsamError(f"backdoor dataset state is malformed (missing {exc}); "
+                             f"re-create the attack record") from None
         if len(self.poison_indicator) != len(self.dataset):
             raise FtsamError(
                 f"the record poisons a dataset of {len(self.poison_indicator)} samples but the clean data has "
@@ -206,5 +219,5 @@ class TransformDataset(Dataset):
 
     def with_original_labels(self) -> "TransformDataset":
         """The RA view: the wrapped backdoor dataset with original labels in field 1, same transforms."""
-        return TransformDataset(self.wrapped_dataset.with_original_labels(), self.wrap_img_transform,
+        return TransformDataset(original_label_view(self.wrapped_dataset), self.wrap_img_transform,
                                 self.wrap_label_transform)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -30,6 +30,7 @@ __all__ = [
     "ImageListDataset",
     "scan_image_folder",
     "detect_layout",
+    "find_dataset_dir",
     "resolve_dataset_dir",
     "build_clean_datasets",
 ]
@@ -130,23 +131,36 @@ def scan_image_folder(root: str, classes: Optional[Sequence[str]] = None) -> Tup
 # ------------------------------------------------------------------------------------------- layouts
 
 
-def _is_image_folder(root: str) -> bool:
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def _is_torchvision(name: str, root: str) -> bool:
+    return name in CIFAR_FOLDERS and os.path.isdir(os.path.join(root, CIFAR_FOLDERS[name]))
+
+
+def _is_gtsrb(name: str, root: str) -> bool:
+    return name == "gtsrb" and os.path.isfile(os.path.join(root, "Test", "GT-final_test.csv"))
+
+
+def _is_tiny(name: str, root: str) -> bool:
+    return name == "tiny" and os.path.isdir(os.path.join(root, "tiny-imagenet-200", "train"))
+
+
+def _is_image_folder(name: str, root: str) -> bool:
     return os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test"))
 
 
 def detect_layout(name: str, root: str) -> Optional[str]:
     """The layout found at `root` for dataset `name`: 'torchvision', 'gtsrb', 'tiny', 'folder' or None."""
     name = get_dataset_info(name).name
-    if name == "cifar10" and os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
-        return "torchvision"
-    if name == "cifar100" and os.path.isdir(os.path.join(root, "cifar-100-python")):
-        return "torchvision"
-    if name == "gtsrb" and os.path.isfile(os.path.join(root, "Test", "GT-final_test.csv")):
-        return "gtsrb"
-    if name == "tiny" and os.path.isdir(os.path.join(root, "tiny-imagenet-200", "train")):
-        return "tiny"
-    if _is_image_folder(root):
-        return "folder"
+    return next((layout for layout, (found, _) in LAYOUTS.items() if found(name, root)), None)
+
+
+def find_dataset_dir(name: str, candidates: Sequence[str]) -> Optional[str]:
+    """The first of `candidates` that is a folder holding dataset `name` in a known layout, or None."""
+    for candidate in candidates:
+        if os.path.isdir(candidate) and detect_layout(name, candidate) is not None:
+            return candidate
     return None
 
 
@@ -154,18 +168,19 @@ def resolve_dataset_dir(dataset_path: str, name: str) -> str:
     """The folder holding dataset `name`: `<dataset_path>/<name>` (BackdoorBench's rule), else `dataset_path`
     itself when it already holds a known layout (e.g. `../shared/data/cifar10-jpeg`)."""
     candidates = [os.path.join(dataset_path, name), dataset_path]
-    for candidate in candidates:
-        if os.path.isdir(candidate) and detect_layout(name, candidate) is not None:
-            return candidate
+    found = find_dataset_dir(name, candidates)
+    if found is not None:
+        return found
     raise FtsamError(
         f"no {name} data found in {candidates[0]} or {candidates[1]}; pass --dataset_path pointing to a folder with "
         f"{name}/ (torchvision or BackdoorBench layout) or with train/<class>/ and test/<class>/ image folders"
     )
 
 
-def _torchvision_cifar(name: str, root: str):
+def _torchvision_cifar(info: DatasetInfo, root: str):
     from torchvision import datasets as tv
 
+    name = info.name
     cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
     try:
         return cls(root, train=True, download=False), cls(root, train=False, download=False)
@@ -187,9 +202,9 @@ def _read_gtsrb_csv(csv_path: str, folder: str) -> Tuple[List[str], List[int]]:
     return paths, labels
 
 
-def _gtsrb(root: str, num_classes: int):
+def _gtsrb(info: DatasetInfo, root: str):
     train_paths, train_labels = [], []
-    for c in range(num_classes):
+    for c in range(info.num_classes):
         folder = os.path.join(root, "Train", f"{c:05d}")
         csv_path = os.path.join(folder, f"GT-{c:05d}.csv")
         if not os.path.isfile(csv_path):
@@ -202,7 +217,7 @@ def _gtsrb(root: str, num_classes: int):
     return ImageListDataset(train_paths, train_labels), ImageListDataset(test_paths, test_labels)
 
 
-def _tiny(root: str):
+def _tiny(info: DatasetInfo, root: str):
     base = os.path.join(root, "tiny-imagenet-200")
     train_paths, train_labels, classes = scan_image_folder(os.path.join(base, "train"))
     val = os.path.join(base, "val")
@@ -224,10 +239,19 @@ def _tiny(root: str):
     return ImageListDataset(train_paths, train_labels, classes), ImageListDataset(val_paths, val_labels, classes)
 
 
-def _image_folder(root: str):
+def _image_folder(info: DatasetInfo, root: str):
     train_paths, train_labels, classes = scan_image_folder(os.path.join(root, "train"))
     test_paths, test_labels, _ = scan_image_folder(os.path.join(root, "test"), classes)
     return ImageListDataset(train_paths, train_labels, classes), ImageListDataset(test_paths, test_labels, classes)
+
+
+# layout name -> (is it at `root` for dataset `name`?, builder(info, root) -> (train, test)); tried in this order
+LAYOUTS: Dict[str, Tuple[Callable[[str, str], bool], Callable[[DatasetInfo, str], tuple]]] = {
+    "torchvision": (_is_torchvision, _torchvision_cifar),
+    "gtsrb": (_is_gtsrb, _gtsrb),
+    "tiny": (_is_tiny, _tiny),
+    "folder": (_is_image_folder, _image_folder),
+}
 
 
 def build_clean_datasets(name: str, root: str):
@@ -248,14 +272,7 @@ def build_clean_datasets(name: str, root: str):
             f"no {info.name} data found in {root}; expected the torchvision/BackdoorBench layout or "
             f"train/<class>/ and test/<class>/ image folders (pass the right dataset path)"
         )
-    if layout == "torchvision":
-        train, test = _torchvision_cifar(info.name, root)
-    elif layout == "gtsrb":
-        train, test = _gtsrb(root, info.num_classes)
-    elif layout == "tiny":
-        train, test = _tiny(root)
-    else:
-        train, test = _image_folder(root)
+    train, test = LAYOUTS[layout][1](info, root)
     for split in (train, test):
         bad = [t for t in set(split.targets) if not 0 <= int(t) < info.num_classes]
         if bad:

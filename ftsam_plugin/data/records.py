@@ -1,8 +1,9 @@
 """Reading and writing BackdoorBench records: `attack_result.pt`, `defense_result.pt` and the metric CSVs.
 
 `load_attack_result` uses BackdoorBench's own loader when the current folder is a BackdoorBench root whose
-`utils.save_load_attack` is importable, and our reader otherwise; both return the same dict shape. The file
-is always opened with `safe_load` first, so a record holding pickled code is refused before anything runs.
+`utils.save_load_attack` is importable (keeping the backdoor datasets it builds), and our reader otherwise or,
+with a logged warning, when BackdoorBench's loader fails; both return the same dict shape. The file is always
+opened with `safe_load` first, so a record holding pickled code is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from torch import nn
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_save, atomic_write_text, safe_load
 
-from .backdoor import BackdoorDataset, TransformDataset
-from .datasets import DATASETS, build_clean_datasets, detect_layout, get_dataset_info, resolve_dataset_dir
+from .backdoor import BackdoorDataset, TransformDataset, stored_image_path
+from .datasets import DATASETS, build_clean_datasets, find_dataset_dir, get_dataset_info, resolve_dataset_dir
 from .transforms import get_transform
 
 __all__ = [
     "ATTACK_RESULT_KEYS",
+    "build_model",
     "find_backdoorbench_root",
     "load_attack_result",
     "save_attack_result",
@@ -41,7 +43,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ATTACK_RESULT_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
+ATTACK_RESULT_KEYS = (
+    "model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test",
+)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -100,9 +104,9 @@ def _resolve_data_dir(data_path: str, name: str, bases: Sequence[str], override:
             candidates.append(os.path.join(base, data_path))
     if os.path.isabs(data_path):
         candidates.append(data_path)
-    for candidate in candidates:
-        if os.path.isdir(candidate) and detect_layout(name, candidate) is not None:
-            return candidate
+    found = find_dataset_dir(name, candidates)
+    if found is not None:
+        return found
     raise FtsamError(
         f"dataset '{name}' of the record (data_path {data_path!r}) not found in {candidates}; "
         f"pass dataset_path= (or --dataset_path) pointing at it"
@@ -111,7 +115,8 @@ def _resolve_data_dir(data_path: str, name: str, bases: Sequence[str], override:
 
 def _check_record(raw, pt: str) -> None:
     if not isinstance(raw, Mapping):
-        raise FtsamError(f"{pt} is not an attack result (holds a {type(raw).__name__}); pass a record's attack_result.pt")
+        raise FtsamError(f"{pt} is not an attack result (holds a {type(raw).__name__}); "
+                         f"pass a record's attack_result.pt")
     missing = [k for k in ATTACK_RESULT_KEYS if k not in raw]
     if missing:
         raise FtsamError(f"{pt} is not an attack result (missing keys {missing}); pass a record's attack_result.pt")
@@ -127,7 +132,20 @@ def _check_record(raw, pt: str) -> None:
                          f"fix num_classes (or clean_data) in the record")
 
 
-def _build_model(raw: Mapping, state: Mapping, device) -> nn.Module:
+def build_model(raw: Mapping, state: Mapping, device="cpu") -> nn.Module:
+    """The record's model with `state` loaded (BackdoorBench's positional key renaming when names differ).
+
+    Args:
+        raw: a mapping with model_name, num_classes, img_size (H, W, C) and optionally width (default 1.0).
+        state: the state dict (a `module.` prefix is dropped).
+        device: where to put the model.
+
+    Returns:
+        The nn.Module in eval mode on `device`.
+
+    Raises:
+        FtsamError: unknown model, or weights that do not fit it (the message names the first mismatch).
+    """
     from ftsam_plugin.models import create_model
 
     img_size = raw["img_size"]
@@ -178,13 +196,29 @@ def _check_poisoned_files(dataset: BackdoorDataset) -> None:
     missing = []
     for entry in dataset.data_dict.values():
         if isinstance(entry, Mapping):
-            # stored paths are <save_folder_path>/<orig_label>/<idx>.png: the last two parts, under the found folder
-            path = os.path.join(folder, *str(entry["path"]).replace("\\", "/").split("/")[-2:])
+            path = stored_image_path(folder, entry["path"])
             if not os.path.isfile(path):
                 missing.append(path)
     if missing:
         raise FtsamError(f"{len(missing)} poisoned image(s) referenced by the record are missing (first: {missing[0]});"
                          f" restore the record's {os.path.basename(folder)} folder or re-create the attack record")
+
+
+def _backdoor_dataset(state, raw_set, bases: Sequence[str], record_dir: str) -> BackdoorDataset:
+    """Our BackdoorDataset from a saved state: poisoned images under `bases`, else the record's own bd_* folder."""
+    stored = state.get("save_folder_path") or ""
+    fallback = os.path.join(record_dir, os.path.basename(stored.replace("\\", "/").rstrip("/")))
+    dataset = BackdoorDataset(raw_set).set_state(state, bases, fallback)
+    _check_poisoned_files(dataset)
+    return dataset
+
+
+def _images_at_stored_paths(bb_dataset) -> bool:
+    """Whether every poisoned image of a BackdoorBench dataset is where BackdoorBench opens it (stored path, cwd)."""
+    container = bb_dataset.retrieve_state()["bd_data_container"]
+    if container.get("save_folder_path") is None:
+        return True  # images kept in memory
+    return all(os.path.isfile(entry["path"]) for entry in container["data_dict"].values())
 
 
 def _result_dict(raw, model, clean_train, clean_test, bd_train, bd_test, data_dir, record_dir, loader) -> dict:
@@ -239,15 +273,29 @@ def load_attack_result(path, dataset_path: Optional[str] = None, use_backdoorben
     if use_backdoorbench or (use_backdoorbench is None and bb_root is not None and dataset_path is None):
         try:
             return _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device)
-        except pickle.UnpicklingError as exc:
+        except Exception as exc:  # BackdoorBench's loader may fail any way (e.g. its dataset code trying a download)
             if use_backdoorbench:
-                raise FtsamError(
-                    "BackdoorBench's torch.load refused the record under torch>=2.6 weights_only; apply the plugin's "
-                    "patch or set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (the file was checked with safe_load)"
-                ) from exc
-            logger.warning("BackdoorBench's loader failed (%s); reading the record with ftsam's own reader",
-                           str(exc).splitlines()[0])
+                if isinstance(exc, FtsamError):
+                    raise
+                raise _backdoorbench_error(exc, pt) from exc
+            logger.warning("BackdoorBench's loader failed (%s: %s); reading the record with ftsam's own reader",
+                           type(exc).__name__, _first_line(exc))
     return _load_with_ftsam(raw, record_dir, bases, dataset_path, device)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def _backdoorbench_error(exc: Exception, pt: str) -> FtsamError:
+    if isinstance(exc, pickle.UnpicklingError):
+        return FtsamError(
+            "BackdoorBench's torch.load refused the record under torch>=2.6 weights_only; apply the plugin's "
+            "patch or set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (the file was checked with safe_load)"
+        )
+    return FtsamError(f"BackdoorBench's loader failed on {pt} ({type(exc).__name__}: {_first_line(exc)}); "
+                      f"fix that, or pass use_backdoorbench=False to use ftsam's reader")
 
 
 def _load_with_ftsam(raw, record_dir, bases, dataset_path, device) -> dict:
@@ -260,15 +308,11 @@ def _load_with_ftsam(raw, record_dir, bases, dataset_path, device) -> dict:
     def bd(state, raw_set, transform):
         if state is None:
             return None
-        stored = state.get("save_folder_path") or ""
-        fallback = os.path.join(record_dir, os.path.basename(stored.replace("\\", "/").rstrip("/")))
-        dataset = BackdoorDataset(raw_set).set_state(state, bases, fallback)
-        _check_poisoned_files(dataset)
-        return TransformDataset(dataset, transform)
+        return TransformDataset(_backdoor_dataset(state, raw_set, bases, record_dir), transform)
 
     return _result_dict(
         raw,
-        _build_model(raw, raw["model"], device),
+        build_model(raw, raw["model"], device),
         TransformDataset(raw_train, train_tf),
         TransformDataset(raw_test, test_tf),
         bd(raw["bd_train"], raw_train, train_tf),
@@ -287,18 +331,19 @@ def _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device) -> dic
     def bd(wrapper, raw_set):
         if wrapper is None:
             return None
-        state = wrapper.wrapped_dataset.retrieve_state()
-        stored = state.get("save_folder_path") or ""
-        fallback = os.path.join(record_dir, os.path.basename(stored.replace("\\", "/").rstrip("/")))
-        dataset = BackdoorDataset(raw_set).set_state(state, [bb_root, *bases], fallback)
-        _check_poisoned_files(dataset)
+        dataset = wrapper.wrapped_dataset  # BackdoorBench's prepro_cls_DatasetBD_v2: same 5-tuple items as ours
+        if not _images_at_stored_paths(dataset):
+            # BackdoorBench opens the stored paths relative to the current folder, so a record kept elsewhere or
+            # moved would fail mid-run; only then rebuild it from its state with our folder lookup
+            dataset = _backdoor_dataset(dataset.retrieve_state(), raw_set, [bb_root, *bases], record_dir)
+        # our wrapper around BackdoorBench's set and transforms: adds the RA view (with_original_labels)
         return TransformDataset(dataset, wrapper.wrap_img_transform, wrapper.wrap_label_transform)
 
     raw_train, raw_test = clean_train.wrapped_dataset, clean_test.wrapped_dataset
     data_dir = getattr(raw_train, "root", None) or os.path.dirname(getattr(raw_train, "data_folder", "") or "")
     return _result_dict(
         raw,
-        _build_model(raw, result["model"], device),
+        build_model(raw, result["model"], device),
         TransformDataset(raw_train, clean_train.wrap_img_transform, clean_train.wrap_label_transform),
         TransformDataset(raw_test, clean_test.wrap_img_transform, clean_test.wrap_label_transform),
         bd(result.get("bd_train"), raw_train),

@@ -10,11 +10,10 @@ import argparse
 import logging
 import os
 from importlib import resources
-from typing import Dict, Optional
-
-import yaml
+from typing import Dict
 
 from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.settings import read_yaml, str2bool  # str2bool re-exported for compatibility
 
 __all__ = [
     "add_arguments",
@@ -25,6 +24,8 @@ __all__ = [
     "merge_config",
     "validate",
     "KNOWN_KEYS",
+    "SCHEDULER_NAMES",
+    "OPTIMIZER_NAMES",
 ]
 
 logger = logging.getLogger("ftsam_plugin.defense")
@@ -33,6 +34,12 @@ CONFIG_PACKAGE = "ftsam_plugin"
 DEFAULT_CONFIG_FOLDER = "ftsam"
 PROTOCOLS = ("fixed", "backdoorbench")
 AMP_DTYPES = ("bf16", "fp16")
+# the registries' keys (finetune.SCHEDULERS / BASE_OPTIMIZERS are built from these; matched case-insensitively)
+SCHEDULER_NAMES = ("CosineAnnealingLR", "ReduceLROnPlateau", "StepLR", "MultiStepLR", "none")
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+# what the reference effectively ran under `--protocol backdoorbench` (its non-None argparse defaults beat the YAML)
+BB_SAM_EFFECTIVE = {"rho": 2.0, "label_smoothing": 0.1, "adaptive": True, "eta": 0.0}
+BB_FT_EFFECTIVE = {"label_smoothing": 0.0}  # BackdoorBench's ft: plain cross-entropy
 
 # Keys a YAML may hold. BackdoorBench's keys first (some are accepted and unused: they appear in its YAMLs).
 BB_KEYS = {
@@ -46,18 +53,6 @@ BB_KEYS = {
 }
 OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width"}
 KNOWN_KEYS = BB_KEYS | OUR_KEYS
-
-
-def str2bool(value) -> bool:
-    """Parse true/false/1/0/yes/no (any case); argparse error otherwise."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "y", "on"):
-        return True
-    if text in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{value}'")
 
 
 def _int_list(value):
@@ -87,13 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--batch_size", type=int, help="global batch size (split across torchrun processes)")
     add("--num_workers", type=int)
     add("--lr", type=float)
-    add("--lr_scheduler", type=str, help="CosineAnnealingLR, ReduceLROnPlateau, StepLR, MultiStepLR, none")
+    add("--lr_scheduler", type=str, help=", ".join(SCHEDULER_NAMES))
     add("--steplr_stepsize", type=int)
     add("--steplr_gamma", type=float)
     add("--steplr_milestones", type=_int_list, help="e.g. 50,75")
-    add("--cos_t_max", type=int, help="cosine T_max (backdoorbench protocol: in steps, default 100)")
+    add("--cos_t_max", type=int,
+        help="cosine T_max (backdoorbench protocol: 100, in steps for ftsam and in epochs for ft-baseline)")
     add("--model", type=str, help="model name (default: the record's)")
-    add("--client_optimizer", type=str, help="sgd, adam or adamw (the SAM base optimizer)")
+    add("--client_optimizer", type=str, help=f"{', '.join(OPTIMIZER_NAMES)} (the SAM base optimizer)")
     add("--sgd_momentum", type=float)
     add("--wd", type=float, help="weight decay")
     add("--frequency_save", type=int, help="accepted for BackdoorBench compatibility; a checkpoint is kept each epoch")
@@ -117,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # run control
     add("--eval_every", type=int, help="evaluate ACC/ASR/RA every k epochs (the last epoch always)")
     add("--protocol", type=str, choices=PROTOCOLS,
-        help="fixed (default) or backdoorbench (reproduce the reference's schedule/subset/restore)")
+        help="fixed (default) or backdoorbench (reproduce the reference: schedule, subset, restore, and its "
+             "effective rho 2 / label smoothing 0.1 for ftsam, label smoothing 0 for ft-baseline, unless given)")
     add("--resume", type=str2bool, nargs="?", const=True, help="continue from <save_path>/checkpoint/last.pt")
     add("--bd_yaml_path", type=str, help="accepted for BackdoorBench compatibility; unused")
     add("--checkpoint_path", type=str, help="accepted for BackdoorBench compatibility; unused")
@@ -159,20 +156,7 @@ def load_yaml(yaml_path=None, dataset=None, folder: str = DEFAULT_CONFIG_FOLDER)
     Unknown keys are kept but logged as a warning; a file that is missing or does not parse is an FtsamError.
     """
     source = _resolve_yaml(yaml_path, dataset, folder)
-    try:
-        text = source.read_text() if hasattr(source, "read_text") else open(source).read()
-    except OSError as exc:
-        raise FtsamError(f"cannot read config {source}: {exc.strerror}; check --yaml_path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise FtsamError(f"config {source} is not valid YAML{line}; fix the file or pass another --yaml_path") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise FtsamError(f"config {source} must be a mapping of key: value; fix the file")
+    data = read_yaml(source)
     unknown = sorted(set(data) - KNOWN_KEYS)
     if unknown:
         logger.warning("config %s: unknown keys ignored: %s", source, ", ".join(map(str, unknown)))
@@ -214,8 +198,29 @@ def _num(cfg, key, kind):
         raise FtsamError(f"{key} must be a number, got {value!r}; fix --{key} or the YAML") from None
 
 
-def validate(cfg: Dict, uses_sam: bool) -> Dict:
-    """Fill defaults for missing keys, coerce types, and raise FtsamError one-liners on bad values."""
+def apply_protocol(cfg: Dict, uses_sam: bool, given=()) -> Dict[str, tuple]:
+    """Under protocol 'backdoorbench', set the values the reference effectively ran with (ftsam: rho 2, label
+    smoothing 0.1, adaptive, eta 0 on every dataset, whatever its YAML said; ft-baseline: plain CE), except for the
+    keys in `given` (flags given on the command line). Returns {key: (config value, value used)} for what changed."""
+    if cfg.get("protocol") != "backdoorbench":
+        return {}
+    given = set(given)
+    if "rho_max" in given:
+        given.add("rho")
+    changed = {}
+    for key, value in (BB_SAM_EFFECTIVE if uses_sam else BB_FT_EFFECTIVE).items():
+        if key in given:
+            continue
+        old = cfg.get(key)
+        if old != value:
+            cfg[key] = value
+            changed[key] = (old, value)
+    return changed
+
+
+def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
+    """Fill defaults for missing keys, apply the protocol (`given`: keys set on the command line), coerce types,
+    and raise FtsamError one-liners on bad values. What the protocol changed is in cfg['protocol_overrides']."""
     for key in KNOWN_KEYS:
         cfg.setdefault(key, None)
     for key, value in DEFAULTS.items():
@@ -231,6 +236,7 @@ def validate(cfg: Dict, uses_sam: bool) -> Dict:
         cfg[key] = _num(cfg, key, int)
     for key in ("lr", "sgd_momentum", "wd", "ratio", "rho", "eta", "alpha", "label_smoothing"):
         cfg[key] = _num(cfg, key, float)
+    cfg["protocol_overrides"] = apply_protocol(cfg, uses_sam, given)
     if cfg["epochs"] < 1:
         raise FtsamError(f"epochs must be >= 1, got {cfg['epochs']}; fix --epochs")
     if cfg["batch_size"] < 1:
@@ -241,6 +247,25 @@ def validate(cfg: Dict, uses_sam: bool) -> Dict:
         raise FtsamError(f"num_workers must be >= 0, got {cfg['num_workers']}; fix --num_workers")
     if cfg["lr"] <= 0:
         raise FtsamError(f"lr must be > 0, got {cfg['lr']}; fix --lr")
+    if cfg["sgd_momentum"] < 0:
+        raise FtsamError(f"sgd_momentum must be >= 0, got {cfg['sgd_momentum']}; fix --sgd_momentum")
+    if cfg["wd"] < 0:
+        raise FtsamError(f"wd (weight decay) must be >= 0, got {cfg['wd']}; fix --wd")
+    schedulers = {name.lower(): name for name in SCHEDULER_NAMES}
+    key = str(cfg["lr_scheduler"]).lower()
+    if key not in schedulers:
+        raise FtsamError(f"unknown lr_scheduler {cfg['lr_scheduler']!r}; use one of {', '.join(SCHEDULER_NAMES)}")
+    cfg["lr_scheduler"] = schedulers[key]
+    key = str(cfg["client_optimizer"]).lower()
+    if key not in OPTIMIZER_NAMES:
+        raise FtsamError(f"unknown client_optimizer {cfg['client_optimizer']!r}; use one of "
+                         f"{', '.join(OPTIMIZER_NAMES)}")
+    cfg["client_optimizer"] = key
+    if cfg["lr_scheduler"] in ("StepLR", "MultiStepLR"):
+        if _num(cfg, "steplr_gamma", float) <= 0:
+            raise FtsamError(f"steplr_gamma must be > 0, got {cfg['steplr_gamma']}; fix --steplr_gamma")
+        if cfg["lr_scheduler"] == "StepLR" and _num(cfg, "steplr_stepsize", int) < 1:
+            raise FtsamError(f"steplr_stepsize must be >= 1, got {cfg['steplr_stepsize']}; fix --steplr_stepsize")
     if not 0.0 < cfg["ratio"] <= 1.0:
         raise FtsamError(f"ratio must be in (0, 1], got {cfg['ratio']}; fix --ratio")
     if not 0.0 <= cfg["label_smoothing"] < 1.0:
@@ -264,7 +289,3 @@ def validate(cfg: Dict, uses_sam: bool) -> Dict:
         cfg["restore"] = "subtract" if cfg["protocol"] == "backdoorbench" else "copy"
     return cfg
 
-
-def packaged_yaml_text(name: str, folder: Optional[str] = None) -> str:
-    """Text of a packaged config (for docs and tests)."""
-    return packaged_config(name, folder or DEFAULT_CONFIG_FOLDER).read_text()

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from ftsam_plugin.errors import FtsamError
 
-__all__ = ["DistInfo", "resolve_device", "setup_distributed", "barrier", "all_reduce_sum", "no_sync", "unwrap"]
+__all__ = ["DistInfo", "resolve_device", "setup_distributed", "barrier", "all_reduce_sum", "all_gather_objects",
+           "broadcast_buffers", "no_sync", "unwrap"]
 
 
 @dataclass
@@ -22,6 +23,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     initialized_here: bool = False
+    device: torch.device = torch.device("cpu")  # where collectives run (this process's device)
 
     @property
     def is_distributed(self) -> bool:
@@ -35,8 +37,8 @@ class DistInfo:
 def resolve_device(name, local_rank: int = 0) -> torch.device:
     """`torch.device` for a --device value; FtsamError naming the fix when it does not exist here.
 
-    'cuda' under torchrun means cuda:<LOCAL_RANK>. Device lists ('cuda:0,1', BackdoorBench's DataParallel) are
-    refused: use torchrun.
+    'cuda' under torchrun means cuda:<LOCAL_RANK>; an explicit 'cuda:N' there is refused (every process would
+    take GPU N). Device lists ('cuda:0,1', BackdoorBench's DataParallel) are refused: use torchrun.
     """
     text = str(name or "cpu").strip()
     if "," in text:
@@ -47,6 +49,9 @@ def resolve_device(name, local_rank: int = 0) -> torch.device:
     except RuntimeError:
         raise FtsamError(f"unknown device '{text}'; use --device cpu, cuda or cuda:N") from None
     if device.type == "cuda":
+        if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise FtsamError(f"--device {text} under torchrun would put every process on GPU {device.index}; "
+                             f"under torchrun pass --device cuda (each process takes cuda:LOCAL_RANK)")
         if not torch.cuda.is_available():
             raise FtsamError(f"device '{text}' requested but no CUDA GPU is available; pass --device cpu")
         count = torch.cuda.device_count()
@@ -63,7 +68,8 @@ def resolve_device(name, local_rank: int = 0) -> torch.device:
 def setup_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE/RANK/LOCAL_RANK); no-op for one process.
 
-    Backend: nccl on CUDA, gloo on CPU. A group that already exists (e.g. made by a test) is reused.
+    Backend: "cpu:gloo,cuda:nccl" on CUDA (nccl for GPU tensors, gloo for any CPU tensor a collective gets),
+    gloo on CPU. A group that already exists (e.g. made by a test) is reused.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
@@ -72,13 +78,14 @@ def setup_distributed(device: torch.device) -> DistInfo:
         raise FtsamError("WORLD_SIZE > 1 but torch.distributed is not available; run without torchrun")
     created = False
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
         created = True
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())), initialized_here=created)
+                    local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())), initialized_here=created,
+                    device=device)
 
 
 def barrier(info: DistInfo) -> None:
@@ -87,10 +94,32 @@ def barrier(info: DistInfo) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum `tensor` over the ranks in place (identity for one process)."""
+    """Sum `tensor` over the ranks in place (identity for one process).
+
+    The reduction runs on `info.device` (nccl on CUDA, gloo on CPU), so callers may pass small CPU tensors.
+    """
     if info.is_distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        work = tensor.to(info.device)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        if work is not tensor:
+            tensor.copy_(work)
     return tensor
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """`[obj of rank 0, obj of rank 1, ...]` on every rank (`[obj]` for one process); a collective."""
+    if not info.is_distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj, weights_only=True)  # torch.load(weights_only=True): no pickled code
+    return out
+
+
+def broadcast_buffers(model, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank; DDP only syncs them at a synced forward."""
+    if info.is_distributed:
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf.data, src=0)
 
 
 def no_sync(model):

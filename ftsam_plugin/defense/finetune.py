@@ -12,7 +12,6 @@ import io
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.settings import seed_everything
 
 from . import ddp
 from .checkpoint import plain, rng_state, set_rng_state
@@ -38,9 +38,14 @@ logger = logging.getLogger("ftsam_plugin.defense")
 
 CHECKPOINT_FORMAT = "ftsam-defense-checkpoint"
 # settings a resumed run must share with the run that wrote the checkpoint
+# (everything that changes the weights or the CSV; num_workers too: it decides which RNG seeds the augmentations,
+# the main process's or the DataLoader workers'). device, pin_memory, non_blocking and paths may change.
 RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd", "random_seed",
-               "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "restore", "cos_t_max")
-CSV_COLUMNS = ("epoch", "train_epoch_loss_avg_over_batch", "train_acc", "test_acc", "test_asr", "test_ra", "lr")
+               "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
+               "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
+               "amp", "amp_dtype", "eval_every", "num_workers")
+CSV_COLUMNS = ("epoch", "train_epoch_loss_avg_over_batch", "train_acc", "clean_test_loss_avg_over_batch",
+               "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra", "lr")
 
 
 def smooth_crossentropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
@@ -100,44 +105,47 @@ def read_index_file(path: str, n: int) -> List[int]:
     return [int(i) for i in idx]
 
 
-def _sgd(params, cfg):
+def _sgd(cfg):
     return torch.optim.SGD, dict(lr=cfg["lr"], momentum=cfg["sgd_momentum"], weight_decay=cfg["wd"])
 
 
-def _adam(params, cfg):
+def _adam(cfg):
     return torch.optim.Adam, dict(lr=cfg["lr"], weight_decay=cfg["wd"], amsgrad=True)
 
 
-def _adamw(params, cfg):
+def _adamw(cfg):
     return torch.optim.AdamW, dict(lr=cfg["lr"], weight_decay=cfg["wd"])
 
 
+# name -> builder(cfg) -> (optimizer class, kwargs); names as in config.OPTIMIZER_NAMES (validated there)
 BASE_OPTIMIZERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
 
 
-def _cosine(opt, cfg, per_batch):
-    t_max = cfg.get("cos_t_max") or (100 if per_batch else cfg["epochs"])
+def _cosine(opt, cfg):
+    # backdoorbench protocol: argparser_opt_scheduler's T_max = 100 (steps for ftsam, epochs for ft-baseline)
+    t_max = cfg.get("cos_t_max") or (100 if cfg.get("protocol") == "backdoorbench" else cfg["epochs"])
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(t_max))
 
 
-def _plateau(opt, cfg, per_batch):
+def _plateau(opt, cfg):
     kw = {"factor": float(cfg["ReduceLROnPlateau_factor"])} if cfg.get("ReduceLROnPlateau_factor") else {}
     return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **kw)
 
 
-def _step(opt, cfg, per_batch):
+def _step(opt, cfg):
     return torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg["steplr_stepsize"]), gamma=float(cfg["steplr_gamma"]))
 
 
-def _multistep(opt, cfg, per_batch):
+def _multistep(opt, cfg):
     milestones = cfg.get("steplr_milestones") or []
     if isinstance(milestones, str):
         milestones = [int(m) for m in milestones.replace(",", " ").split()]
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=float(cfg["steplr_gamma"]))
 
 
-SCHEDULERS = {"cosineannealinglr": _cosine, "reducelronplateau": _plateau, "steplr": _step,
-              "multisteplr": _multistep, "none": None}
+# names as in config.SCHEDULER_NAMES (validated there; matched case-insensitively)
+SCHEDULERS = {"CosineAnnealingLR": _cosine, "ReduceLROnPlateau": _plateau, "StepLR": _step,
+              "MultiStepLR": _multistep, "none": None}
 
 
 class FineTune:
@@ -170,7 +178,7 @@ class FineTune:
         cfg = merge_config(yaml_cfg, cli)
         if cfg.get("dataset") is None:
             cfg["dataset"] = dataset
-        cfg = validate(cfg, self.uses_sam)
+        cfg = validate(cfg, self.uses_sam, given={k for k, v in cli.items() if v is not None})
         cfg["terminal_info"] = list(sys.argv)
         self.cli_dataset_path = cli.get("dataset_path")  # BackdoorBench ignores the YAML's dataset_path too
         self.args = argparse.Namespace(**cfg)
@@ -224,6 +232,11 @@ class FineTune:
             pkg_logger.addHandler(handler)
         self._handlers = handlers
         logger.info("%s defense, config:\n%s", self.name, pformat(vars(self.args)))
+        overrides = getattr(self.args, "protocol_overrides", None)
+        if overrides:
+            logger.info("protocol backdoorbench: using the reference's effective %s (the config said %s; pass the "
+                        "flag to choose)", ", ".join(f"{k}={v[1]}" for k, v in overrides.items()),
+                        ", ".join(f"{k}={v[0]}" for k, v in overrides.items()))
 
     def set_devices(self) -> None:
         """Check --device and join the torchrun process group if there is one."""
@@ -251,7 +264,7 @@ class FineTune:
         if not hasattr(self, "device"):
             self.set_devices()
         args, cfg, dev = self.args, vars(self.args), self.device
-        _seed_everything(args.random_seed + self.dist.rank)
+        seed_everything(args.random_seed + self.dist.rank)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = False
 
@@ -266,6 +279,9 @@ class FineTune:
             start, history = self._load_checkpoint(ckpt_path, model, indices)
         elif args.resume:
             logger.warning("--resume: no checkpoint at %s yet; starting from epoch 1", ckpt_path)
+        elif os.path.isfile(ckpt_path) and self.dist.is_main:
+            logger.warning("checkpoint %s from an earlier run will be overwritten (starting from epoch 1; pass "
+                           "--resume to continue that run instead)", ckpt_path)
         if self.dist.is_main:
             from ftsam_plugin.io import atomic_write_text
 
@@ -285,6 +301,7 @@ class FineTune:
                 self._train_epochs(model, train_set, bar, indices, history, ckpt_path, csv_path)
             finally:
                 bar.close()  # before any error message is printed
+        ddp.broadcast_buffers(model, self.dist)  # BN stats of the last (no_sync) pass are rank-local: take rank 0's
         if self.dist.is_main:
             write_metrics_summary_csv(os.path.join(args.save_path, f"{self.name}_df_summary.csv"), history)
             out = save_defense_result(self.result["model_name"], self.result["num_classes"], ddp.unwrap(model),
@@ -300,41 +317,38 @@ class FineTune:
         args = self.args
         for epoch in bar:
             _test_pause(epoch, 0, self._stop)
-            if self._stop_requested():
-                self._interrupted(epoch, 0)
+            lr_used = self.optimizer.param_groups[0]["lr"]  # per-batch stepping: the epoch's first step's lr
             loss, acc = self.train_epoch(model, train_set, epoch)
             self._check_weights(model, epoch)
             if self.scheduler is not None and not self.step_per_batch:
                 self.scheduler.step(loss) if self.plateau else self.scheduler.step()
-            row = {"epoch": epoch, "train_epoch_loss_avg_over_batch": loss, "train_acc": acc,
-                   "test_acc": None, "test_asr": None, "test_ra": None,
-                   "lr": self.optimizer.param_groups[0]["lr"]}
+            row = dict.fromkeys(CSV_COLUMNS)
+            row.update(epoch=epoch, train_epoch_loss_avg_over_batch=loss, train_acc=acc, lr=lr_used)
             row.update(self.extra_metrics())
             if self.dist.is_main and (epoch % args.eval_every == 0 or epoch == args.epochs):
                 row.update(self.evaluate(ddp.unwrap(model)))
             history.append(row)
+            rngs = ddp.all_gather_objects(rng_state(), self.dist)  # every rank's RNG state (a collective)
             if self.dist.is_main:
                 logger.info("epoch %d: %s", epoch, {k: v for k, v in row.items() if v is not None})
                 write_metrics_csv(csv_path, history)
                 self._plot(history)
-                self._save_checkpoint(ckpt_path, epoch, model, indices, history)
+                self._save_checkpoint(ckpt_path, epoch, model, indices, history, rngs=rngs)
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("test_acc", "test_asr", "test_ra")
                                  if row[k] is not None})
             ddp.barrier(self.dist)
             self._last_checkpoint = epoch
             self._after_epoch(epoch)
+            # a SIGINT (on any rank) during this epoch: stop now that its checkpoint and CSV row are written
+            # (after the last epoch there is nothing left to save: the run finishes normally)
+            if epoch < args.epochs and self._stop_requested():
+                raise Interrupted(f"stopped after epoch {epoch} of {args.epochs}; its checkpoint is {ckpt_path}; "
+                                  f"continue with the same command plus --resume")
 
     def _stop_requested(self) -> bool:
         """Whether a SIGINT arrived on any rank."""
         flag = torch.tensor([1.0 if self._stop.requested else 0.0])
         return ddp.all_reduce_sum(flag, self.dist).item() > 0
-
-    def _interrupted(self, epoch: int, step: int):
-        where = f"epoch {epoch} step {step}" if step else f"the start of epoch {epoch}"
-        done = self._last_checkpoint
-        kept = (f"the checkpoint of epoch {done} is in {self.args.checkpoint_save}" if done >= 1 else
-                "no epoch had finished, so there is no checkpoint yet")
-        raise Interrupted(f"stopped at {where}; {kept}; continue with the same command plus --resume")
 
     def _check_weights(self, model, epoch: int) -> None:
         """Refuse to checkpoint non-finite weights (the loss of the last step is computed before its update)."""
@@ -359,15 +373,13 @@ class FineTune:
         smoothing = float(args.label_smoothing)
         self.loss_fn = lambda logits, y: smooth_crossentropy(logits, y, smoothing)
         self.optimizer = self.create_optimizer(model)
-        per_batch = args.protocol == "backdoorbench"
-        key = str(args.lr_scheduler or "none").lower()
-        if key not in SCHEDULERS:
-            raise FtsamError(f"unknown lr_scheduler '{args.lr_scheduler}'; use CosineAnnealingLR, ReduceLROnPlateau, "
-                             f"StepLR, MultiStepLR or none")
-        make = SCHEDULERS[key]
+        # backdoorbench protocol: ft-sam stepped its scheduler per batch, ft (PureCleanModelTrainer) per epoch
+        per_batch = args.protocol == "backdoorbench" and self.uses_sam
+        by_name = {name.lower(): make for name, make in SCHEDULERS.items()}
+        make = by_name[str(args.lr_scheduler or "none").lower()]  # checked by config.validate
         # schedule the base optimizer (SAM shares its param_groups; SAM.step itself is never called)
         target = getattr(self.optimizer, "base_optimizer", self.optimizer)
-        self.scheduler = make(target, vars(args), per_batch) if make else None
+        self.scheduler = make(target, vars(args)) if make else None
         self.plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.step_per_batch = per_batch and not self.plateau
 
@@ -407,11 +419,7 @@ class FineTune:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _base_optimizer(self):
-        key = str(self.args.client_optimizer).lower()
-        if key not in BASE_OPTIMIZERS:
-            raise FtsamError(f"unknown client_optimizer '{self.args.client_optimizer}'; use "
-                             f"{', '.join(BASE_OPTIMIZERS)}")
-        return BASE_OPTIMIZERS[key](None, vars(self.args))
+        return BASE_OPTIMIZERS[str(self.args.client_optimizer).lower()](vars(self.args))  # checked by validate
 
     def choose_subset(self) -> List[int]:
         """Indices of the clean training samples to fine-tune on (--index file, else class-balanced --ratio)."""
@@ -443,15 +451,16 @@ class FineTune:
             sampler.set_epoch(epoch)
         return DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
                           num_workers=args.num_workers, generator=gen, drop_last=False,
+                          worker_init_fn=_ignore_sigint if args.num_workers > 0 else None,
                           pin_memory=bool(args.pin_memory) and self.device.type == "cuda",
                           persistent_workers=False)
 
     def train_epoch(self, model, train_set, epoch: int):
-        """One pass over the subset; returns (sample-weighted mean loss, train accuracy), summed over ranks."""
+        """One pass over the subset; returns (mean of the batch losses, train accuracy) over all ranks' batches."""
         args, dev = self.args, self.device
         loader = self._loader(train_set, epoch)
         model.train()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss*n, correct, n
+        totals = torch.zeros(4, dtype=torch.float64)  # sum of batch losses, correct, n, batches
         nb = bool(args.non_blocking)
         steps = _tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not self.dist.is_main)
         try:
@@ -462,18 +471,16 @@ class FineTune:
                 value = float(loss)
                 stop = getattr(self, "_stop", None)
                 _test_pause(epoch, step, stop)
-                # one collective for both flags, so every rank stops at the same step
-                flags = torch.tensor([0.0 if math.isfinite(value) else 1.0, 1.0 if stop and stop.requested else 0.0])
+                # a collective, so every rank stops at the same step (SIGINT is checked once the epoch is done)
+                flags = torch.tensor([0.0 if math.isfinite(value) else 1.0])
                 ddp.all_reduce_sum(flags, self.dist)
                 if flags[0].item() > 0:
                     raise FtsamError(f"non-finite loss at epoch {epoch} step {step}; stopped, "
                                      f"{self._kept_checkpoint()}; lower --lr or --rho (or --amp false) and rerun "
                                      f"without --resume")
-                if flags[1].item() > 0:
-                    self._interrupted(epoch, step)
                 self._last_step = step
                 n = y.numel()
-                totals += torch.tensor([value * n, float((logits.argmax(1) == y).sum()), n], dtype=torch.float64)
+                totals += torch.tensor([value, float((logits.argmax(1) == y).sum()), n, 1.0], dtype=torch.float64)
                 if self.step_per_batch:
                     self.scheduler.step()
                 if step % 10 == 0 or step == len(loader):
@@ -481,7 +488,7 @@ class FineTune:
         finally:
             steps.close()
         ddp.all_reduce_sum(totals, self.dist)
-        return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+        return float(totals[0] / totals[3]), float(totals[1] / totals[2])
 
     def evaluate(self, model) -> dict:
         """ACC on the clean test set; ASR (backdoor labels) and RA (original labels) on the backdoor test set."""
@@ -489,27 +496,42 @@ class FineTune:
 
         m = evaluate_backdoor(model, self.result["clean_test"], self.result["bd_test"], device=self.device,
                               batch_size=self.args.batch_size, amp_dtype=self.amp_dtype,
-                              num_workers=self.args.num_workers)
-        return {"test_acc": float(m["acc"]), "test_asr": float(m["asr"]), "test_ra": float(m["ra"])}
+                              num_workers=self.args.num_workers, with_loss=True)
+        # the losses as BackdoorBench's trainer logs them: plain cross-entropy, mean over batches (bd: vs bd labels)
+        return {"clean_test_loss_avg_over_batch": float(m["clean_loss"]),
+                "bd_test_loss_avg_over_batch": float(m["bd_loss"]),
+                "test_acc": float(m["acc"]), "test_asr": float(m["asr"]), "test_ra": float(m["ra"])}
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, path, epoch, model, indices, history) -> None:
+    def _save_checkpoint(self, path, epoch, model, indices, history, rngs=None) -> None:
+        """Write `last.pt`. `rngs`: every rank's `rng_state()` in rank order (default: this process's only);
+        resume restores each rank's own state (a fresh run seeds rank r with random_seed + r)."""
         from ftsam_plugin.data.records import cpu_state_dict
         from ftsam_plugin.io import atomic_save
 
-        cfg = vars(self.args)
         state = {
             "format": CHECKPOINT_FORMAT, "version": 1, "defense": self.name, "epoch": int(epoch),
             "model": cpu_state_dict(ddp.unwrap(model)),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_state(),
+            "rng": rng_state(),  # rank 0's (what single-process checkpoints always had)
+            "rng_ranks": rngs if rngs is not None else [rng_state()],
             "subset": torch.tensor(list(indices), dtype=torch.int64),
             "history": plain(history),
-            "config": plain({k: cfg.get(k) for k in RESUME_KEYS}),
+            "config": self._resume_config(),
         }
         atomic_save(state, path)
+
+    def _resume_config(self) -> dict:
+        """The RESUME_KEYS settings as stored in (and compared with) a checkpoint."""
+        cfg = dict(vars(self.args))
+        if not cfg.get("amp"):
+            cfg["amp_dtype"] = None  # unused without AMP
+        if not self.uses_sam:
+            for key in ("rho", "adaptive", "eta", "alpha", "restore"):  # unused by the baseline
+                cfg[key] = None
+        return plain({k: cfg.get(k) for k in RESUME_KEYS})
 
     def _load_checkpoint(self, path, model, indices):
         from ftsam_plugin.io import safe_load
@@ -521,11 +543,11 @@ class FineTune:
             raise FtsamError(f"{path} is not a {self.name} checkpoint; delete it or run without --resume")
         if state.get("defense") != self.name:
             raise FtsamError(f"{path} was written by '{state.get('defense')}', not '{self.name}'; run without --resume")
-        cfg = vars(self.args)
+        now = self._resume_config()
         try:
             for key, old in state["config"].items():
-                if plain(cfg.get(key)) != old:
-                    raise FtsamError(f"checkpoint {path} was made with {key}={old!r}, now {cfg.get(key)!r}; "
+                if now.get(key) != old:
+                    raise FtsamError(f"checkpoint {path} was made with {key}={old!r}, now {now.get(key)!r}; "
                                      f"use the same settings or run without --resume")
             if state["subset"].tolist() != list(indices):
                 raise FtsamError(f"checkpoint {path} used another clean subset; use the same data or run without "
@@ -537,7 +559,12 @@ class FineTune:
                 self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state["scaler"] is not None:
                 self.scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
+            rngs = state.get("rng_ranks") or [state["rng"]]
+            if len(rngs) != self.dist.world_size:
+                raise FtsamError(f"checkpoint {path} was made by {len(rngs)} process(es), now "
+                                 f"{self.dist.world_size}; resume with the same number of processes or run "
+                                 f"without --resume")
+            set_rng_state(rngs[self.dist.rank])  # each rank continues its own random stream
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise FtsamError(f"checkpoint {path} does not fit this model or run ({detail}); delete it or run without "
@@ -599,21 +626,25 @@ class FineTune:
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT at a step boundary; the message says where and how to resume (exit code 130)."""
+    """A run stopped by SIGINT after an epoch's checkpoint; the message names it and `--resume` (exit code 130)."""
 
 
 class _StopOnSigint:
-    """While active, the first SIGINT only sets `requested` (the run stops after the current step, keeping the last
-    completed epoch's checkpoint); a second SIGINT interrupts at once. A no-op outside the main thread."""
+    """While active, the first SIGINT only sets `requested`: the run finishes the current epoch (training, its
+    evaluation if due, CSV row, checkpoint) and then stops; a second SIGINT interrupts at once (the last written
+    checkpoint stays). A no-op outside the main thread; only the process that installed it prints (forked
+    DataLoader workers inherit the handler)."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._pid = os.getpid()
 
     def _handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        logger.warning("SIGINT: stopping after the current step (press Ctrl-C again to abort at once)")
+        if os.getpid() == self._pid:
+            logger.warning("SIGINT: stopping after this epoch's checkpoint (press Ctrl-C again to abort at once)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -642,6 +673,11 @@ def _test_pause(epoch: int, step: int, stop) -> None:
         time.sleep(0.02)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C goes to the whole process group; only the main process handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _tqdm(iterable, **kw):
     from tqdm.auto import tqdm
 
@@ -651,12 +687,6 @@ def _tqdm(iterable, **kw):
 def _raw(dataset):
     """The raw (PIL, label) dataset under a transform wrapper."""
     return getattr(dataset, "wrapped_dataset", dataset) if hasattr(dataset, "wrap_img_transform") else dataset
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _resolve_record(result_file) -> str:

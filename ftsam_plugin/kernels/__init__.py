@@ -53,13 +53,16 @@ def resolve_backend(backend, params):
     return "triton" if on_cuda and triton_available() else "foreach"
 
 
+# backend name -> () -> (grad_norm, perturb, restore); triton's import is deferred to the first use
+_BACKEND_OPS = {
+    "triton": _triton_ops,  # explicit "triton": an ImportError propagates
+    "foreach": lambda: (grad_norm_foreach, perturb_foreach, restore_foreach),
+    "loop": lambda: (grad_norm_loop, perturb_loop, restore_loop),
+}
+
+
 def _ops(backend, params):
-    name = resolve_backend(backend, params)
-    if name == "triton":
-        return _triton_ops()  # explicit "triton": an ImportError propagates
-    if name == "foreach":
-        return grad_norm_foreach, perturb_foreach, restore_foreach
-    return grad_norm_loop, perturb_loop, restore_loop
+    return _BACKEND_OPS[resolve_backend(backend, params)]()
 
 
 def grad_norm(params, adaptive=False, eta=0.0, backend="auto", weights_only=False):

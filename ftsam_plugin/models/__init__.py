@@ -4,7 +4,7 @@ Importing this package registers every architecture (each module runs its `@regi
 """
 
 from ftsam_plugin.models import preact_resnet, torchvision_zoo  # noqa: F401  (registration on import)
-from ftsam_plugin.models._registry import create_model, is_model, list_models, register_model
+from ftsam_plugin.models._registry import create_model, list_models, register_model
 from ftsam_plugin.models.preact_resnet import PreActBlock, PreActResNet
 
-__all__ = ["create_model", "is_model", "list_models", "register_model", "PreActBlock", "PreActResNet"]
+__all__ = ["create_model", "list_models", "register_model", "PreActBlock", "PreActResNet"]

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ftsam_plugin.errors import FtsamError
 
-__all__ = ["register_model", "create_model", "list_models", "is_model"]
+__all__ = ["register_model", "create_model", "list_models"]
 
 _model_entrypoints: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -29,10 +29,6 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 def list_models() -> List[str]:
     """Sorted names of every registered model."""
     return sorted(_model_entrypoints)
-
-
-def is_model(name: str) -> bool:
-    return isinstance(name, str) and name.lower() in _model_entrypoints
 
 
 def create_model(

@@ -3,6 +3,7 @@
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ftsam_plugin import kernels
@@ -39,6 +40,11 @@ class SAM(torch.optim.Optimizer):
     With a scaler, do not call scaler.step/update yourself; a non-finite grad in either pass skips the update
     (params unchanged) and lowers the scale. Without a scaler nothing syncs with the host. bf16 autocast needs
     no scaler.
+
+    DDP + GradScaler: the first-pass grads are rank-local (no_sync), so a non-finite norm may show up on one rank
+    only. When torch.distributed is initialized, first_step all-reduces the skip flag (MAX) and feeds it to the
+    scaler's found-inf record, so every rank skips the same steps and keeps the same scale (one extra small
+    collective per step, AMP with a scaler only; the no-DDP path has none). Every rank must call first_step.
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, eta=0.0, restore="copy",
@@ -83,13 +89,28 @@ class SAM(torch.optim.Optimizer):
             opts = dict(backend=self.backend, weights_only=self.weights_only)
             norms = [kernels.grad_norm(ps, adaptive, eta, **opts) for (_, adaptive, eta), ps in buckets.items()]
             norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-            self._skipped = amp and not bool(torch.isfinite(norm))  # AMP only: the one host sync
+        if amp:  # AMP only: the one host sync
+            bad = ~torch.isfinite(norm) if buckets else torch.zeros((), dtype=torch.bool)
+            if dist.is_available() and dist.is_initialized():
+                bad = self._any_rank(bad, grad_scaler)
+            self._skipped = bool(bad)
         if not self._skipped and buckets:
             store = "w" if self.restore == "copy" else "e"
             self._saved = [(ps, kernels.perturb(ps, norm, rho, adaptive, eta, store=store, **opts))
                            for (rho, adaptive, eta), ps in buckets.items()]
         if zero_grad:
             self.zero_grad()
+
+    def _any_rank(self, bad, grad_scaler):
+        """DDP: skip on every rank if any rank's local first-pass norm is non-finite, and make every rank's
+        GradScaler see that inf (as FSDP's ShardedGradScaler does), so the scales stay equal across ranks."""
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        flag = bad.to(device=device, dtype=torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        found = grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]  # set by unscale_(self)
+        for value in found.values():
+            value.copy_(torch.maximum(value, flag.to(value.device, value.dtype).reshape(value.shape)))
+        return flag[0] > 0
 
     @torch.no_grad()
     def second_step(self, zero_grad=False, grad_scaler=None):
