@@ -1,0 +1,421 @@
+"""`ftsam demo`: make a backdoored model, then defend it with FT and FT-SAM side by side.
+
+    ftsam demo                                   # CIFAR-10 download if the network allows, else offline digits
+    ftsam demo --data ../shared/data/cifar10-jpeg --attack blended
+    ftsam demo --tiny                            # a few seconds: checks the pipeline (CI)
+
+Data, the first source that works (the output names the one used):
+  1. --data: CIFAR-10 in torchvision's layout (cifar-10-batches-py) or an image folder (train/<class>/, test/<class>/);
+  2. torchvision's CIFAR-10 download into --cache_dir (skipped with --offline; short network timeouts);
+  3. scikit-learn's `load_digits`: 1,797 real 8x8 handwritten digits shipped inside scikit-learn (no download),
+     upscaled to 32x32 RGB, split 4:1 per class (deterministic);
+  4. a generated dataset (class-coloured shapes), only when scikit-learn is missing.
+The demo copies a class-balanced subset as an image folder into --cache_dir, trains the attack with `ftsam attack`'s
+code, runs the `ft-baseline` and `ftsam` defenses on the record it leaves in --out, and prints ACC/ASR/RA/DER.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.settings import str2bool
+
+__all__ = ["add_arguments", "run", "DemoData", "select_data", "digits_folder", "generated_folder"]
+
+logger = logging.getLogger(__name__)
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MARKER = "demo_info.txt"  # written into records and data folders the demo made (and may replace)
+READY = ".complete"
+
+# (train images per class, test images per class, attack epochs) per data source; --tiny overrides
+SIZES = {"cifar10": (500, 100, 15), "digits": (None, None, 15), "generated": (100, 30, 5)}
+TINY = dict(train_per_class=12, test_per_class=6, epochs=1, defense_epochs=1, width=0.125, ratio=0.5)
+
+
+@dataclass
+class DemoData:
+    """The image folder the demo trains on: `path` holds train/<class>/ and test/<class>/."""
+
+    path: str
+    source: str  # 'folder' | 'cifar10-download' | 'digits' | 'generated'
+    description: str
+    n_train: int
+    n_test: int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `ftsam demo`'s options."""
+    add = parser.add_argument
+    add("--attack", choices=("badnet", "blended"), default="blended",
+        help="attack (default blended: the case where plain FT leaves the backdoor)")
+    add("--data", help="CIFAR-10 folder (torchvision layout or train/<class>/ + test/<class>/ images); "
+                       "default: download, else scikit-learn's digits")
+    add("--offline", action="store_true", help="never try the network (use --data or the digits)")
+    add("--epochs", type=int, help="attack training epochs (default 15)")
+    add("--defense_epochs", type=int, help="FT and FT-SAM epochs (default 20)")
+    add("--width", type=float, help="PreAct-ResNet18 width multiplier (default 0.25)")
+    add("--ratio", type=float, help="clean fraction of the demo's train set the defenses get (default 0.1)")
+    add("--rho", type=float, help="FT-SAM neighbourhood size (default: the packaged config's, 2.0)")
+    add("--train_per_class", type=int, help="train images per class copied from CIFAR-10 (default 500)")
+    add("--test_per_class", type=int, help="test images per class copied from CIFAR-10 (default 100)")
+    add("--out", default="./record", help="record root; the record goes to <out>/demo_<attack> (default ./record)")
+    add("--cache_dir", help="where demo data is prepared (default $XDG_CACHE_HOME/ftsam/demo or ~/.cache/ftsam/demo)")
+    add("--device", help="torch device (default cuda if available, else cpu)")
+    add("--seed", type=int, default=0, help="random seed (default 0)")
+    add("--download_timeout", type=float, default=5.0, help="seconds before a stalled download gives up (default 5)")
+    add("--progress", type=str2bool, default=True, help="progress bars (True/False, default True)")
+    add("--tiny", action="store_true", help="seconds-long run on a tiny subset (for CI): 1 epoch each")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ftsam", "demo")
+
+
+def _write_folder(dest: str, splits: Sequence[Tuple[str, Sequence[Tuple[np.ndarray, int]]]],
+                  classes: Sequence[str], note: str) -> str:
+    """Write images (HWC uint8) to dest/<split>/<class>/NNNNN.png via a temp folder renamed into place."""
+    if os.path.isfile(os.path.join(dest, READY)):
+        return dest
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        for split, items in splits:
+            for name in classes:
+                os.makedirs(os.path.join(tmp, split, name), exist_ok=True)
+            for k, (img, label) in enumerate(items):
+                Image.fromarray(img).save(os.path.join(tmp, split, classes[label], f"{k:05d}.png"))
+        with open(os.path.join(tmp, MARKER), "w") as handle:
+            handle.write(note + "\n")
+        open(os.path.join(tmp, READY), "w").close()
+        if os.path.isdir(dest):  # an unfinished earlier attempt
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits  # optional: the `demo` extra
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+def digits_folder(cache_dir: str, train_per_class: Optional[int] = None,
+                  test_per_class: Optional[int] = None) -> DemoData:
+    """scikit-learn's 8x8 digits as a 32x32 RGB image folder; per class, every 5th image (in order) is a test image.
+
+    Raises ImportError when scikit-learn is missing.
+    """
+    images, target = _load_digits()
+    train, test = [], []
+    for c in range(10):
+        idx = np.flatnonzero(target == c)
+        te, tr = idx[::5], np.setdiff1d(idx, idx[::5])
+        train += [(i, c) for i in tr[:train_per_class]]
+        test += [(i, c) for i in te[:test_per_class]]
+
+    def to_rgb(i: int) -> np.ndarray:
+        gray = np.clip(images[i] * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        big = Image.fromarray(gray, mode="L").resize((32, 32), Image.BILINEAR)
+        return np.asarray(big.convert("RGB"))
+
+    names = [f"digit{c}" for c in range(10)]
+    key = f"digits32-{train_per_class or 'all'}-{test_per_class or 'all'}"
+    note = "scikit-learn load_digits, 8x8 upscaled to 32x32 RGB; every 5th image per class is test"
+    path = _write_folder(os.path.join(cache_dir, key),
+                         [("train", [(to_rgb(i), c) for i, c in train]), ("test", [(to_rgb(i), c) for i, c in test])],
+                         names, note)
+    desc = (f"scikit-learn digits (real 8x8 handwritten digits upscaled to 32x32 RGB; "
+            f"{len(train)} train / {len(test)} test)")
+    return DemoData(path, "digits", desc, len(train), len(test))
+
+
+def generated_folder(cache_dir: str, train_per_class: int, test_per_class: int, seed: int = 0) -> DemoData:
+    """A generated 10-class dataset (a coloured square per class at a class-dependent place, on noise)."""
+    rng = np.random.default_rng(seed)
+
+    def image(c: int) -> np.ndarray:
+        img = rng.integers(0, 96, size=(32, 32, 3)).astype(np.uint8)
+        y, x = 4 + 6 * (c // 4), 4 + 7 * (c % 4)
+        colour = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 29 + 160) % 256], dtype=np.uint8)
+        img[y:y + 8, x:x + 8] = colour
+        return img
+
+    splits = [(split, [(image(c), c) for c in range(10) for _ in range(n)])
+              for split, n in (("train", train_per_class), ("test", test_per_class))]
+    path = _write_folder(os.path.join(cache_dir, f"generated-{train_per_class}-{test_per_class}-{seed}"), splits,
+                         [f"class{c}" for c in range(10)], "generated: class-coloured squares on noise")
+    return DemoData(path, "generated", f"a generated dataset (coloured squares; {10 * train_per_class} train / "
+                                       f"{10 * test_per_class} test; scikit-learn is not installed)",
+                    10 * train_per_class, 10 * test_per_class)
+
+
+def _balanced_pick(targets: Sequence[int], per_class: int, rng: np.random.Generator) -> List[int]:
+    targets = np.asarray(targets)
+    picked: List[int] = []
+    for c in range(10):
+        pool = np.flatnonzero(targets == c)
+        picked += sorted(rng.choice(pool, min(per_class, len(pool)), replace=False).tolist())
+    return picked
+
+
+def cifar_subset_folder(data_dir: str, cache_dir: str, train_per_class: int, test_per_class: int, seed: int,
+                        source: str, label: str) -> DemoData:
+    """A class-balanced subset of a CIFAR-10 folder (any layout `build_clean_datasets` reads) as an image folder."""
+    from ftsam_plugin.data.datasets import build_clean_datasets
+
+    raw_train, raw_test = build_clean_datasets("cifar10", data_dir)
+    labels = set(int(t) for t in raw_train.targets) | set(int(t) for t in raw_test.targets)
+    if not labels or min(labels) < 0 or max(labels) > 9:
+        raise FtsamError(f"{data_dir} does not hold 10 classes like CIFAR-10 (found {len(labels)}); pass a CIFAR-10 "
+                         f"folder with --data")
+    rng = np.random.default_rng(seed)
+    tr = _balanced_pick(raw_train.targets, train_per_class, rng)
+    te = _balanced_pick(raw_test.targets, test_per_class, rng)
+    digest = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:10]
+    key = f"cifar10-{digest}-{train_per_class}-{test_per_class}-{seed}"
+
+    def items(raw, idx):
+        return [(np.asarray(raw[i][0].convert("RGB")), int(raw.targets[i])) for i in idx]
+
+    dest = os.path.join(cache_dir, key)
+    if not os.path.isfile(os.path.join(dest, READY)):
+        print(f"preparing a {len(tr)}/{len(te)} image subset of {data_dir} in {dest}")
+        _write_folder(dest, [("train", items(raw_train, tr)), ("test", items(raw_test, te))], CIFAR_CLASSES,
+                      f"subset of {os.path.abspath(data_dir)}")
+    return DemoData(dest, source, f"{label} ({len(tr)} train / {len(te)} test images, class-balanced subset)",
+                    len(tr), len(te))
+
+
+def try_download_cifar(cache_dir: str, timeout: float) -> Optional[str]:
+    """torchvision's CIFAR-10 in `cache_dir/torchvision` (downloaded if missing), or None when that fails."""
+    root = os.path.join(cache_dir, "torchvision")
+    if os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
+        return root
+    try:  # cheap reachability probe before a 170 MB download
+        urllib.request.urlopen(urllib.request.Request(CIFAR_URL, method="HEAD"), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        logger.info("CIFAR-10 download not reachable: %s", exc)
+        return None
+    from torchvision.datasets import CIFAR10
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        print(f"downloading CIFAR-10 to {root} (once)")
+        CIFAR10(root, train=True, download=True)
+        CIFAR10(root, train=False, download=True)
+        return root
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:  # network error, timeout, bad archive
+        print(f"CIFAR-10 download failed ({exc}); using offline data", file=sys.stderr)
+        shutil.rmtree(os.path.join(root, "cifar-10-batches-py"), ignore_errors=True)
+        return None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def select_data(data: Optional[str], cache_dir: str, offline: bool = False, tiny: bool = False,
+                train_per_class: Optional[int] = None, test_per_class: Optional[int] = None, seed: int = 0,
+                timeout: float = 5.0, download: Callable[[str, float], Optional[str]] = None) -> DemoData:
+    """The demo's data (see the module docstring for the order of sources)."""
+    from ftsam_plugin.data.datasets import resolve_dataset_dir
+
+    if tiny:
+        train_per_class = train_per_class or TINY["train_per_class"]
+        test_per_class = test_per_class or TINY["test_per_class"]
+    n_tr = train_per_class or SIZES["cifar10"][0]
+    n_te = test_per_class or SIZES["cifar10"][1]
+    if data is not None:
+        if not os.path.isdir(data):
+            raise FtsamError(f"--data {data} is not a folder; pass a CIFAR-10 folder (torchvision layout or "
+                             f"train/<class>/ + test/<class>/ images)")
+        folder = resolve_dataset_dir(data, "cifar10")
+        return cifar_subset_folder(folder, cache_dir, n_tr, n_te, seed, "folder", f"CIFAR-10 from {data}")
+    if not offline:
+        root = (download or try_download_cifar)(cache_dir, timeout)
+        if root is not None:
+            return cifar_subset_folder(root, cache_dir, n_tr, n_te, seed, "cifar10-download",
+                                       "CIFAR-10 (torchvision download)")
+    try:
+        return digits_folder(cache_dir, train_per_class, test_per_class)
+    except ImportError:
+        print("scikit-learn is not installed (pip install 'ftsam-plugin[demo]'); using a generated dataset",
+              file=sys.stderr)
+        return generated_folder(cache_dir, train_per_class or SIZES["generated"][0],
+                                test_per_class or SIZES["generated"][1], seed)
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+def _quiet(cls):
+    """The defense class with its console log limited to warnings (its log file keeps everything)."""
+
+    class Quiet(cls):
+        def set_logger(self) -> None:
+            # the console handler binds sys.stderr when made: let it bind a sink (dropping the config dump),
+            # then point it back at stderr for warnings only
+            real, sink = sys.stderr, io.StringIO()
+            sys.stderr = sink
+            try:
+                super().set_logger()
+            finally:
+                sys.stderr = real
+            for handler in logging.getLogger("ftsam_plugin").handlers:
+                if type(handler) is logging.StreamHandler and handler.stream is sink:
+                    handler.setLevel(logging.WARNING)
+                    handler.setStream(real)
+
+    Quiet.__name__ = Quiet.__qualname__ = cls.__name__
+    return Quiet
+
+
+def _last_row(csv_path: str) -> dict:
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise FtsamError(f"{csv_path} holds no rows; the attack did not finish")
+    return {k: float(rows[-1][k]) for k in ("test_acc", "test_asr", "test_ra")}
+
+
+def _prepare_record_dir(out: str, name: str) -> str:
+    record = os.path.join(out, name)
+    if os.path.exists(record):
+        if not os.path.isfile(os.path.join(record, MARKER)):
+            raise FtsamError(f"{record} exists and was not made by `ftsam demo`; pass another --out or remove it")
+        print(f"replacing the earlier demo record {record}")
+        shutil.rmtree(record)
+    return record
+
+
+def run_attack(data: DemoData, out: str, name: str, attack: str, epochs: int, width: float, device: str,
+               seed: int, progress: bool) -> str:
+    """Train the backdoored model with `ftsam attack`'s code; returns the record folder."""
+    from ftsam_plugin.attacks import cli as attack_cli
+
+    parser = attack_cli.add_arguments(argparse.ArgumentParser())
+    argv = ["--attack", attack, "--dataset", "cifar10", "--dataset_path", data.path, "--model", "preactresnet18",
+            "--width", str(width), "--epochs", str(epochs), "--batch_size", "128", "--device", device,
+            "--num_workers", "0", "--random_seed", str(seed), "--record_root", out, "--save_folder_name", name,
+            "--progress", str(progress)]
+    attack_cli.run(parser.parse_args(argv))
+    record = os.path.join(out, name)
+    with open(os.path.join(record, MARKER), "w") as handle:
+        handle.write(f"made by ftsam demo: {attack} on {data.description}\n")
+    return record
+
+
+def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optional[float], device: str,
+                seed: int) -> dict:
+    """Run `ftsam defend --defense <defense>` (console log quiet); returns its last-epoch metrics and timing."""
+    from ftsam_plugin.defense import cli as defense_cli
+    from ftsam_plugin.defense.ftsam import DEFENSES
+
+    parser = defense_cli.add_arguments(argparse.ArgumentParser())
+    argv = ["--defense", defense, "--result_file", record, "--yaml_path", "cpu", "--epochs", str(epochs),
+            "--ratio", str(ratio), "--device", device, "--num_workers", "0", "--random_seed", str(seed),
+            "--eval_every", str(max(1, epochs // 4))]  # the last epoch is always evaluated
+    if rho is not None:
+        argv += ["--rho", str(rho)]
+    opts = vars(parser.parse_args(argv))
+    opts.pop("defense")
+    obj = _quiet(DEFENSES[defense])(argparse.Namespace(**opts))
+    start = time.perf_counter()
+    obj.defense(record)
+    seconds = time.perf_counter() - start
+    last = obj.history[-1]
+    result = os.path.join(record, "defense", DEFENSES[defense].name, "defense_result.pt")
+    if not os.path.isfile(result):
+        raise FtsamError(f"{defense} finished without writing {result}")
+    return {"test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"],
+            "seconds": seconds, "result": result, "rho": getattr(obj.args, "rho", None)}
+
+
+def format_table(rows: Sequence[Tuple[str, dict]], baseline: dict) -> str:
+    """ACC / ASR / RA / DER (percent) and time per row; DER against `baseline` (the backdoored model)."""
+    from ftsam_plugin.metrics import der
+
+    lines = [f"{'defense':<12}{'ACC':>8}{'ASR':>8}{'RA':>8}{'DER':>8}{'time':>9}"]
+    for label, m in rows:
+        d = "-"
+        if m is not baseline:
+            d = f"{100 * der(baseline['test_acc'], m['test_acc'], baseline['test_asr'], m['test_asr']):.1f}"
+        lines.append(f"{label:<12}{100 * m['test_acc']:>8.1f}{100 * m['test_asr']:>8.1f}{100 * m['test_ra']:>8.1f}"
+                     f"{d:>8}{m['seconds']:>8.0f}s")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo (see the module docstring); returns 0. Errors raise FtsamError."""
+    import torch
+
+    tiny = bool(args.tiny)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache_dir = args.cache_dir or default_cache_dir()
+    data = select_data(args.data, cache_dir, offline=args.offline, tiny=tiny, train_per_class=args.train_per_class,
+                       test_per_class=args.test_per_class, seed=args.seed, timeout=args.download_timeout)
+    source_key = "cifar10" if data.source in ("folder", "cifar10-download") else data.source
+    epochs = args.epochs or (TINY["epochs"] if tiny else SIZES[source_key][2])
+    defense_epochs = args.defense_epochs or (TINY["defense_epochs"] if tiny else 20)
+    width = args.width or (TINY["width"] if tiny else 0.25)
+    ratio = args.ratio or (TINY["ratio"] if tiny else 0.1)
+    for key, value in (("--epochs", epochs), ("--defense_epochs", defense_epochs)):
+        if value < 1:
+            raise FtsamError(f"{key} must be at least 1, got {value}")
+    if not 0.0 < ratio <= 1.0:
+        raise FtsamError(f"--ratio {ratio} is outside (0, 1]; pass e.g. --ratio 0.1")
+    n_clean = 10 * int(data.n_train * ratio / 10)
+    print(f"data: {data.description}\n      image folder {data.path}")
+    print(f"attack: {args.attack}, 10% poison, all-to-one target 0, PreAct-ResNet18 width {width}, {epochs} epochs, "
+          f"device {device}")
+
+    name = f"demo_{args.attack}"
+    _prepare_record_dir(args.out, name)
+    start = time.perf_counter()
+    record = run_attack(data, args.out, name, args.attack, epochs, width, device, args.seed, bool(args.progress))
+    backdoored = _last_row(os.path.join(record, "attack_df.csv"))
+    backdoored["seconds"] = time.perf_counter() - start
+
+    print(f"defenses: FT and FT-SAM on a class-balanced {ratio:g} clean subset ({n_clean} images), "
+          f"{defense_epochs} epochs each, same seed")
+    ft = run_defense("ft-baseline", record, defense_epochs, ratio, args.rho, device, args.seed)
+    sam = run_defense("ftsam", record, defense_epochs, ratio, args.rho, device, args.seed)
+    rows = [("no defense", backdoored), ("FT", ft), ("FT-SAM", sam)]
+    print()
+    label = {"folder": "CIFAR-10", "cifar10-download": "CIFAR-10"}.get(data.source, data.source)
+    print(f"{args.attack} on {label} data, rho {sam['rho']:g} (percent; time = wall seconds for the stage)")
+    print(format_table(rows, backdoored))
+    print()
+    print(f"record: {record}  (defense results: {os.path.dirname(ft['result'])}, {os.path.dirname(sam['result'])})")
+    print("next, e.g. a larger rho or more epochs:")
+    print(f"  ftsam defend --defense ftsam --result_file {record} --yaml_path cpu --ratio {ratio:g} "
+          f"--epochs {defense_epochs} --rho {2 * (sam['rho'] or 2.0):g} --device {device}")
+    return 0

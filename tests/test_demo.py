@@ -1,0 +1,103 @@
+"""`ftsam demo`: the tiny pipeline end to end, and which data it picks."""
+
+import os
+
+import pytest
+
+from ftsam_plugin import demo
+from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.io import safe_load
+
+from helpers import make_image_folder, run_cli
+
+
+def test_demo_tiny_runs_attack_and_both_defenses(tmp_path):
+    pytest.importorskip("sklearn")
+    out, cache = tmp_path / "record", tmp_path / "cache"
+    code, stdout, stderr = run_cli(["demo", "--tiny", "--offline", "--attack", "badnet", "--out", str(out),
+                                    "--cache_dir", str(cache), "--progress", "False"])
+    assert code == 0, stderr
+    assert "scikit-learn digits" in stdout
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["defense", "ACC", "ASR", "RA", "DER"])
+    table = {" ".join(line.split()[:-5]): line.split()[-5:] for line in lines[header + 1:header + 4]}
+    assert list(table) == ["no defense", "FT", "FT-SAM"]
+    for label, cells in table.items():
+        acc, asr, ra = (float(c) for c in cells[:3])
+        assert all(0.0 <= v <= 100.0 for v in (acc, asr, ra)), (label, cells)
+    assert table["no defense"][3] == "-" and 0.0 <= float(table["FT-SAM"][3]) <= 100.0
+
+    record = out / "demo_badnet"
+    attack = safe_load(record / "attack_result.pt")
+    assert attack["model_name"] == "preactresnet18" and attack["num_classes"] == 10
+    for name in ("ft-baseline", "ftsam"):
+        result = safe_load(record / "defense" / name / "defense_result.pt", what="defense result")
+        assert set(result) == {"model_name", "num_classes", "model"}
+        assert (record / "defense" / name / f"{name}_df.csv").is_file()
+    # the printed follow-up command points at the record
+    assert f"--result_file {out / 'demo_badnet'}" in stdout
+
+    # the table's FT-SAM row is the defense's own last-epoch metrics
+    import csv
+
+    with open(record / "defense" / "ftsam" / "ftsam_df.csv", newline="") as handle:
+        last = list(csv.DictReader(handle))[-1]
+    assert float(table["FT-SAM"][0]) == pytest.approx(100 * float(last["test_acc"]), abs=0.051)
+    assert float(table["FT-SAM"][1]) == pytest.approx(100 * float(last["test_asr"]), abs=0.051)
+
+    # a second run replaces its own record; a folder the demo did not make is refused
+    (out / "demo_blended").mkdir()
+    code, _, stderr = run_cli(["demo", "--tiny", "--offline", "--attack", "blended", "--out", str(out),
+                               "--cache_dir", str(cache), "--progress", "False"])
+    assert code == 2 and "not made by `ftsam demo`" in stderr
+
+
+def test_given_folder_is_used(tmp_path):
+    folder = make_image_folder(tmp_path / "cifar", n_per_class=4, n_test_per_class=3)
+    calls = []
+    data = demo.select_data(str(folder), str(tmp_path / "cache"), train_per_class=2, test_per_class=2,
+                            download=lambda *a: calls.append(a))
+    assert data.source == "folder" and calls == []  # no download attempt
+    assert (data.n_train, data.n_test) == (20, 20)
+    for split, n in (("train", 2), ("test", 2)):
+        classes = sorted(os.listdir(os.path.join(data.path, split)))
+        assert len(classes) == 10
+        assert all(len(os.listdir(os.path.join(data.path, split, c))) == n for c in classes)
+
+
+def test_given_folder_without_data_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FtsamError, match="no cifar10 data"):
+        demo.select_data(str(tmp_path / "empty"), str(tmp_path / "cache"))
+    with pytest.raises(FtsamError, match="is not a folder"):
+        demo.select_data(str(tmp_path / "missing"), str(tmp_path / "cache"))
+
+
+def test_offline_falls_back_to_digits(tmp_path, monkeypatch):
+    sklearn = pytest.importorskip("sklearn.datasets")
+    tried = []
+    data = demo.select_data(None, str(tmp_path / "cache"), download=lambda cache, timeout: tried.append(1))
+    assert tried == [1] and data.source == "digits"  # download tried, failed (None), digits used
+    # the folder holds all of load_digits, split 4:1 per class, in the same order each time
+    total = len(sklearn.load_digits().target)
+    assert data.n_train + data.n_test == total and abs(data.n_test - total / 5) <= 10
+    again = demo.select_data(None, str(tmp_path / "cache"), offline=True)
+    assert again.path == data.path and again.n_train == data.n_train
+    assert demo.select_data(None, str(tmp_path / "cache"), offline=True,
+                            download=lambda *a: pytest.fail("offline must not download")).source == "digits"
+
+
+def test_unreachable_download_returns_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "CIFAR_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # refused at once
+    assert demo.try_download_cifar(str(tmp_path), timeout=1.0) is None
+
+
+def test_generated_data_without_scikit_learn(tmp_path, monkeypatch):
+    def missing():
+        raise ImportError("No module named 'sklearn'")
+
+    monkeypatch.setattr(demo, "_load_digits", missing)
+    data = demo.select_data(None, str(tmp_path / "cache"), offline=True, train_per_class=3, test_per_class=2)
+    assert data.source == "generated" and "generated" in data.description
+    assert (data.n_train, data.n_test) == (30, 20)
+    assert len(os.listdir(os.path.join(data.path, "train"))) == 10
