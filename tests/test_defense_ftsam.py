@@ -112,13 +112,7 @@ def test_entry_points_run_both_defenses_backdoorbench_style(record, full_run, mo
     assert {"ftsam", "ft-baseline"} <= set(found)
     cls = found["ft-baseline"].load()
     assert cls.name == "ft-baseline" and found["ftsam"].load() is FTSAM
-    monkeypatch.chdir(record.parent.parent)  # the folder holding record/, as in a BackdoorBench checkout
-    parser = argparse.ArgumentParser()
-    cls.add_arguments(parser)
-    args = parser.parse_args(["--result_file", "rec", *FLAGS, "--epochs", "2"])
-    out = cls(args).defense(args.result_file)
-    assert isinstance(out["model"], torch.nn.Module)
-    folder = Path("record/rec/defense/ft-baseline")
+    folder = _run_backdoorbench_style(cls, record, monkeypatch, epochs=2)
     assert (folder / "defense_result.pt").is_file() and (folder / "ft-baseline_df.csv").is_file()
     assert len(read_csv(folder / "ft-baseline_df.csv")) == 2
     assert "rho" not in read_csv(folder / "ft-baseline_df.csv")[0]
@@ -137,13 +131,7 @@ def test_python_m_entry_reports_errors_in_one_line(tmp_path):
 def test_entry_point_runs_ftsam_backdoorbench_style(record, monkeypatch):
     cls = defense_entry_points()["ftsam"].load()
     assert cls is FTSAM
-    monkeypatch.chdir(record.parent.parent)  # the folder holding record/, as in a BackdoorBench checkout
-    parser = argparse.ArgumentParser()
-    cls.add_arguments(parser)
-    args = parser.parse_args(["--result_file", "rec", *FLAGS, "--epochs", "1"])
-    out = cls(args).defense(args.result_file)
-    assert isinstance(out["model"], torch.nn.Module)
-    folder = Path("record/rec/defense/ftsam")
+    folder = _run_backdoorbench_style(cls, record, monkeypatch, epochs=1)
     rows = read_csv(folder / "ftsam_df.csv")
     assert len(rows) == 1 and float(rows[0]["rho"]) == 2.0 and rows[0]["test_acc"] != ""
     assert set(safe_load(folder / "defense_result.pt")) == {"model_name", "num_classes", "model"}
@@ -160,3 +148,15 @@ def test_cli_runs_the_ft_baseline(record):
     rows = read_csv(folder / "ft-baseline_df.csv")
     assert len(rows) == 1 and "rho" not in rows[0] and rows[0]["test_asr"] != ""
     assert (folder / "defense_result.pt").is_file()
+
+
+def _run_backdoorbench_style(cls, record, monkeypatch, epochs):
+    """Run a defense class as BackdoorBench runs its own (add_arguments -> construct -> defense) from the folder
+    holding record/; returns its output folder."""
+    monkeypatch.chdir(record.parent.parent)  # the folder holding record/, as in a BackdoorBench checkout
+    parser = argparse.ArgumentParser()
+    cls.add_arguments(parser)
+    args = parser.parse_args(["--result_file", "rec", *FLAGS, "--epochs", str(epochs)])
+    out = cls(args).defense(args.result_file)
+    assert isinstance(out["model"], torch.nn.Module)
+    return Path(f"record/rec/defense/{cls.name}")
