@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -114,7 +114,7 @@ def record_name(mode: Mode, attack: str) -> str:
     return f"{prefix}cifar10_preactresnet18_w{mode.width:g}_{attack}_e{mode.attack_epochs}"
 
 
-def ensure_record(mode: Mode, attack: str, data: str, cache: str) -> str:
+def ensure_record(mode: Mode, attack: str, data: str, cache: str, env_threads: Optional[int] = None) -> str:
     root = os.path.join(cache, "record")
     name = record_name(mode, attack)
     record = os.path.join(root, name)
@@ -137,16 +137,17 @@ def ensure_record(mode: Mode, attack: str, data: str, cache: str) -> str:
            "--epochs", str(mode.attack_epochs), "--batch_size", "128", "--pratio", "0.1", "--attack_target", "0",
            "--num_workers", "0", "--random_seed", str(mode.seed), "--device", "cpu", "--progress", "False",
            "--save_folder_name", name, "--record_root", root]
-    run_logged(cmd, os.path.join(cache, "logs", f"attack_{name}.log"))
+    env = None if env_threads is None else dict(os.environ, OMP_NUM_THREADS=str(env_threads))
+    run_logged(cmd, os.path.join(cache, "logs", f"attack_{name}.log"), env=env)
     return record
 
 
-def run_logged(cmd: List[str], log_path: str) -> float:
+def run_logged(cmd: List[str], log_path: str, env: Optional[dict] = None) -> float:
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     log("$ " + " ".join(cmd) + f"   (log: {log_path})")
     start = time.perf_counter()
     with open(log_path, "a") as handle:
-        code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     if code != 0:
         sys.exit(f"error: command failed with exit code {code}; see {log_path}")
     return time.perf_counter() - start
@@ -173,44 +174,211 @@ def _isnum(text: str) -> bool:
 # ------------------------------------------------------------------------------------------------ defenses
 
 
-def defense_argv(mode: Mode, defense: str, record: str, epochs: int, rho: Optional[float]) -> List[str]:
-    argv = ["defend", "--defense", defense, "--result_file", record, "--yaml_path", "cifar10",
-            "--device", "cpu", "--num_workers", "0", "--pin_memory", "false", "--non_blocking", "false",
-            "--ratio", f"{mode.ratio:g}", "--random_seed", str(mode.seed), "--epochs", str(epochs),
-            "--eval_every", str(mode.eval_every)]
-    if rho is not None:
-        argv += ["--rho", f"{rho:g}"]
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class Run:
+    """One `ftsam defend` of the study. Its tag names its folders and its committed summary."""
+
+    attack: str
+    defense: str  # "ft-baseline" | "ftsam"
+    epochs: int
+    seed: int = 0
+    rho: Optional[str] = None  # FT-SAM only: a number or "auto"
+    protocol: str = "fixed"
+    eval_every: int = 10
+    group: str = "main"  # which table of the report it belongs to
+
+    @property
+    def tag(self) -> str:
+        head = "ft" if self.defense == "ft-baseline" else f"ftsam_rho{self.rho}"
+        tail = "_bb" if self.protocol == "backdoorbench" else ""
+        return f"{head}_e{self.epochs}_s{self.seed}{tail}"
+
+
+# The recommended CPU setting (FT-SAM rho 4 over 20 epochs) was chosen from the single-seed Blended runs reported
+# in issue 10, i.e. on one of the two attacks reported here; the report says so.
+RECOMMENDED = {"rho": "4", "epochs": 20}
+SEEDS = (0, 1, 2)
+
+
+def full_plan() -> List[Run]:
+    """In priority order: workers take the first run nobody has finished or claimed."""
+    plan: List[Run] = []
+    for seed in SEEDS:  # the 3-seed table at the recommended setting, seed 0 of both attacks first
+        for attack in ("blended", "badnet"):
+            plan += [Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho=RECOMMENDED["rho"], eval_every=5,
+                         group="seeds"),
+                     Run(attack, "ft-baseline", 100, seed, eval_every=10, group="seeds")]
+    for rho in ("2", "8", "4", "1"):  # the full-length rho sweep, where the relapse shows
+        plan.append(Run("blended", "ftsam", 100, 0, rho=rho, eval_every=10, group="sweep"))
+    plan.append(Run("blended", "ftsam", 100, 0, rho="2", protocol="backdoorbench", eval_every=10, group="protocol"))
+    plan.append(Run("badnet", "ftsam", 100, 0, rho="2", eval_every=10, group="sweep"))
+    return plan
+
+
+def quick_plan() -> List[Run]:
+    return [Run(a, d, 2, 0, rho=("2" if d == "ftsam" else None), eval_every=1, group="seeds")
+            for a in ATTACKS for d in ("ft-baseline", "ftsam")]
+
+
+PLANS = {"full": full_plan, "quick": quick_plan}
+
+
+# ------------------------------------------------------------------------------------------------ running one run
+
+
+def defense_argv(mode: Mode, run: Run, record: str, data: str) -> List[str]:
+    argv = ["defend", "--defense", run.defense, "--result_file", record, "--yaml_path", "cifar10",
+            "--dataset_path", data, "--device", "cpu", "--num_workers", "0", "--pin_memory", "false",
+            "--non_blocking", "false", "--ratio", f"{mode.ratio:g}", "--random_seed", str(run.seed),
+            "--epochs", str(run.epochs), "--eval_every", str(run.eval_every)]
+    if run.rho is not None:
+        argv += ["--rho", run.rho]
+    if run.protocol != "fixed":
+        argv += ["--protocol", run.protocol]
     return argv
 
 
-def run_defense(mode: Mode, record: str, cache: str, defense: str, tag: str, epochs: int,
-                rho: Optional[float]) -> str:
-    """`ftsam defend` into <record>/defense/<name>/, then moved to <cache>/runs/<record>/<tag>/ (skip if there)."""
-    dest = os.path.join(cache, "runs", os.path.basename(record), tag)
-    if os.path.isfile(os.path.join(dest, "run.json")):
-        return dest
-    name = "ftsam" if defense == "ftsam" else "ft-baseline"
-    work = os.path.join(record, "defense", name)
-    tag_file = os.path.join(work, "bench_tag.txt")
-    argv = defense_argv(mode, defense, record, epochs, rho)
-    resume = (os.path.isfile(os.path.join(work, "checkpoint", "last.pt")) and os.path.isfile(tag_file)
-              and open(tag_file).read().strip() == tag)
+def run_folder(cache: str, record: str, run: Run) -> str:
+    return os.path.join(cache, "runs", os.path.basename(record), run.tag)
+
+
+def link_record(record: str, folder: str) -> str:
+    """A per-run record folder: links to the record's files, its own defense/ (so runs on one record can overlap)."""
+    rec = os.path.join(folder, "rec")
+    os.makedirs(os.path.join(rec, "defense"), exist_ok=True)
+    for name in os.listdir(record):
+        if name != "defense" and not os.path.lexists(os.path.join(rec, name)):
+            os.symlink(os.path.join(os.path.abspath(record), name), os.path.join(rec, name))
+    return rec
+
+
+def claim(folder: str) -> bool:
+    """Take a run for this process (an O_EXCL pid file; a dead holder's claim is taken over)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "claim.pid")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError):
+                os.unlink(path)  # its holder died: take it over (the defense resumes from its checkpoint)
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
+
+
+def sha256_file(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def execute(mode: Mode, run: Run, record: str, data: str, cache: str, results: str, threads: int) -> None:
+    folder = run_folder(cache, record, run)
+    rec = link_record(record, folder)
+    work = os.path.join(rec, "defense", run.defense)
+    argv = defense_argv(mode, run, rec, data)
+    resume = os.path.isfile(os.path.join(work, "checkpoint", "last.pt"))
     if os.path.isdir(work) and not resume:
         shutil.rmtree(work)
-    os.makedirs(work, exist_ok=True)
-    with open(tag_file, "w") as handle:
-        handle.write(tag + "\n")
     cmd = [sys.executable, "-m", "ftsam_plugin", *argv] + (["--resume", "true"] if resume else [])
-    wall = run_logged(cmd, os.path.join(cache, "logs", f"{os.path.basename(record)}_{tag}.log"))
-    info = {"tag": tag, "defense": defense, "rho": rho, "epochs": epochs, "command": "ftsam " + " ".join(argv),
-            "resumed": resume, "wall_s": wall, "finished": datetime.now().isoformat(timespec="seconds")}
-    with open(os.path.join(work, "run.json"), "w") as handle:
-        json.dump(info, handle, indent=1)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    if os.path.isdir(dest):
-        shutil.rmtree(dest)
-    shutil.move(work, dest)
-    return dest
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    wall = run_logged(cmd, os.path.join(cache, "logs", f"{os.path.basename(record)}_{run.tag}.log"), env=env)
+    rows = read_rows(os.path.join(work, f"{run.defense}_df.csv"))
+    index = open(os.path.join(work, "log", "index.txt")).read().split()
+    import hashlib
+
+    summary = {
+        "tag": run.tag, "run": asdict(run), "record": os.path.basename(record),
+        "record_sha256": sha256_file(os.path.join(record, "attack_result.pt")),
+        "backdoored": read_rows(os.path.join(record, "attack_df.csv"))[-1],
+        "command": "ftsam " + " ".join(a.replace(cache, "<cache>") for a in argv),
+        "resumed": resume, "wall_s": wall, "threads": threads, "times": epoch_times(work), "rows": rows,
+        "subset_size": len(index), "subset_sha256": hashlib.sha256(" ".join(index).encode()).hexdigest(),
+        "log_tail": rho_log_lines(work),
+        "machine": machine_short(), "commit": commit(), "finished": datetime.now().isoformat(timespec="seconds"),
+    }
+    path = os.path.join(results, run.attack, run.tag + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as handle:
+        json.dump(summary, handle, indent=1)
+    os.replace(path + ".tmp", path)
+    log(f"{run.attack} {run.tag}: done in {wall / 60:.1f} min -> {path}")
+
+
+def rho_log_lines(work: str) -> List[str]:
+    """The defense log's lines about choosing rho (the `--rho auto` probe table), if any."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(work, "log", "*.log"))):
+        with open(path) as handle:
+            out += [line.rstrip() for line in handle if "rho auto" in line]
+    return out
+
+
+def machine_short() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def load_results(results: str) -> Dict[Tuple[str, str], dict]:
+    out = {}
+    for path in sorted(glob.glob(os.path.join(results, "*", "*.json"))):
+        with open(path) as handle:
+            item = json.load(handle)
+        out[(item["run"]["attack"], item["tag"])] = item
+    return out
+
+
+def record_ready(record: str) -> bool:
+    return os.path.isfile(os.path.join(record, "attack_result.pt"))
+
+
+def worker(mode: Mode, plan: List[Run], data: str, cache: str, results: str, threads: int,
+           attacks: Sequence[str]) -> None:
+    """Take runs in plan order until none is left; records are trained on demand (one process each)."""
+    while True:
+        done = load_results(results)
+        todo = [r for r in plan if r.attack in attacks and (r.attack, r.tag) not in done]
+        if not todo:
+            log("worker: nothing left to run")
+            return
+        progressed = False
+        for run in todo:
+            record = os.path.join(cache, "record", record_name(mode, run.attack))
+            if not record_ready(record):
+                if os.path.isdir(record):
+                    continue  # being trained by another process: take another run meanwhile
+                record = ensure_record(mode, run.attack, data, cache, env_threads=threads)
+            if claim(run_folder(cache, record, run)):
+                try:
+                    execute(mode, run, record, data, cache, results, threads)
+                finally:
+                    os.unlink(os.path.join(run_folder(cache, record, run), "claim.pid"))
+                progressed = True
+                break
+        if not progressed:
+            log("worker: every remaining run is claimed or waits for a record; checking again in 60 s")
+            time.sleep(60)
 
 
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d:\d\d:\d\d:\d\d) \[INFO\s*\] \[\S+\] epoch (\d+): (.*)$")
@@ -243,30 +411,10 @@ def epoch_times(run_dir: str) -> Dict[str, Optional[float]]:
     return {"train": train, "eval": ev, "n": len(plain)}
 
 
-def run_summary(run_dir: str, partial: bool = False) -> Optional[dict]:
-    """A finished run (run.json there), or with `partial` one still in progress (None if nothing evaluated yet)."""
-    name = "ftsam" if os.path.isfile(os.path.join(run_dir, "ftsam_df.csv")) else "ft-baseline"
-    csv_path = os.path.join(run_dir, f"{name}_df.csv")
-    if partial and not os.path.isfile(csv_path):
-        return None
-    rows = read_rows(csv_path)
-    evals = [r for r in rows if r.get("test_acc") is not None]
-    if not evals:
-        return None
-    info = {}
-    if not partial:
-        with open(os.path.join(run_dir, "run.json")) as handle:
-            info = json.load(handle)
-    index = os.path.join(run_dir, "log", "index.txt")
-    return {"rows": rows, "evals": evals, "last": evals[-1], "info": info, "times": epoch_times(run_dir),
-            "index": open(index).read() if os.path.isfile(index) else None, "partial": partial,
-            "result": os.path.join(run_dir, "defense_result.pt")}
-
-
 # ------------------------------------------------------------------------------------------------ profile
 
 
-def profile_epoch(mode: Mode, record: str, cache: str) -> dict:
+def profile_epoch(mode: Mode, record: str, data: str, cache: str) -> dict:
     """One FT-SAM epoch and one FT epoch on the record, in-process, timed by phase (cached as JSON)."""
     out = os.path.join(cache, "runs", os.path.basename(record), "profile.json")
     if os.path.isfile(out):
@@ -281,7 +429,8 @@ def profile_epoch(mode: Mode, record: str, cache: str) -> dict:
     result = {"threads": torch.get_num_threads()}
     for defense in ("ftsam", "ft-baseline"):
         parser = defense_cli.add_arguments(argparse.ArgumentParser())
-        argv = defense_argv(mode, defense, record, 1, mode.rho if defense == "ftsam" else None)[1:]
+        run = Run("blended", defense, 1, mode.seed, rho=(RECOMMENDED["rho"] if defense == "ftsam" else None))
+        argv = defense_argv(mode, run, record, data)[1:]
         opts = vars(parser.parse_args(argv))
         opts.pop("defense")
         work = os.path.join(cache, "profile_tmp")
@@ -384,158 +533,16 @@ def secs(x: Optional[float]) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
-def write_report(mode: Mode, state: dict, path: str, command: str) -> None:
-    from ftsam_plugin.metrics import der
-
-    lines = [f"# FT vs FT-SAM on CPU ({mode.name} mode)", ""]
-    if mode.name == "quick":
-        lines += ["**Quick mode: a pipeline check on a tiny subset, not a result.**", ""]
-    lines += [
-        f"- Command: `{command}`{state.get('command_note', '')}",
-        f"- Commit: {commit()}; written {datetime.now():%Y-%m-%d %H:%M}",
-        f"- Machine: {machine()}",
-        f"- Data: CIFAR-10 as JPEG q75 (`../shared/data/cifar10-jpeg.tar.xz`)"
-        + (f", subset {mode.train_per_class}/{mode.test_per_class} images per class (train/test)"
-           if mode.train_per_class else ", full 50,000 / 10,000"),
-        f"- Attacks: `ftsam attack`, 10% poison, all-to-one target 0, PreAct-ResNet18 **width {mode.width:g}** "
-        f"(the full-width model trains at ~50 img/s on this CPU, too slow here), {mode.attack_epochs} epochs, "
-        f"batch 128, SGD lr 0.01 cosine.",
-        f"- Defenses: `ftsam defend` with the packaged CIFAR-10 config (SGD lr 0.01 cosine, momentum 0.9, wd 5e-4, "
-        f"batch 256, label smoothing 0.1; FT-SAM: ASAM eta 0, rho {mode.rho:g}), {mode.defense_epochs} epochs, "
-        f"class-balanced {mode.ratio:g} clean subset, seed {mode.seed}, evaluation every {mode.eval_every} epochs "
-        f"(and the last).",
-        "- ACC/ASR/RA in %, DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 in %. Epoch time: mean wall seconds of a "
-        "training epoch without evaluation (from the defense log's per-epoch timestamps, 1 s resolution, averaged), "
-        "while other jobs shared the 2 cores.",
-        "",
-    ]
-    for attack in ATTACKS:
-        entry = state.get(attack)
-        if not entry:
-            lines += [f"## {attack}", "", "_record not finished yet_", ""]
-            continue
-        bd = entry["backdoored"]
-        lines += [f"## {attack} (record `{entry['record_name']}`)", "",
-                  "| defense | epochs | ACC | ASR | RA | DER | s/epoch | eval s | status |",
-                  "|---|---|---|---|---|---|---|---|---|",
-                  f"| no defense | – | {pct(bd['test_acc'])} | {pct(bd['test_asr'])} | {pct(bd['test_ra'])} "
-                  f"| – | – "
-                  f"| – | attack trained {mode.attack_epochs} epochs |"]
-        times = {}
-        for label, key in (("FT", "ft"), (f"FT-SAM ρ={mode.rho:g}", "ftsam")):
-            run = entry.get(key)
-            if run is None:
-                lines.append(f"| {label} | {mode.defense_epochs} | | | | | | | not run yet |")
-                continue
-            last = run["last"]
-            d = der(bd["test_acc"], last["test_acc"], bd["test_asr"], last["test_asr"])
-            times[key] = run["times"]["train"]
-            status = "done"
-            if run.get("partial"):
-                status = (f"**unfinished**: {len(run['rows'])}/{mode.defense_epochs} epochs trained, metrics of "
-                          f"epoch {int(last['epoch'])}")
-            lines.append(f"| {label} | {int(last['epoch'])} | {pct(last['test_acc'])} | {pct(last['test_asr'])} | "
-                         f"{pct(last['test_ra'])} | {pct(d)} | {secs(run['times']['train'])} | "
-                         f"{secs(run['times']['eval'])} | {status} |")
-        lines.append("")
-        if times.get("ft") and times.get("ftsam"):
-            lines += [f"FT-SAM / FT epoch time: **{times['ftsam'] / times['ft']:.2f}×**", ""]
-        if entry.get("ft") and entry.get("ftsam"):
-            same = entry["ft"]["index"] == entry["ftsam"]["index"] and entry["ft"]["index"] is not None
-            n = len(entry["ft"]["index"].split()) if entry["ft"]["index"] else "?"
-            lines += [f"Same clean subset for FT and FT-SAM: {'yes' if same else 'NO'} ({n} images).", ""]
-        if entry.get("ftsam") and entry["ftsam"]["info"]:
-            lines += [f"FT-SAM command: `{entry['ftsam']['info']['command']}`", ""]
-        sweep = entry.get("sweep") or {}
-        if sweep:
-            lines += [f"ρ sweep (FT-SAM, {mode.sweep_epochs} epochs, otherwise the same):", "",
-                      "| ρ | ACC | ASR | RA | DER | s/epoch |", "|---|---|---|---|---|---|"]
-            for rho in sorted(sweep):
-                last = sweep[rho]["last"]
-                d = der(bd["test_acc"], last["test_acc"], bd["test_asr"], last["test_asr"])
-                flag = f" (unfinished: epoch {int(last['epoch'])})" if sweep[rho].get("partial") else ""
-                lines.append(f"| {rho:g}{flag} | {pct(last['test_acc'])} | {pct(last['test_asr'])} | "
-                             f"{pct(last['test_ra'])} | {pct(d)} | {secs(sweep[rho]['times']['train'])} |")
-        lines.append("")
-    prof = state.get("profile")
-    if prof:
-        lines += [f"## Where one epoch's time goes (record `{prof['record']}`, "
-                  f"{prof['data']['threads']} torch threads)",
-                  "", "| phase | FT-SAM s | FT-SAM % | FT s | FT % |", "|---|---|---|---|---|"]
-        a, b = prof["data"]["ftsam"], prof["data"]["ft-baseline"]
-        rows = (("data loading (decode, augment, collate)", "data_s"),
-                ("forward + backward (FT-SAM: both passes)", "forward_backward_s"),
-                ("SAM first_step (grad norm, perturb)", "first_step_s"),
-                ("SAM second_step / SGD step (restore, update)", "second_step_s"),
-                ("other (loop overhead)", "other_s"))
-        for label, key in rows:
-            lines.append(f"| {label} | {a[key]:.3f} | {100 * a[key] / a['epoch_s']:.1f} | {b[key]:.3f} | "
-                         f"{100 * b[key] / b['epoch_s']:.1f} |")
-        lines.append(f"| **training epoch** ({a['images']} images, {a['batches']} batches) | {a['epoch_s']:.2f} "
-                     f"| 100 | "
-                     f"{b['epoch_s']:.2f} | 100 |")
-        lines.append(f"| evaluation ({a['eval_images']} images: clean test + backdoor test) | {a['eval_s']:.2f} | | "
-                     f"{b['eval_s']:.2f} | |")
-        lines += ["", f"Profiled FT-SAM/FT epoch ratio: {a['epoch_s'] / b['epoch_s']:.2f}×.", ""]
-    if state.get("plot"):
-        lines += [f"![ACC and ASR per epoch]({os.path.basename(state['plot'])})", ""]
-    checks = []
-    for attack in ATTACKS:
-        entry = state.get(attack) or {}
-        if entry.get("ft") and entry.get("ftsam") and not (entry["ft"]["partial"] or entry["ftsam"]["partial"]):
-            bd, ft, sam = entry["backdoored"], entry["ft"]["last"], entry["ftsam"]["last"]
-            drop = 100 * (bd["test_acc"] - sam["test_acc"])
-            checks += [
-                f"{attack}: FT-SAM ASR ≤ 5%: **{'met' if sam['test_asr'] <= 0.05 else 'NOT met'}** "
-                f"({pct(sam['test_asr'])}%); clean-accuracy drop ≤ 2 points: "
-                f"**{'met' if drop <= 2 else 'NOT met'}** ({drop:.2f} points); FT leaves the backdoor "
-                f"(ASR > 5%): {'yes' if ft['test_asr'] > 0.05 else 'no'} ({pct(ft['test_asr'])}%)",
-            ]
-            t_ft, t_sam = entry["ft"]["times"]["train"], entry["ftsam"]["times"]["train"]
-            if t_ft and t_sam:
-                verdict = "met" if t_sam / t_ft <= 2.0 else "NOT met"
-                checks.append(f"{attack}: FT-SAM epoch time ≤ 2.0× FT's: **{verdict}** ({t_sam / t_ft:.2f}×)")
-    if checks:
-        lines += ["## Targets", ""] + [f"- {c}" for c in checks] + [""]
-    notes = (state.get("notes") or []) + list(mode.notes)
-    if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write("\n".join(lines))
-    os.replace(tmp, path)
-
-
-def plot(state: dict, path: str) -> Optional[str]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    panels = [a for a in ATTACKS if state.get(a) and (state[a].get("ft") or state[a].get("ftsam"))]
-    if not panels:
-        return None
-    fig = Figure(figsize=(6 * len(panels), 4))
-    FigureCanvasAgg(fig)
-    for k, attack in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
-        for key, label, colour in (("ft", "FT", "tab:blue"), ("ftsam", "FT-SAM", "tab:red")):
-            run = state[attack].get(key)
-            if not run:
-                continue
-            ep = [r["epoch"] for r in run["evals"]]
-            ax.plot(ep, [100 * r["test_asr"] for r in run["evals"]], "-o", ms=3, color=colour, label=f"{label} ASR")
-            ax.plot(ep, [100 * r["test_acc"] for r in run["evals"]], "--", color=colour, label=f"{label} ACC")
-        bd = state[attack]["backdoored"]
-        ax.axhline(100 * bd["test_asr"], color="grey", lw=0.8, ls=":", label="backdoored ASR")
-        ax.set_title(attack)
-        ax.set_xlabel("defense epoch")
-        ax.set_ylabel("%")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str) -> None:
+    done = load_results(results)
+    lines = [f"# FT vs FT-SAM on CPU ({mode.name} mode)", "", f"{len(done)}/{len(plan)} runs finished", ""]
+    for (attack, tag), item in sorted(done.items()):
+        last = [r for r in item["rows"] if r.get("test_acc") is not None][-1]
+        lines.append(f"- {attack} {tag}: ACC {pct(last['test_acc'])} ASR {pct(last['test_asr'])}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.replace(out + ".tmp", out)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -545,97 +552,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="pipeline check on a data subset (< 10 min)")
     parser.add_argument("--cache", default=os.path.join(REPO, "benchmarks", ".cache"), help="cache folder")
+    parser.add_argument("--results", help="folder of the per-run summaries (default "
+                                          "benchmarks/results/defense_cpu_runs[_quick]/); committed")
     parser.add_argument("--out", help="results markdown (default benchmarks/results/defense_cpu[_quick].md)")
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
-    parser.add_argument("--attack_epochs", type=int)
-    parser.add_argument("--defense_epochs", type=int)
-    parser.add_argument("--eval_every", type=int)
-    parser.add_argument("--sweep_rhos", type=float, nargs="*", help="FT-SAM rho sweep (empty: none)")
-    parser.add_argument("--sweep_epochs", type=int)
-    parser.add_argument("--skip", nargs="*", default=[], choices=("sweep", "profile"), help="stages to skip")
-    parser.add_argument("--report_only", action="store_true", help="rewrite the report from the cache, run nothing")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per defense (default 1: run one worker per core)")
+    parser.add_argument("--profile", action="store_true", help="also profile one epoch of FT-SAM and FT")
+    parser.add_argument("--report_only", action="store_true", help="rewrite the report from the summaries")
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
-    for key in ("attack_epochs", "defense_epochs", "eval_every", "sweep_epochs"):
-        if getattr(args, key) is not None:
-            setattr(mode, key, getattr(args, key))
-    if args.sweep_rhos is not None:
-        mode.sweep_rhos = tuple(args.sweep_rhos)
+    suffix = "_quick" if args.quick else ""
     cache = os.path.abspath(args.cache)
-    out = args.out or os.path.join(REPO, "benchmarks", "results", f"defense_cpu{'_quick' if args.quick else ''}.md")
-    png = os.path.splitext(out)[0] + ".png"
-    command = "python benchmarks/defense_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    command = command.strip()
-    note = ""
-    if args.report_only:
-        command = command.replace(" --report_only", "")
-        note = " (this file was regenerated from cached results with `--report_only`; unfinished rows are marked)"
-    state: dict = {"notes": [], "command_note": note}
-
-    def report():
-        state["plot"] = plot(state, png)
-        write_report(mode, state, out, command)
-
-    data = unpack(cache)
-    if mode.train_per_class:
-        data = quick_subset(data, cache, mode.train_per_class, mode.test_per_class)
-    records = {}
-
-    def collect(attack: str, key: str, tag: str) -> Optional[dict]:
-        run_dir = os.path.join(cache, "runs", os.path.basename(records[attack]), tag)
-        if os.path.isfile(os.path.join(run_dir, "run.json")):
-            return run_summary(run_dir)
-        # still running (or interrupted): the defense's working folder, if it belongs to this tag
-        name = "ftsam" if tag.startswith("ftsam") else "ft-baseline"
-        work = os.path.join(records[attack], "defense", name)
-        tag_file = os.path.join(work, "bench_tag.txt")
-        if os.path.isfile(tag_file) and open(tag_file).read().strip() == tag:
-            return run_summary(work, partial=True)
-        return None
-
-    main_tags = {"ft": ("ft-baseline", f"ft_e{mode.defense_epochs}", None),
-                 "ftsam": ("ftsam", f"ftsam_rho{mode.rho:g}_e{mode.defense_epochs}", mode.rho)}
-    for attack in args.attacks:  # record, then the main comparison on it, one attack at a time
-        rec = os.path.join(cache, "record", record_name(mode, attack))
-        if args.report_only and not os.path.isfile(os.path.join(rec, "attack_result.pt")):
-            continue
-        records[attack] = rec if args.report_only else ensure_record(mode, attack, data, cache)
-        bd_rows = read_rows(os.path.join(records[attack], "attack_df.csv"))
-        last = bd_rows[-1]
-        state[attack] = {"record_name": os.path.basename(records[attack]), "backdoored": last}
-        if not mode.train_per_class and (last["test_acc"] < 0.80 or last["test_asr"] < 0.90):
-            state["notes"].append(f"{attack} record is below the target (ACC {pct(last['test_acc'])}, "
-                                  f"ASR {pct(last['test_asr'])}; wanted ≥ 80 / ≥ 90)")
-        log(f"{attack}: backdoored ACC {pct(last['test_acc'])} ASR {pct(last['test_asr'])} RA {pct(last['test_ra'])}")
-        report()
-        for key, (defense, tag, rho) in main_tags.items():
-            if not args.report_only:
-                run_defense(mode, records[attack], cache, defense, tag, mode.defense_epochs, rho)
-            state[attack][key] = collect(attack, key, tag)
-            if state[attack][key]:
-                m = state[attack][key]["last"]
-                log(f"{attack} {tag}: ACC {pct(m['test_acc'])} ASR {pct(m['test_asr'])} RA {pct(m['test_ra'])}")
-            report()
-    if "profile" not in args.skip and records:
-        rec = records.get("blended") or next(iter(records.values()))
-        prof_path = os.path.join(cache, "runs", os.path.basename(rec), "profile.json")
-        if not args.report_only or os.path.isfile(prof_path):
-            state["profile"] = {"record": os.path.basename(rec), "data": profile_epoch(mode, rec, cache)}
-        report()
-    if "sweep" not in args.skip:
-        for rho in mode.sweep_rhos:
-            for attack in records:
-                if rho == mode.rho and mode.sweep_epochs == mode.defense_epochs:
-                    run = state[attack].get("ftsam")
-                else:
-                    tag = f"ftsam_rho{rho:g}_e{mode.sweep_epochs}"
-                    if not args.report_only:
-                        run_defense(mode, records[attack], cache, "ftsam", tag, mode.sweep_epochs, rho)
-                    run = collect(attack, "sweep", tag)
-                if run:
-                    state[attack].setdefault("sweep", {})[rho] = run
-                report()
-    report()
+    results = args.results or os.path.join(REPO, "benchmarks", "results", f"defense_cpu_runs{suffix}")
+    out = args.out or os.path.join(REPO, "benchmarks", "results", f"defense_cpu{suffix}.md")
+    plan = PLANS[mode.name]()
+    if not args.report_only:
+        data = unpack(cache)
+        if mode.train_per_class:
+            data = quick_subset(data, cache, mode.train_per_class, mode.test_per_class)
+        worker(mode, plan, data, cache, results, args.threads, args.attacks)
+        if args.profile:
+            rec = os.path.join(cache, "record", record_name(mode, "blended"))
+            profile_epoch(mode, rec, data, cache)
+    write_report(mode, plan, results, cache, out)
     log(f"report: {out}")
     return 0
 
