@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -333,16 +333,17 @@ def run_attack(data: DemoData, out: str, name: str, attack: str, epochs: int, wi
     return record
 
 
-def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optional[float], device: str,
-                seed: int) -> dict:
-    """Run `ftsam defend --defense <defense>` (console log quiet); returns its last-epoch metrics and timing."""
+def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optional[str], device: str,
+                seed: int, eval_every: int = 1) -> dict:
+    """Run `ftsam defend --defense <defense>` (console log quiet); returns its last-epoch metrics, timing and the
+    per-epoch history (`curve`: epoch, test_acc, test_asr of every evaluated epoch)."""
     from ftsam_plugin.defense import cli as defense_cli
     from ftsam_plugin.defense.ftsam import DEFENSES
 
     parser = defense_cli.add_arguments(argparse.ArgumentParser())
     argv = ["--defense", defense, "--result_file", record, "--yaml_path", "cpu", "--epochs", str(epochs),
             "--ratio", str(ratio), "--device", device, "--num_workers", "0", "--random_seed", str(seed),
-            "--eval_every", str(max(1, epochs // 4))]  # the last epoch is always evaluated
+            "--eval_every", str(eval_every)]  # the last epoch is always evaluated
     if rho is not None:
         argv += ["--rho", str(rho)]
     opts = vars(parser.parse_args(argv))
@@ -355,8 +356,11 @@ def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optio
     result = os.path.join(record, "defense", DEFENSES[defense].name, "defense_result.pt")
     if not os.path.isfile(result):
         raise FtsamError(f"{defense} finished without writing {result}")
+    curve = [{k: row[k] for k in ("epoch", "test_acc", "test_asr")} for row in obj.history
+             if row.get("test_acc") is not None]
     return {"test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"],
-            "seconds": seconds, "result": result, "rho": getattr(obj.args, "rho", None)}
+            "seconds": seconds, "result": result, "rho": getattr(obj.args, "rho", None), "curve": curve,
+            "probes": [asdict(p) for p in getattr(obj, "rho_probes", [])]}
 
 
 def format_table(rows: Sequence[Tuple[str, dict]], baseline: dict) -> str:

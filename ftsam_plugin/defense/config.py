@@ -51,7 +51,9 @@ BB_KEYS = {
     # ft-sam extras
     "rho", "rho_max", "rho_min", "adaptive", "label_smoothing", "alpha",
 }
-OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width"}
+OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width",
+            "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout"}
+RHO_AUTO = "auto"  # `--rho auto`: chosen from the clean subset (rho_auto.py)
 KNOWN_KEYS = BB_KEYS | OUR_KEYS
 
 
@@ -61,6 +63,23 @@ def _int_list(value):
         return [int(v) for v in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a list of integers like '50,75', got '{value}'") from None
+
+
+def _rho(value):
+    if str(value).strip().lower() == RHO_AUTO:
+        return RHO_AUTO
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{value}'") from None
+
+
+def _float_list(value):
+    text = str(value).strip().strip("[]")
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a list of numbers like '1,2,4,8', got '{value}'") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -102,7 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--index", type=str, help="text file with the clean-subset indices (one per line); overrides --ratio")
     add("--width", type=float, help="model width multiplier if the record does not say")
     # SAM
-    add("--rho", type=float, help="SAM neighbourhood size (ASAM scale: 2 cifar, 8 gtsrb/tiny)")
+    add("--rho", type=_rho, help="SAM neighbourhood size (ASAM scale: 2 cifar, 8 gtsrb/tiny), or 'auto': chosen "
+                                 "from the clean subset by short probes (see --rho_auto_*)")
+    add("--rho_auto_budget", type=float,
+        help="--rho auto: largest allowed drop of held-out clean accuracy, in points (default 2)")
+    add("--rho_auto_grid", type=_float_list, help="--rho auto: the rho values probed (default 1,2,4,8)")
+    add("--rho_auto_epochs", type=int, help="--rho auto: epochs per probe (default 3)")
+    add("--rho_auto_holdout", type=float, help="--rho auto: fraction of the clean subset held out (default 0.2)")
     add("--rho_max", type=float, help="BackdoorBench alias of --rho")
     add("--rho_min", type=float, help="BackdoorBench alias of --rho (must equal rho_max)")
     add("--adaptive", type=str2bool, help="ASAM (true, default) or SAM (false)")
@@ -198,6 +223,29 @@ def _num(cfg, key, kind):
         raise FtsamError(f"{key} must be a number, got {value!r}; fix --{key} or the YAML") from None
 
 
+def _rho_auto_settings(cfg: Dict):
+    from .rho_auto import AutoRhoSettings
+
+    default = AutoRhoSettings()
+    grid = cfg.get("rho_auto_grid")
+    if grid is not None and not isinstance(grid, (list, tuple)):
+        try:
+            grid = _float_list(grid)
+        except argparse.ArgumentTypeError as exc:
+            raise FtsamError(f"rho_auto_grid: {exc}; fix --rho_auto_grid or the YAML") from None
+    try:
+        grid = tuple(float(r) for r in grid) if grid is not None else default.grid
+    except (TypeError, ValueError):
+        raise FtsamError(f"rho_auto_grid must be a list of numbers, got {grid!r}; fix the YAML") from None
+    values = {k: cfg.get(f"rho_auto_{k}") for k in ("budget", "holdout")}
+    settings = AutoRhoSettings(
+        budget=default.budget if values["budget"] is None else _num(cfg, "rho_auto_budget", float),
+        grid=grid,
+        probe_epochs=default.probe_epochs if cfg.get("rho_auto_epochs") is None else _num(cfg, "rho_auto_epochs", int),
+        holdout=default.holdout if values["holdout"] is None else _num(cfg, "rho_auto_holdout", float))
+    return settings.check()
+
+
 def apply_protocol(cfg: Dict, uses_sam: bool, given=()) -> Dict[str, tuple]:
     """Under protocol 'backdoorbench', set the values the reference effectively ran with (ftsam: rho 2, label
     smoothing 0.1, adaptive, eta 0 on every dataset, whatever its YAML said; ft-baseline: plain CE), except for the
@@ -234,8 +282,13 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
                 raise FtsamError(f"{key} must be true or false, got {cfg[key]!r}; fix the YAML") from None
     for key in ("epochs", "batch_size", "num_workers", "random_seed", "eval_every"):
         cfg[key] = _num(cfg, key, int)
+    cfg["rho_auto"] = uses_sam and str(cfg.get("rho")).strip().lower() == RHO_AUTO
     for key in ("lr", "sgd_momentum", "wd", "ratio", "rho", "eta", "alpha", "label_smoothing"):
-        cfg[key] = _num(cfg, key, float)
+        if not (key == "rho" and cfg["rho_auto"]):
+            cfg[key] = _num(cfg, key, float)
+    if cfg["rho_auto"]:
+        cfg["rho"] = RHO_AUTO
+        cfg["rho_auto_settings"] = _rho_auto_settings(cfg)
     cfg["protocol_overrides"] = apply_protocol(cfg, uses_sam, given)
     if cfg["epochs"] < 1:
         raise FtsamError(f"epochs must be >= 1, got {cfg['epochs']}; fix --epochs")
@@ -275,7 +328,7 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
     if str(cfg["amp_dtype"]) not in AMP_DTYPES:
         raise FtsamError(f"amp_dtype must be bf16 or fp16, got {cfg['amp_dtype']!r}; fix --amp_dtype")
     if uses_sam:
-        if cfg["rho"] <= 0:
+        if not cfg["rho_auto"] and cfg["rho"] <= 0:
             raise FtsamError(f"rho must be > 0, got {cfg['rho']}; fix --rho")
         if cfg["eta"] < 0:
             raise FtsamError(f"eta must be >= 0, got {cfg['eta']}; fix --eta")

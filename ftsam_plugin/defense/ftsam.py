@@ -7,12 +7,17 @@ Run standalone: `python -m ftsam_plugin.defense.ftsam --result_file <record> [--
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 import torch
 
 from . import ddp
+from .config import RHO_AUTO
 from .finetune import FineTune
+
+logger = logging.getLogger("ftsam_plugin.defense")
 
 __all__ = ["FTSAM", "FineTune", "main"]
 
@@ -42,6 +47,33 @@ class FTSAM(FineTune):
         cls, kwargs = self._base_optimizer()
         return SAM([p for p in model.parameters() if p.requires_grad], cls, rho=args.rho, adaptive=args.adaptive,
                    eta=args.eta, restore=restore, **kwargs)
+
+    def choose_subset(self):
+        self._subset = super().choose_subset()
+        return self._subset
+
+    def setup_training(self, model: torch.nn.Module) -> None:
+        if self.args.rho == RHO_AUTO:  # `--rho auto`: choose it from the clean subset first (rho_auto.py)
+            self.args.rho = self._auto_rho(model)
+        super().setup_training(model)
+
+    def _auto_rho(self, model: torch.nn.Module) -> float:
+        from ftsam_plugin.io import safe_load
+
+        from .finetune import _labels, _raw
+        from .rho_auto import choose_rho
+
+        ckpt = os.path.join(self.args.checkpoint_save, "last.pt")
+        if self.args.resume and os.path.isfile(ckpt):  # keep the run's choice (the probes are not bit-exact on CPU)
+            rho = (safe_load(ckpt, what="defense checkpoint").get("config") or {}).get("rho")
+            if isinstance(rho, (int, float)):
+                logger.info("rho auto: resuming with rho %g, chosen by the run being resumed", rho)
+                return float(rho)
+        labels = _labels(_raw(self.result["clean_train"]))
+        subset = getattr(self, "_subset", None) or self.choose_subset()
+        rho, self.rho_probes, _ = choose_rho(self, model, subset, [labels[i] for i in subset],
+                                             self.args.rho_auto_settings)
+        return float(ddp.all_gather_objects(rho, self.dist)[0])  # every rank takes rank 0's choice
 
     def train_step(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
         from ftsam_plugin.optim import freeze_bn
