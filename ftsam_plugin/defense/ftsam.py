@@ -6,15 +6,15 @@ Run standalone: `python -m ftsam_plugin.defense.ftsam --result_file <record> [--
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from . import ddp
 from .finetune import FineTune
+from .registry import DEFENSES
 
-__all__ = ["FTSAM", "FineTune", "main"]
+__all__ = ["FTSAM", "FineTune", "DEFENSES"]
 
 
 class FTSAM(FineTune):
@@ -65,18 +65,7 @@ class FTSAM(FineTune):
         return {"rho": float(self.optimizer.param_groups[0]["rho"])}
 
 
-DEFENSES = {FTSAM.name: FTSAM, FineTune.name: FineTune}
-
-
-def main(argv=None) -> int:
-    """`python -m ftsam_plugin.defense.ftsam`: the same flags and error handling as `ftsam defend`."""
-    from .cli import add_arguments, run
-    from ftsam_plugin.cli import run_reporting_errors
-
-    parser = argparse.ArgumentParser(prog="python -m ftsam_plugin.defense.ftsam", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    add_arguments(parser)
-    return run_reporting_errors(run, parser.parse_args(argv))
-
 if __name__ == "__main__":
+    from ftsam_plugin.defense.cli import main  # the script; the CLI sits above this module, never imported by it
+
     sys.exit(main())
