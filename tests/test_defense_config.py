@@ -10,7 +10,8 @@ import yaml
 
 from ftsam_plugin.defense import config
 from ftsam_plugin.defense.ddp import resolve_device
-from ftsam_plugin.defense.finetune import class_balanced_subset, read_index_file, smooth_crossentropy
+from ftsam_plugin.defense.losses import smooth_crossentropy
+from ftsam_plugin.defense.subsets import choose_by_class, class_balanced_subset, read_index_file
 from ftsam_plugin.defense.ftsam import FTSAM, FineTune
 from ftsam_plugin.errors import FtsamError
 
@@ -147,7 +148,7 @@ def test_subset_backdoorbench_protocol_equals_reference():
     expected = []
     for k in range(c):
         expected += np.random.choice(by_class[k], int(len(labels) * ratio / c), replace=False).tolist()
-    assert class_balanced_subset(labels, c, ratio, seed, "backdoorbench") == expected
+    assert choose_by_class(labels, c, ratio, seed) == expected
 
 
 def test_subset_fixed_is_balanced_and_seeded():

@@ -135,9 +135,9 @@ def test_sigint_handler_is_removed_after_the_run(record, reference):
 
 
 def test_second_sigint_aborts_at_once():
-    from ftsam_plugin.defense.finetune import _StopOnSigint
+    from ftsam_plugin.defense.signals import StopOnSigint
 
-    with _StopOnSigint() as stop:
+    with StopOnSigint() as stop:
         os.kill(os.getpid(), signal.SIGINT)  # first: only a request
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):

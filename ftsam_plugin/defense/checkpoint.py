@@ -1,13 +1,112 @@
-"""Per-epoch checkpoints that load with `ftsam_plugin.io.safe_load` (tensors, numbers, strings, lists, dicts only)."""
+"""Per-epoch checkpoints that load with `ftsam_plugin.io.safe_load` (tensors, numbers, strings, lists, dicts only).
+
+`save_checkpoint` writes `last.pt` (weights, optimizer, scheduler, GradScaler, every rank's RNG states, the clean
+subset, the CSV history, the settings of `RESUME_KEYS`); `load_checkpoint` restores them after checking that the
+run is the same (settings, subset, number of processes).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["rng_state", "set_rng_state", "plain"]
+from ftsam_plugin.errors import FtsamError
+
+__all__ = ["CHECKPOINT_FORMAT", "RESUME_KEYS", "resume_config", "save_checkpoint", "load_checkpoint", "rng_state",
+           "set_rng_state", "plain"]
+
+logger = logging.getLogger("ftsam_plugin.defense")
+
+CHECKPOINT_FORMAT = "ftsam-defense-checkpoint"
+# settings a resumed run must share with the run that wrote the checkpoint
+# (everything that changes the weights or the CSV; num_workers too: it decides which RNG seeds the augmentations,
+# the main process's or the DataLoader workers'). device, pin_memory, non_blocking and paths may change.
+RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd", "random_seed",
+               "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
+               "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
+               "amp", "amp_dtype", "eval_every", "num_workers")
+SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore")  # unused by plain fine-tuning
+
+
+def resume_config(cfg: dict, uses_sam: bool) -> dict:
+    """The RESUME_KEYS settings of the config `cfg` as stored in (and compared with) a checkpoint."""
+    cfg = dict(cfg)
+    if not cfg.get("amp"):
+        cfg["amp_dtype"] = None  # unused without AMP
+    if not uses_sam:
+        for key in SAM_ONLY_KEYS:
+            cfg[key] = None
+    return plain({k: cfg.get(k) for k in RESUME_KEYS})
+
+
+def save_checkpoint(path: str, *, defense: str, epoch: int, model_state: dict, optimizer, scheduler, scaler,
+                    indices: Sequence[int], history: List[dict], config: dict, rngs: Optional[list] = None) -> None:
+    """Write the checkpoint `path` atomically. `rngs`: every rank's `rng_state()` in rank order (default: this
+    process's only); resume restores each rank's own state (a fresh run seeds rank r with random_seed + r)."""
+    from ftsam_plugin.io import atomic_save
+
+    state = {
+        "format": CHECKPOINT_FORMAT, "version": 1, "defense": defense, "epoch": int(epoch),
+        "model": model_state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),  # rank 0's (what single-process checkpoints always had)
+        "rng_ranks": rngs if rngs is not None else [rng_state()],
+        "subset": torch.tensor(list(indices), dtype=torch.int64),
+        "history": plain(history),
+        "config": config,
+    }
+    atomic_save(state, path)
+
+
+def load_checkpoint(path: str, *, defense: str, model: torch.nn.Module, optimizer, scheduler, scaler,
+                    indices: Sequence[int], config: dict, world_size: int = 1, rank: int = 0) -> Tuple[int, list]:
+    """Restore `path` into model, optimizer, scheduler, scaler and this rank's RNGs; returns (next epoch, history).
+
+    FtsamError (naming the fix) when it is missing, another defense's, made with other `config` settings, on
+    another clean subset or by another number of processes, or does not fit the model.
+    """
+    from ftsam_plugin.io import safe_load
+
+    if not os.path.isfile(path):
+        raise FtsamError(f"no checkpoint at {path} to resume from; run without --resume")
+    state = safe_load(path, what="defense checkpoint")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise FtsamError(f"{path} is not a {defense} checkpoint; delete it or run without --resume")
+    if state.get("defense") != defense:
+        raise FtsamError(f"{path} was written by '{state.get('defense')}', not '{defense}'; run without --resume")
+    try:
+        for key, old in state["config"].items():
+            if config.get(key) != old:
+                raise FtsamError(f"checkpoint {path} was made with {key}={old!r}, now {config.get(key)!r}; "
+                                 f"use the same settings or run without --resume")
+        if state["subset"].tolist() != list(indices):
+            raise FtsamError(f"checkpoint {path} used another clean subset; use the same data or run without "
+                             f"--resume")
+        epoch = int(state["epoch"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        if len(rngs) != world_size:
+            raise FtsamError(f"checkpoint {path} was made by {len(rngs)} process(es), now {world_size}; resume "
+                             f"with the same number of processes or run without --resume")
+        set_rng_state(rngs[rank])  # each rank continues its own random stream
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise FtsamError(f"checkpoint {path} does not fit this model or run ({detail}); delete it or run without "
+                         f"--resume") from None
+    logger.info("resumed from %s after epoch %d", path, epoch)
+    return epoch + 1, list(state["history"])
 
 
 def rng_state() -> dict:

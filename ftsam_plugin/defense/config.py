@@ -15,6 +15,9 @@ from typing import Dict
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.settings import read_yaml, str2bool  # str2bool re-exported for compatibility
 
+from .factories import BASE_OPTIMIZERS, SCHEDULERS
+from .protocols import PROTOCOLS, get_recipe
+
 __all__ = [
     "add_arguments",
     "str2bool",
@@ -32,14 +35,10 @@ logger = logging.getLogger("ftsam_plugin.defense")
 
 CONFIG_PACKAGE = "ftsam_plugin"
 DEFAULT_CONFIG_FOLDER = "ftsam"
-PROTOCOLS = ("fixed", "backdoorbench")
 AMP_DTYPES = ("bf16", "fp16")
-# the registries' keys (finetune.SCHEDULERS / BASE_OPTIMIZERS are built from these; matched case-insensitively)
-SCHEDULER_NAMES = ("CosineAnnealingLR", "ReduceLROnPlateau", "StepLR", "MultiStepLR", "none")
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
-# what the reference effectively ran under `--protocol backdoorbench` (its non-None argparse defaults beat the YAML)
-BB_SAM_EFFECTIVE = {"rho": 2.0, "label_smoothing": 0.1, "adaptive": True, "eta": 0.0}
-BB_FT_EFFECTIVE = {"label_smoothing": 0.0}  # BackdoorBench's ft: plain cross-entropy
+# the registries' keys (scheduler names matched case-insensitively)
+SCHEDULER_NAMES = tuple(SCHEDULERS)
+OPTIMIZER_NAMES = tuple(BASE_OPTIMIZERS)
 
 # Keys a YAML may hold. BackdoorBench's keys first (some are accepted and unused: they appear in its YAMLs).
 BB_KEYS = {
@@ -137,9 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--restore", type=str, choices=("copy", "subtract"), help="how SAM undoes the perturbation")
     # run control
     add("--eval_every", type=int, help="evaluate ACC/ASR/RA every k epochs (the last epoch always)")
-    add("--protocol", type=str, choices=PROTOCOLS,
-        help="fixed (default) or backdoorbench (reproduce the reference: schedule, subset, restore, and its "
-             "effective rho 2 / label smoothing 0.1 for ftsam, label smoothing 0 for ft-baseline, unless given)")
+    add("--protocol", type=str, choices=sorted(PROTOCOLS),
+        help="; ".join(f"{p.name}: {p.help}" for p in PROTOCOLS.values()) + " (default: fixed)")
     add("--resume", type=str2bool, nargs="?", const=True, help="continue from <save_path>/checkpoint/last.pt")
     add("--bd_yaml_path", type=str, help="accepted for BackdoorBench compatibility; unused")
     add("--checkpoint_path", type=str, help="accepted for BackdoorBench compatibility; unused")
@@ -247,23 +245,12 @@ def _rho_auto_settings(cfg: Dict):
 
 
 def apply_protocol(cfg: Dict, uses_sam: bool, given=()) -> Dict[str, tuple]:
-    """Under protocol 'backdoorbench', set the values the reference effectively ran with (ftsam: rho 2, label
-    smoothing 0.1, adaptive, eta 0 on every dataset, whatever its YAML said; ft-baseline: plain CE), except for the
-    keys in `given` (flags given on the command line). Returns {key: (config value, value used)} for what changed."""
-    if cfg.get("protocol") != "backdoorbench":
-        return {}
+    """Set the values cfg['protocol']'s recipe imposes (see `protocols.Recipe`), except for the keys in `given`
+    (flags given on the command line). Returns {key: (config value, value used)} for what changed."""
     given = set(given)
     if "rho_max" in given:
         given.add("rho")
-    changed = {}
-    for key, value in (BB_SAM_EFFECTIVE if uses_sam else BB_FT_EFFECTIVE).items():
-        if key in given:
-            continue
-        old = cfg.get(key)
-        if old != value:
-            cfg[key] = value
-            changed[key] = (old, value)
-    return changed
+    return get_recipe(cfg["protocol"], uses_sam).apply(cfg, given)
 
 
 def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
@@ -289,6 +276,8 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
     if cfg["rho_auto"]:
         cfg["rho"] = RHO_AUTO
         cfg["rho_auto_settings"] = _rho_auto_settings(cfg)
+    if not isinstance(cfg["protocol"], str) or cfg["protocol"] not in PROTOCOLS:
+        raise FtsamError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg['protocol']!r}")
     cfg["protocol_overrides"] = apply_protocol(cfg, uses_sam, given)
     if cfg["epochs"] < 1:
         raise FtsamError(f"epochs must be >= 1, got {cfg['epochs']}; fix --epochs")
@@ -323,8 +312,6 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
         raise FtsamError(f"ratio must be in (0, 1], got {cfg['ratio']}; fix --ratio")
     if not 0.0 <= cfg["label_smoothing"] < 1.0:
         raise FtsamError(f"label_smoothing must be in [0, 1), got {cfg['label_smoothing']}; fix --label_smoothing")
-    if cfg["protocol"] not in PROTOCOLS:
-        raise FtsamError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg['protocol']!r}")
     if str(cfg["amp_dtype"]) not in AMP_DTYPES:
         raise FtsamError(f"amp_dtype must be bf16 or fp16, got {cfg['amp_dtype']!r}; fix --amp_dtype")
     if uses_sam:
@@ -339,6 +326,6 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
             logger.warning("rho_min %s != rho_max %s: the proportional rho schedule is not implemented, "
                            "using a constant rho = %s", rmin, rmax, cfg["rho"])
     if cfg.get("restore") is None:
-        cfg["restore"] = "subtract" if cfg["protocol"] == "backdoorbench" else "copy"
+        cfg["restore"] = get_recipe(cfg["protocol"], uses_sam).restore
     return cfg
 

@@ -1,151 +1,50 @@
 """Vanilla fine-tuning on a clean subset: the pipeline FT-SAM shares (BackdoorBench's defense interface).
 
-`FineTune` owns everything (config, record, subset, loaders, schedule, evaluation, checkpoints, outputs);
-`FTSAM` (in `ftsam.py`) overrides only `create_optimizer` and `train_step`, so the two differ only in the optimizer.
+`FineTune` runs the pipeline (config, record, subset, loaders, schedule, evaluation, checkpoints, outputs) and asks
+the protocol's recipe (`protocols.py`) for every choice that differs between protocols; `FTSAM` (in `ftsam.py`)
+overrides only `create_optimizer` and `train_step`, so the two differ only in the optimizer. The pieces live by
+concern: losses.py, subsets.py, factories.py (optimizers, schedulers), checkpoint.py, plotting.py, signals.py,
+locations.py (record and output folders).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from pprint import pformat
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.settings import seed_everything
 
 from . import ddp
-from .checkpoint import plain, rng_state, set_rng_state
+from .checkpoint import load_checkpoint, resume_config, rng_state, save_checkpoint
 from .config import add_arguments as _add_arguments
 from .config import load_yaml, merge_config, validate
+from .factories import base_optimizer, create_scheduler
+from .locations import make_output_folder, peek_record_dataset, resolve_record
+from .losses import create_loss, smooth_crossentropy
+from .plotting import plot_acc_like_metrics
+from .protocols import get_recipe
+from .signals import Interrupted, StopOnSigint, ignore_sigint, test_pause
+from .subsets import SUBSET_DRAWS, class_balanced_subset, raw_dataset, read_index_file
 
+# smooth_crossentropy, class_balanced_subset, read_index_file, Interrupted: re-exported for existing importers
 __all__ = ["FineTune", "Interrupted", "smooth_crossentropy", "class_balanced_subset", "read_index_file"]
 
 logger = logging.getLogger("ftsam_plugin.defense")
 
-CHECKPOINT_FORMAT = "ftsam-defense-checkpoint"
-# settings a resumed run must share with the run that wrote the checkpoint
-# (everything that changes the weights or the CSV; num_workers too: it decides which RNG seeds the augmentations,
-# the main process's or the DataLoader workers'). device, pin_memory, non_blocking and paths may change.
-RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd", "random_seed",
-               "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
-               "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
-               "amp", "amp_dtype", "eval_every", "num_workers")
+_StopOnSigint = StopOnSigint  # the name it had here before signals.py
 CSV_COLUMNS = ("epoch", "train_epoch_loss_avg_over_batch", "train_acc", "clean_test_loss_avg_over_batch",
                "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra", "lr")
-
-
-def smooth_crossentropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
-    """BackdoorBench's label-smoothed loss, batch mean: KL(q || softmax(logits)), q = 1-eps on the true class and
-    eps/(C-1) on each other class (torch's `label_smoothing` puts eps/C everywhere instead)."""
-    num_classes = logits.size(1)
-    q = torch.full_like(logits, smoothing / max(num_classes - 1, 1), dtype=torch.float32)
-    q.scatter_(1, target.unsqueeze(1), 1.0 - smoothing)
-    log_p = F.log_softmax(logits.float(), dim=1)
-    return F.kl_div(log_p, q, reduction="none").sum(-1).mean()
-
-
-def _labels(dataset) -> List[int]:
-    targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) == len(dataset):
-        return [int(t) for t in targets]
-    return [int(dataset[i][1]) for i in range(len(dataset))]  # slow path: reads every item
-
-
-def class_balanced_subset(labels: Sequence[int], num_classes: int, ratio: float, seed: int,
-                          protocol: str = "fixed") -> List[int]:
-    """int(N*ratio/num_classes) indices per class, drawn without replacement, classes in order.
-
-    protocol 'backdoorbench' reproduces `choose_by_class` after `np.random.seed(seed)` (legacy global-RNG draws);
-    'fixed' draws with `np.random.default_rng(seed)` and sorts each class's indices.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    per_class = int(len(labels) * ratio / num_classes)
-    if per_class < 1:
-        raise FtsamError(f"ratio {ratio} gives int({len(labels)}*{ratio}/{num_classes}) = 0 samples per class; "
-                         f"raise --ratio")
-    legacy = protocol == "backdoorbench"
-    rng = np.random.RandomState(seed) if legacy else np.random.default_rng(seed)
-    chosen: List[int] = []
-    for c in range(num_classes):
-        pool = np.flatnonzero(labels == c)
-        if len(pool) < per_class:
-            raise FtsamError(f"class {c} has {len(pool)} training samples, fewer than the {per_class} a "
-                             f"class-balanced subset needs; lower --ratio or pass --index")
-        picked = rng.choice(pool, per_class, replace=False)
-        chosen += (picked.tolist() if legacy else sorted(picked.tolist()))
-    return [int(i) for i in chosen]
-
-
-def read_index_file(path: str, n: int) -> List[int]:
-    """Indices (one integer per line) from an --index file, checked against the dataset size `n`."""
-    try:
-        idx = np.loadtxt(path, dtype=np.int64, ndmin=1)
-    except OSError:
-        raise FtsamError(f"index file {path} not found; fix --index") from None
-    except ValueError:
-        raise FtsamError(f"index file {path} must hold one integer per line; fix --index") from None
-    if idx.size == 0:
-        raise FtsamError(f"index file {path} is empty; fix --index")
-    if idx.min() < 0 or idx.max() >= n:
-        raise FtsamError(f"index file {path} holds indices outside 0..{n - 1}; it belongs to another dataset")
-    return [int(i) for i in idx]
-
-
-def _sgd(cfg):
-    return torch.optim.SGD, dict(lr=cfg["lr"], momentum=cfg["sgd_momentum"], weight_decay=cfg["wd"])
-
-
-def _adam(cfg):
-    return torch.optim.Adam, dict(lr=cfg["lr"], weight_decay=cfg["wd"], amsgrad=True)
-
-
-def _adamw(cfg):
-    return torch.optim.AdamW, dict(lr=cfg["lr"], weight_decay=cfg["wd"])
-
-
-# name -> builder(cfg) -> (optimizer class, kwargs); names as in config.OPTIMIZER_NAMES (validated there)
-BASE_OPTIMIZERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
-
-
-def _cosine(opt, cfg):
-    # backdoorbench protocol: argparser_opt_scheduler's T_max = 100 (steps for ftsam, epochs for ft-baseline)
-    t_max = cfg.get("cos_t_max") or (100 if cfg.get("protocol") == "backdoorbench" else cfg["epochs"])
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(t_max))
-
-
-def _plateau(opt, cfg):
-    kw = {"factor": float(cfg["ReduceLROnPlateau_factor"])} if cfg.get("ReduceLROnPlateau_factor") else {}
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **kw)
-
-
-def _step(opt, cfg):
-    return torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg["steplr_stepsize"]), gamma=float(cfg["steplr_gamma"]))
-
-
-def _multistep(opt, cfg):
-    milestones = cfg.get("steplr_milestones") or []
-    if isinstance(milestones, str):
-        milestones = [int(m) for m in milestones.replace(",", " ").split()]
-    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=float(cfg["steplr_gamma"]))
-
-
-# names as in config.SCHEDULER_NAMES (validated there; matched case-insensitively)
-SCHEDULERS = {"CosineAnnealingLR": _cosine, "ReduceLROnPlateau": _plateau, "StepLR": _step,
-              "MultiStepLR": _multistep, "none": None}
 
 
 class FineTune:
@@ -173,7 +72,7 @@ class FineTune:
         cli = dict(vars(args))
         dataset = cli.get("dataset")
         if cli.get("yaml_path") is None and dataset is None and cli.get("result_file"):
-            dataset = _peek_record_dataset(cli["result_file"])
+            dataset = peek_record_dataset(cli["result_file"])
         yaml_cfg = load_yaml(cli.get("yaml_path"), dataset, self.config_folder)
         cfg = merge_config(yaml_cfg, cli)
         if cfg.get("dataset") is None:
@@ -182,6 +81,7 @@ class FineTune:
         cfg["terminal_info"] = list(sys.argv)
         self.cli_dataset_path = cli.get("dataset_path")  # BackdoorBench ignores the YAML's dataset_path too
         self.args = argparse.Namespace(**cfg)
+        self.recipe = get_recipe(self.args.protocol, self.uses_sam)  # the protocol, chosen once
         self.result = None
         self._record_dir = None
         self._handlers: List[logging.Handler] = []
@@ -193,7 +93,7 @@ class FineTune:
     # ------------------------------------------------------------------ BackdoorBench interface
     def set_result(self, result_file: str) -> None:
         """Find the record (a name under ./record/ or a record folder), set save_path/checkpoint/log, load it."""
-        record_dir = _resolve_record(result_file)
+        record_dir = resolve_record(result_file)
         args = self.args
         args.result_file = result_file
         save_path = os.path.join(record_dir, "defense", self.name) + os.sep
@@ -209,7 +109,7 @@ class FineTune:
             self._adopt_record()
             self.choose_subset()  # an impossible subset fails here, before anything is written
         for folder in (args.save_path, args.checkpoint_save, args.log):  # only once the inputs are known good
-            _make_output_folder(folder)
+            make_output_folder(folder)
 
     def set_logger(self) -> None:
         """Log to `<log>/<YYYY_mm_dd_HH_MM_SS>.log` and the console (handlers removed when `defense` ends)."""
@@ -234,8 +134,8 @@ class FineTune:
         logger.info("%s defense, config:\n%s", self.name, pformat(vars(self.args)))
         overrides = getattr(self.args, "protocol_overrides", None)
         if overrides:
-            logger.info("protocol backdoorbench: using the reference's effective %s (the config said %s; pass the "
-                        "flag to choose)", ", ".join(f"{k}={v[1]}" for k, v in overrides.items()),
+            logger.info("protocol %s: using %s (the config said %s; pass the flag to choose)", self.args.protocol,
+                        ", ".join(f"{k}={v[1]}" for k, v in overrides.items()),
                         ", ".join(f"{k}={v[0]}" for k, v in overrides.items()))
 
     def set_devices(self) -> None:
@@ -296,7 +196,7 @@ class FineTune:
         epochs = range(start, args.epochs + 1)
         bar = _tqdm(epochs, desc=self.name, disable=not self.dist.is_main)
         self._last_checkpoint = start - 1
-        with _StopOnSigint() as self._stop:
+        with StopOnSigint() as self._stop:
             try:
                 self._train_epochs(model, train_set, bar, indices, history, ckpt_path, csv_path)
             finally:
@@ -316,7 +216,7 @@ class FineTune:
 
         args = self.args
         for epoch in bar:
-            _test_pause(epoch, 0, self._stop)
+            test_pause(epoch, 0, self._stop)
             lr_used = self.optimizer.param_groups[0]["lr"]  # per-batch stepping: the epoch's first step's lr
             loss, acc = self.train_epoch(model, train_set, epoch)
             self._check_weights(model, epoch)
@@ -332,7 +232,8 @@ class FineTune:
             if self.dist.is_main:
                 logger.info("epoch %d: %s", epoch, {k: v for k, v in row.items() if v is not None})
                 write_metrics_csv(csv_path, history)
-                self._plot(history)
+                plot_acc_like_metrics(history, f"{self.name}: ACC / ASR / RA",
+                                      os.path.join(args.save_path, "acc_like_metric_plots.png"))
                 self._save_checkpoint(ckpt_path, epoch, model, indices, history, rngs=rngs)
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("test_acc", "test_asr", "test_ra")
                                  if row[k] is not None})
@@ -370,18 +271,13 @@ class FineTune:
         args = self.args
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype] if args.amp else None
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        smoothing = float(args.label_smoothing)
-        self.loss_fn = lambda logits, y: smooth_crossentropy(logits, y, smoothing)
+        self.loss_fn = create_loss(self.recipe.loss, float(args.label_smoothing))
         self.optimizer = self.create_optimizer(model)
-        # backdoorbench protocol: ft-sam stepped its scheduler per batch, ft (PureCleanModelTrainer) per epoch
-        per_batch = args.protocol == "backdoorbench" and self.uses_sam
-        by_name = {name.lower(): make for name, make in SCHEDULERS.items()}
-        make = by_name[str(args.lr_scheduler or "none").lower()]  # checked by config.validate
         # schedule the base optimizer (SAM shares its param_groups; SAM.step itself is never called)
         target = getattr(self.optimizer, "base_optimizer", self.optimizer)
-        self.scheduler = make(target, vars(args)) if make else None
+        self.scheduler = create_scheduler(target, vars(args), self.recipe)
         self.plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        self.step_per_batch = per_batch and not self.plateau
+        self.step_per_batch = self.recipe.step_per_batch and not self.plateau
 
     # ------------------------------------------------------------------ hooks FT-SAM overrides
     def create_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -419,22 +315,22 @@ class FineTune:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _base_optimizer(self):
-        return BASE_OPTIMIZERS[str(self.args.client_optimizer).lower()](vars(self.args))  # checked by validate
+        return base_optimizer(vars(self.args))
 
     def choose_subset(self) -> List[int]:
-        """Indices of the clean training samples to fine-tune on (--index file, else class-balanced --ratio)."""
-        raw = _raw(self.result["clean_train"])
+        """Indices of the clean training samples to fine-tune on (--index file, else the protocol's --ratio draw)."""
+        raw = raw_dataset(self.result["clean_train"])
         if self.args.index:
             return read_index_file(self.args.index, len(raw))
-        return class_balanced_subset(_labels(raw), int(self.result["num_classes"]), self.args.ratio,
-                                     self.args.random_seed, self.args.protocol)
+        draw = SUBSET_DRAWS[self.recipe.subset]
+        return draw(raw, int(self.result["num_classes"]), self.args.ratio, self.args.random_seed)
 
     def build_train_set(self, indices: Sequence[int]):
         """The subset with the dataset's train transform, yielding (image tensor, label)."""
         from ftsam_plugin.data.backdoor import TransformDataset
         from ftsam_plugin.data.transforms import get_transform
 
-        raw = _raw(self.result["clean_train"])
+        raw = raw_dataset(self.result["clean_train"])
         transform = get_transform(self.result["clean_data"], train=True, img_size=self.result.get("img_size"))
         return TransformDataset(Subset(raw, list(indices)), transform)
 
@@ -451,7 +347,7 @@ class FineTune:
             sampler.set_epoch(epoch)
         return DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
                           num_workers=args.num_workers, generator=gen, drop_last=False,
-                          worker_init_fn=_ignore_sigint if args.num_workers > 0 else None,
+                          worker_init_fn=ignore_sigint if args.num_workers > 0 else None,
                           pin_memory=bool(args.pin_memory) and self.device.type == "cuda",
                           persistent_workers=False)
 
@@ -470,7 +366,7 @@ class FineTune:
                 loss, logits = self.train_step(model, x, y)
                 value = float(loss)
                 stop = getattr(self, "_stop", None)
-                _test_pause(epoch, step, stop)
+                test_pause(epoch, step, stop)
                 # a collective, so every rank stops at the same step (SIGINT is checked once the epoch is done)
                 flags = torch.tensor([0.0 if math.isfinite(value) else 1.0])
                 ddp.all_reduce_sum(flags, self.dist)
@@ -504,99 +400,21 @@ class FineTune:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, path, epoch, model, indices, history, rngs=None) -> None:
-        """Write `last.pt`. `rngs`: every rank's `rng_state()` in rank order (default: this process's only);
-        resume restores each rank's own state (a fresh run seeds rank r with random_seed + r)."""
+        """Write `last.pt` (see checkpoint.save_checkpoint; `rngs`: every rank's RNG state in rank order)."""
         from ftsam_plugin.data.records import cpu_state_dict
-        from ftsam_plugin.io import atomic_save
 
-        state = {
-            "format": CHECKPOINT_FORMAT, "version": 1, "defense": self.name, "epoch": int(epoch),
-            "model": cpu_state_dict(ddp.unwrap(model)),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_state(),  # rank 0's (what single-process checkpoints always had)
-            "rng_ranks": rngs if rngs is not None else [rng_state()],
-            "subset": torch.tensor(list(indices), dtype=torch.int64),
-            "history": plain(history),
-            "config": self._resume_config(),
-        }
-        atomic_save(state, path)
+        save_checkpoint(path, defense=self.name, epoch=epoch, model_state=cpu_state_dict(ddp.unwrap(model)),
+                        optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, indices=indices,
+                        history=history, config=self._resume_config(), rngs=rngs)
 
     def _resume_config(self) -> dict:
-        """The RESUME_KEYS settings as stored in (and compared with) a checkpoint."""
-        cfg = dict(vars(self.args))
-        if not cfg.get("amp"):
-            cfg["amp_dtype"] = None  # unused without AMP
-        if not self.uses_sam:
-            for key in ("rho", "adaptive", "eta", "alpha", "restore"):  # unused by the baseline
-                cfg[key] = None
-        return plain({k: cfg.get(k) for k in RESUME_KEYS})
+        """The settings a checkpoint stores and a resumed run must share (checkpoint.RESUME_KEYS)."""
+        return resume_config(vars(self.args), self.uses_sam)
 
     def _load_checkpoint(self, path, model, indices):
-        from ftsam_plugin.io import safe_load
-
-        if not os.path.isfile(path):
-            raise FtsamError(f"no checkpoint at {path} to resume from; run without --resume")
-        state = safe_load(path, what="defense checkpoint")
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise FtsamError(f"{path} is not a {self.name} checkpoint; delete it or run without --resume")
-        if state.get("defense") != self.name:
-            raise FtsamError(f"{path} was written by '{state.get('defense')}', not '{self.name}'; run without --resume")
-        now = self._resume_config()
-        try:
-            for key, old in state["config"].items():
-                if now.get(key) != old:
-                    raise FtsamError(f"checkpoint {path} was made with {key}={old!r}, now {now.get(key)!r}; "
-                                     f"use the same settings or run without --resume")
-            if state["subset"].tolist() != list(indices):
-                raise FtsamError(f"checkpoint {path} used another clean subset; use the same data or run without "
-                                 f"--resume")
-            epoch = int(state["epoch"])
-            model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None and state["scheduler"] is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state["scaler"] is not None:
-                self.scaler.load_state_dict(state["scaler"])
-            rngs = state.get("rng_ranks") or [state["rng"]]
-            if len(rngs) != self.dist.world_size:
-                raise FtsamError(f"checkpoint {path} was made by {len(rngs)} process(es), now "
-                                 f"{self.dist.world_size}; resume with the same number of processes or run "
-                                 f"without --resume")
-            set_rng_state(rngs[self.dist.rank])  # each rank continues its own random stream
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise FtsamError(f"checkpoint {path} does not fit this model or run ({detail}); delete it or run without "
-                             f"--resume") from None
-        logger.info("resumed from %s after epoch %d", path, epoch)
-        return epoch + 1, list(state["history"])
-
-    # ------------------------------------------------------------------ outputs
-    def _plot(self, history) -> None:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        from ftsam_plugin.io import atomic_write_bytes
-
-        fig = Figure(figsize=(6, 4))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        drawn = False
-        for key, label in (("test_acc", "ACC"), ("test_asr", "ASR"), ("test_ra", "RA")):
-            pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-                drawn = True
-        ax.set_xlabel("epoch")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{self.name}: ACC / ASR / RA")
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        atomic_write_bytes(os.path.join(self.args.save_path, "acc_like_metric_plots.png"), buf.getvalue())
+        return load_checkpoint(path, defense=self.name, model=model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, scaler=self.scaler, indices=indices,
+                               config=self._resume_config(), world_size=self.dist.world_size, rank=self.dist.rank)
 
     # ------------------------------------------------------------------ helpers
     def _data_path(self) -> Optional[str]:
@@ -625,104 +443,7 @@ class FineTune:
         self._handlers = []
 
 
-class Interrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT after an epoch's checkpoint; the message names it and `--resume` (exit code 130)."""
-
-
-class _StopOnSigint:
-    """While active, the first SIGINT only sets `requested`: the run finishes the current epoch (training, its
-    evaluation if due, CSV row, checkpoint) and then stops; a second SIGINT interrupts at once (the last written
-    checkpoint stays). A no-op outside the main thread; only the process that installed it prints (forked
-    DataLoader workers inherit the handler)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        self._pid = os.getpid()
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if os.getpid() == self._pid:
-            logger.warning("SIGINT: stopping after this epoch's checkpoint (press Ctrl-C again to abort at once)")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
-def _test_pause(epoch: int, step: int, stop) -> None:
-    """TEST-ONLY hook: with FTSAM_TEST_PAUSE="EPOCH:STEP:MARKER", the run creates the file MARKER and waits (until
-    killed, or until a SIGINT makes it stop) after step STEP of epoch EPOCH (STEP 0: at the epoch's start, after
-    the previous epoch's checkpoint). Lets tests kill a run at an exact point; not meant for users."""
-    spec = os.environ.get("FTSAM_TEST_PAUSE")
-    if not spec:
-        return
-    want_epoch, want_step, marker = spec.split(":", 2)
-    if (int(want_epoch), int(want_step)) != (epoch, step):
-        return
-    with open(marker, "w"):
-        pass
-    while not (stop is not None and stop.requested):
-        time.sleep(0.02)
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C goes to the whole process group; only the main process handles it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _tqdm(iterable, **kw):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, dynamic_ncols=True, **kw)
-
-
-def _raw(dataset):
-    """The raw (PIL, label) dataset under a transform wrapper."""
-    return getattr(dataset, "wrapped_dataset", dataset) if hasattr(dataset, "wrap_img_transform") else dataset
-
-
-def _resolve_record(result_file) -> str:
-    """A record folder: `result_file` itself if it holds attack_result.pt, else ./record/<result_file>."""
-    if result_file is None:
-        raise FtsamError("no record given; pass --result_file <name under ./record/ or a record folder>")
-    text = str(result_file)
-    if text.endswith("attack_result.pt") and os.path.isfile(text):
-        return os.path.dirname(os.path.abspath(text)) or "."
-    candidates = [text] if os.path.isabs(text) else [text, os.path.join("record", text)]
-    for candidate in candidates:
-        if os.path.isfile(os.path.join(candidate, "attack_result.pt")):
-            return os.path.normpath(candidate)
-    folders = [c for c in candidates if os.path.isdir(c)]
-    if folders:
-        raise FtsamError(f"no attack_result.pt in record folder '{folders[0]}' (did the attack finish?); pass the "
-                         f"folder of a finished attack, or re-create it with `ftsam attack`")
-    raise FtsamError(f"no attack_result.pt: record folder {' or '.join(repr(c) for c in candidates)} does not exist; "
-                     f"pass --result_file <record name under ./record/ or a record folder> (make one with "
-                     f"`ftsam attack`)")
-
-
-def _make_output_folder(folder: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
-        raise FtsamError(f"cannot create output folder {folder}: {reason}; free that path or fix its permissions"
-                         ) from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FtsamError(f"output folder {folder} is not writable; fix its permissions")
-
-
-def _peek_record_dataset(result_file) -> Optional[str]:
-    """The dataset a record was made on (for choosing the packaged YAML), without loading its data."""
-    from ftsam_plugin.io import safe_load
-
-    raw = safe_load(os.path.join(_resolve_record(result_file), "attack_result.pt"), what="attack result")
-    return raw.get("clean_data") if isinstance(raw, dict) else None

@@ -6,7 +6,6 @@ Run standalone: `python -m ftsam_plugin.defense.ftsam --result_file <record> [--
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -16,10 +15,11 @@ import torch
 from . import ddp
 from .config import RHO_AUTO
 from .finetune import FineTune
+from .registry import DEFENSES
 
 logger = logging.getLogger("ftsam_plugin.defense")
 
-__all__ = ["FTSAM", "FineTune", "main"]
+__all__ = ["FTSAM", "FineTune", "DEFENSES"]
 
 
 class FTSAM(FineTune):
@@ -60,8 +60,8 @@ class FTSAM(FineTune):
     def _auto_rho(self, model: torch.nn.Module) -> float:
         from ftsam_plugin.io import safe_load
 
-        from .finetune import _labels, _raw
         from .rho_auto import choose_rho
+        from .subsets import dataset_labels, raw_dataset
 
         ckpt = os.path.join(self.args.checkpoint_save, "last.pt")
         if self.args.resume and os.path.isfile(ckpt):  # keep the run's choice (the probes are not bit-exact on CPU)
@@ -69,7 +69,7 @@ class FTSAM(FineTune):
             if isinstance(rho, (int, float)):
                 logger.info("rho auto: resuming with rho %g, chosen by the run being resumed", rho)
                 return float(rho)
-        labels = _labels(_raw(self.result["clean_train"]))
+        labels = dataset_labels(raw_dataset(self.result["clean_train"]))
         subset = getattr(self, "_subset", None) or self.choose_subset()
         rho, self.rho_probes, _ = choose_rho(self, model, subset, [labels[i] for i in subset],
                                              self.args.rho_auto_settings)
@@ -97,18 +97,7 @@ class FTSAM(FineTune):
         return {"rho": float(self.optimizer.param_groups[0]["rho"])}
 
 
-DEFENSES = {FTSAM.name: FTSAM, FineTune.name: FineTune}
-
-
-def main(argv=None) -> int:
-    """`python -m ftsam_plugin.defense.ftsam`: the same flags and error handling as `ftsam defend`."""
-    from .cli import add_arguments, run
-    from ftsam_plugin.cli import run_reporting_errors
-
-    parser = argparse.ArgumentParser(prog="python -m ftsam_plugin.defense.ftsam", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    add_arguments(parser)
-    return run_reporting_errors(run, parser.parse_args(argv))
-
 if __name__ == "__main__":
+    from ftsam_plugin.defense.cli import main  # the script; the CLI sits above this module, never imported by it
+
     sys.exit(main())

@@ -95,9 +95,9 @@ def eval_set(defense, indices: Sequence[int]):
     from ftsam_plugin.data.backdoor import TransformDataset
     from ftsam_plugin.data.transforms import get_transform
 
-    from .finetune import _raw
+    from .subsets import raw_dataset
 
-    raw = _raw(defense.result["clean_train"])
+    raw = raw_dataset(defense.result["clean_train"])
     transform = get_transform(defense.result["clean_data"], train=False, img_size=defense.result.get("img_size"))
     return TransformDataset(Subset(raw, list(indices)), transform)
 

@@ -1,0 +1,50 @@
+"""Where a defense reads its attack record and writes its outputs (BackdoorBench's `record/<name>/` layout)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ftsam_plugin.errors import FtsamError
+
+__all__ = ["resolve_record", "make_output_folder", "peek_record_dataset"]
+
+
+def resolve_record(result_file) -> str:
+    """A record folder: `result_file` itself if it holds attack_result.pt, else ./record/<result_file>."""
+    if result_file is None:
+        raise FtsamError("no record given; pass --result_file <name under ./record/ or a record folder>")
+    text = str(result_file)
+    if text.endswith("attack_result.pt") and os.path.isfile(text):
+        return os.path.dirname(os.path.abspath(text)) or "."
+    candidates = [text] if os.path.isabs(text) else [text, os.path.join("record", text)]
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, "attack_result.pt")):
+            return os.path.normpath(candidate)
+    folders = [c for c in candidates if os.path.isdir(c)]
+    if folders:
+        raise FtsamError(f"no attack_result.pt in record folder '{folders[0]}' (did the attack finish?); pass the "
+                         f"folder of a finished attack, or re-create it with `ftsam attack`")
+    raise FtsamError(f"no attack_result.pt: record folder {' or '.join(repr(c) for c in candidates)} does not exist; "
+                     f"pass --result_file <record name under ./record/ or a record folder> (make one with "
+                     f"`ftsam attack`)")
+
+
+def make_output_folder(folder: str) -> None:
+    """Create `folder` (and parents) or raise an FtsamError naming why it cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise FtsamError(f"cannot create output folder {folder}: {reason}; free that path or fix its permissions"
+                         ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FtsamError(f"output folder {folder} is not writable; fix its permissions")
+
+
+def peek_record_dataset(result_file) -> Optional[str]:
+    """The dataset a record was made on (for choosing the packaged YAML), without loading its data."""
+    from ftsam_plugin.io import safe_load
+
+    raw = safe_load(os.path.join(resolve_record(result_file), "attack_result.pt"), what="attack result")
+    return raw.get("clean_data") if isinstance(raw, dict) else None

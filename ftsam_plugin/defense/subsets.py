@@ -1,0 +1,96 @@
+"""The clean subset a defense fine-tunes on: an --index file, or a seeded draw registered by name.
+
+A protocol names its draw (`SUBSET_DRAWS`); every draw is `draw(dataset, num_classes, ratio, seed) -> indices`
+on the raw (PIL, label) clean training set.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import numpy as np
+
+from ftsam_plugin.errors import FtsamError
+
+__all__ = ["SUBSET_DRAWS", "class_balanced_subset", "choose_by_class", "dataset_labels", "raw_dataset",
+           "read_index_file"]
+
+
+def raw_dataset(dataset):
+    """The raw (PIL, label) dataset under a transform wrapper."""
+    return getattr(dataset, "wrapped_dataset", dataset) if hasattr(dataset, "wrap_img_transform") else dataset
+
+
+def dataset_labels(dataset) -> List[int]:
+    """Every sample's label, from the dataset's label list when it has one (no image is opened then)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        return [int(t) for t in targets]
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # slow path: reads every item
+
+
+def _per_class(labels: np.ndarray, num_classes: int, ratio: float) -> int:
+    per_class = int(len(labels) * ratio / num_classes)
+    if per_class < 1:
+        raise FtsamError(f"ratio {ratio} gives int({len(labels)}*{ratio}/{num_classes}) = 0 samples per class; "
+                         f"raise --ratio")
+    return per_class
+
+
+def _class_pools(labels: np.ndarray, num_classes: int, per_class: int):
+    for c in range(num_classes):
+        pool = np.flatnonzero(labels == c)
+        if len(pool) < per_class:
+            raise FtsamError(f"class {c} has {len(pool)} training samples, fewer than the {per_class} a "
+                             f"class-balanced subset needs; lower --ratio or pass --index")
+        yield pool
+
+
+def class_balanced_subset(labels: Sequence[int], num_classes: int, ratio: float, seed: int) -> List[int]:
+    """int(N*ratio/num_classes) indices per class, without replacement, classes in order, each class's indices
+    sorted; drawn with `np.random.default_rng(seed)`."""
+    labels = np.asarray(labels, dtype=np.int64)
+    per_class = _per_class(labels, num_classes, ratio)
+    rng = np.random.default_rng(seed)
+    chosen: List[int] = []
+    for pool in _class_pools(labels, num_classes, per_class):
+        chosen += sorted(rng.choice(pool, per_class, replace=False).tolist())
+    return [int(i) for i in chosen]
+
+
+def choose_by_class(labels: Sequence[int], num_classes: int, ratio: float, seed: int) -> List[int]:
+    """BackdoorBench's `choose_by_class` after `fix_random(seed)`: the same per-class counts, drawn in its order
+    from the legacy global-style RNG (`np.random.RandomState(seed)`), unsorted."""
+    labels = np.asarray(labels, dtype=np.int64)
+    per_class = _per_class(labels, num_classes, ratio)
+    rng = np.random.RandomState(seed)
+    chosen: List[int] = []
+    for pool in _class_pools(labels, num_classes, per_class):
+        chosen += rng.choice(pool, per_class, replace=False).tolist()
+    return [int(i) for i in chosen]
+
+
+def read_index_file(path: str, n: int) -> List[int]:
+    """Indices (one integer per line) from an --index file, checked against the dataset size `n`."""
+    try:
+        idx = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except OSError:
+        raise FtsamError(f"index file {path} not found; fix --index") from None
+    except ValueError:
+        raise FtsamError(f"index file {path} must hold one integer per line; fix --index") from None
+    if idx.size == 0:
+        raise FtsamError(f"index file {path} is empty; fix --index")
+    if idx.min() < 0 or idx.max() >= n:
+        raise FtsamError(f"index file {path} holds indices outside 0..{n - 1}; it belongs to another dataset")
+    return [int(i) for i in idx]
+
+
+def _by_labels(draw):
+    return lambda dataset, num_classes, ratio, seed: draw(dataset_labels(dataset), num_classes, ratio, seed)
+
+
+# name -> draw(raw dataset, num_classes, ratio, seed) -> indices
+SUBSET_DRAWS = {
+    "class_balanced": _by_labels(class_balanced_subset),
+    "choose_by_class": _by_labels(choose_by_class),
+}
