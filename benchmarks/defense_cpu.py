@@ -533,16 +533,236 @@ def secs(x: Optional[float]) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
+def evals_of(item: dict) -> List[dict]:
+    return [r for r in item["rows"] if r.get("test_acc") is not None]
+
+
+def partial_item(mode: Mode, run: Run, cache: str) -> Optional[dict]:
+    """A run still in progress (or interrupted) in this machine's cache, as far as it got."""
+    record = os.path.join(cache, "record", record_name(mode, run.attack))
+    work = os.path.join(run_folder(cache, record, run), "rec", "defense", run.defense)
+    csv_path = os.path.join(work, f"{run.defense}_df.csv")
+    if not os.path.isfile(csv_path):
+        return None
+    rows = read_rows(csv_path)
+    if not any(r.get("test_acc") is not None for r in rows):
+        return None
+    return {"tag": run.tag, "run": asdict(run), "rows": rows, "times": epoch_times(work), "partial": True,
+            "wall_s": None, "backdoored": read_rows(os.path.join(record, "attack_df.csv"))[-1]}
+
+
+def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    m = scale * sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    sd = scale * (sum((v - m / scale) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def describe(run: dict) -> str:
+    r = run["run"]
+    if r["defense"] == "ft-baseline":
+        name = "FT"
+    else:
+        name = f"FT-SAM ρ={r['rho']}"
+    if r["protocol"] == "backdoorbench":
+        name += ", `--protocol backdoorbench`"
+    return f"{name}, {r['epochs']} epochs"
+
+
+def chosen_rho(item: dict) -> Optional[float]:
+    rhos = {r.get("rho") for r in item["rows"] if r.get("rho") is not None}
+    return rhos.pop() if len(rhos) == 1 else None
+
+
 def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str) -> None:
+    from ftsam_plugin.metrics import der
+
     done = load_results(results)
-    lines = [f"# FT vs FT-SAM on CPU ({mode.name} mode)", "", f"{len(done)}/{len(plan)} runs finished", ""]
-    for (attack, tag), item in sorted(done.items()):
-        last = [r for r in item["rows"] if r.get("test_acc") is not None][-1]
-        lines.append(f"- {attack} {tag}: ACC {pct(last['test_acc'])} ASR {pct(last['test_asr'])}")
+    items: Dict[Tuple[str, str], dict] = {}
+    for run in plan:
+        item = done.get((run.attack, run.tag)) or partial_item(mode, run, cache)
+        if item is not None:
+            items[(run.attack, run.tag)] = item
+    n_done = sum(1 for run in plan if (run.attack, run.tag) in done)
+    machines = sorted({i.get("machine") for i in done.values() if i.get("machine")})
+    lines = [f"# FT vs FT-SAM on CPU ({mode.name} mode)", ""]
+    if mode.name == "quick":
+        lines += ["**Quick mode: a pipeline check on a tiny subset, not a result.**", ""]
+    lines += [
+        f"- Command: `python benchmarks/defense_cpu.py{' --quick' if mode.name == 'quick' else ''}` (any number of "
+        f"processes at once, each taking the next unclaimed run of the plan; `--report_only` rewrites this file "
+        f"from the per-run summaries in `{os.path.relpath(results, REPO)}/`). {n_done}/{len(plan)} runs of the "
+        f"plan finished" + (", unfinished ones are marked." if n_done < len(plan) else "."),
+        f"- Written {datetime.now():%Y-%m-%d %H:%M} at commit {commit()}; runs on: {'; '.join(machines) or '–'}, "
+        f"torch threads per run: {sorted({i.get('threads') for i in done.values()}) or '–'}.",
+        "- Data: real CIFAR-10 as JPEG q75 (`../shared/data/cifar10-jpeg.tar.xz`)"
+        + (f", subset {mode.train_per_class}/{mode.test_per_class} images per class" if mode.train_per_class
+           else ", full 50,000 / 10,000") + ".",
+        f"- Attack records: `ftsam attack`, 10% poison, all-to-one target 0, PreAct-ResNet18 **width "
+        f"{mode.width:g}** (the full width trains at ~50 img/s on this CPU), {mode.attack_epochs} epochs, batch 128, "
+        f"SGD lr 0.01 cosine (Blended from `../shared/records/`, made with this command; BadNets trained here).",
+        f"- Defenses: `ftsam defend` with the packaged CIFAR-10 config (SGD lr 0.01 cosine over the run, momentum "
+        f"0.9, wd 5e-4, batch 256, label smoothing 0.1; FT-SAM: ASAM, eta 0), class-balanced {mode.ratio:g} clean "
+        f"subset (2,500 images), clean-subset seed `--random_seed`, the same subset for FT and FT-SAM of a seed.",
+        "- ACC/ASR/RA in %, mean ± std over seeds where there are several; DER = [max(0, ΔASR) − max(0, ΔACC) + 1] "
+        "/ 2 in %. s/epoch: mean wall seconds of a training epoch without evaluation, from the defense log (1 s "
+        "resolution); wall: the whole run including evaluations. **Timings were taken on a shared 2-core machine** "
+        "(two study processes of one thread each, plus other jobs): ratios between runs are indicative, absolute "
+        "seconds are not.",
+        "",
+    ]
+    by_attack: Dict[str, Dict[str, dict]] = {}
+    for (attack, tag), item in items.items():
+        by_attack.setdefault(attack, {})[tag] = item
+    checks: List[str] = []
+    for attack in ATTACKS:
+        runs = by_attack.get(attack, {})
+        if not runs:
+            lines += [f"## {attack}", "", "_no run finished yet_", ""]
+            continue
+        any_item = next(iter(runs.values()))
+        bd = any_item["backdoored"]
+        records = {i.get("record_sha256") for i in runs.values() if i.get("record_sha256")}
+        lines += [f"## {attack}", "",
+                  f"Backdoored model (record `{record_name(mode, attack)}`): ACC {pct(bd['test_acc'])}, ASR "
+                  f"{pct(bd['test_asr'])}, RA {pct(bd['test_ra'])}"
+                  + ("" if len(records) <= 1 else " — **runs come from different copies of this record**") + ".", ""]
+        # the 3-seed table at the recommended setting
+        rec_tag = lambda seed: Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho=RECOMMENDED["rho"]).tag
+        ft_tag = lambda seed: Run(attack, "ft-baseline", 100, seed).tag
+        rows = []
+        for label, tagf in (("FT, 100 epochs", ft_tag),
+                            (f"FT-SAM ρ={RECOMMENDED['rho']}, {RECOMMENDED['epochs']} epochs", rec_tag)):
+            got = [runs[tagf(s)] for s in SEEDS if tagf(s) in runs and not runs[tagf(s)].get("partial")]
+            lasts = [evals_of(i)[-1] for i in got]
+            ders = [der(bd["test_acc"], m["test_acc"], bd["test_asr"], m["test_asr"]) for m in lasts]
+            rows.append((label, got, lasts, ders))
+        lines += [f"### FT vs FT-SAM at the recommended CPU setting, over seeds {', '.join(map(str, SEEDS))}", "",
+                  "| defense | seeds done | ACC | ASR | RA | DER | s/epoch | wall min (each seed) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, got, lasts, ders in rows:
+            walls = ", ".join(f"{i['wall_s'] / 60:.0f}" for i in got if i.get("wall_s"))
+            lines.append(f"| {label} | {len(got)} ({', '.join(str(i['run']['seed']) for i in got) or '–'}) | "
+                         f"{mean_std([m['test_acc'] for m in lasts])} | {mean_std([m['test_asr'] for m in lasts])} | "
+                         f"{mean_std([m['test_ra'] for m in lasts])} | {mean_std(ders)} | "
+                         f"{mean_std([i['times']['train'] for i in got], scale=1, digits=1)} | {walls or '–'} |")
+        lines.append("")
+        for seed in SEEDS:
+            bits = []
+            for label, tagf in (("FT", ft_tag), ("FT-SAM", rec_tag)):
+                i = runs.get(tagf(seed))
+                if i:
+                    m = evals_of(i)[-1]
+                    flag = f" (unfinished, epoch {int(m['epoch'])})" if i.get("partial") else ""
+                    bits.append(f"{label} {pct(m['test_acc'])} / {pct(m['test_asr'])}{flag}")
+            if bits:
+                lines.append(f"- seed {seed}: " + "; ".join(bits))
+        lines.append("")
+        (ft_label, ft_got, ft_lasts, _), (_, sam_got, sam_lasts, _) = rows
+        if ft_lasts and sam_lasts:
+            mean = lambda xs: sum(xs) / len(xs)
+            sam_asr, sam_acc = mean([m["test_asr"] for m in sam_lasts]), mean([m["test_acc"] for m in sam_lasts])
+            ft_asr, ft_acc = mean([m["test_asr"] for m in ft_lasts]), mean([m["test_acc"] for m in ft_lasts])
+            n = f"(FT {len(ft_lasts)}, FT-SAM {len(sam_lasts)} of 3 seeds)"
+            checks.append(f"{attack}: FT-SAM ASR ≤ 5%: **{'met' if sam_asr <= 0.05 else 'NOT met'}** "
+                          f"({100 * sam_asr:.2f}%) {n}")
+            checks.append(f"{attack}: FT-SAM ACC ≥ FT's (100 epochs): **{'met' if sam_acc >= ft_acc else 'NOT met'}**"
+                          f" ({100 * sam_acc:.2f} vs {100 * ft_acc:.2f})")
+            if attack == "blended":
+                checks.append(f"blended: FT leaves ≥ 20% ASR: {'yes' if ft_asr >= 0.2 else 'no'} ({100 * ft_asr:.2f}%)")
+            t_ft = [i["times"]["train"] for i in ft_got if i["times"]["train"]]
+            t_sam = [i["times"]["train"] for i in sam_got if i["times"]["train"]]
+            if t_ft and t_sam:
+                ratio = mean(t_sam) / mean(t_ft)
+                checks.append(f"{attack}: FT-SAM epoch time ≤ 2.0× FT's: **{'met' if ratio <= 2.0 else 'NOT met'}** "
+                              f"({ratio:.2f}×, from the runs' logs on a shared machine)")
+            w_ft = [i["wall_s"] for i in ft_got if i.get("wall_s")]
+            w_sam = [i["wall_s"] for i in sam_got if i.get("wall_s")]
+            if w_ft and w_sam:
+                drop = 100 * (bd["test_acc"] - sam_acc)
+                ok = sam_asr <= 0.02 and drop <= 2 and mean(w_sam) <= 0.5 * mean(w_ft)
+                checks.append(f"{attack}: stretch (ASR ≤ 2%, ≤ 2 points below the backdoored model, ≤ half of FT's "
+                              f"wall time): **{'met' if ok else 'NOT met'}** (ASR {100 * sam_asr:.2f}%, "
+                              f"−{drop:.2f} points, wall {mean(w_sam) / 60:.0f} vs {mean(w_ft) / 60:.0f} min)")
+        # every other run on this attack: the sweep, the protocol, rho auto
+        others = [(tag, i) for tag, i in runs.items() if tag not in {rec_tag(s) for s in SEEDS}
+                  and tag not in {ft_tag(s) for s in SEEDS}]
+        if others:
+            marks = (10, 20, 40, 60, 80, 100)
+            lines += ["### Full-length runs (seed 0): ASR along the run", "",
+                      "| run | " + " | ".join(f"ASR@{m}" for m in marks) + " | final ACC | final ASR | final RA | DER "
+                      "| s/epoch | status |",
+                      "|---|" + "---|" * (len(marks) + 6)]
+            for tag, i in sorted(others, key=lambda kv: (kv[1]["run"]["protocol"], kv[1]["run"]["epochs"],
+                                                         float(kv[1]["run"]["rho"] or 0) if (kv[1]["run"]["rho"] or "0").replace(".", "").isdigit() else 99)):
+                ev = {int(r["epoch"]): r for r in evals_of(i)}
+                m = evals_of(i)[-1]
+                d = der(bd["test_acc"], m["test_acc"], bd["test_asr"], m["test_asr"])
+                status = f"unfinished (epoch {int(m['epoch'])})" if i.get("partial") else "done"
+                rho = chosen_rho(i)
+                label = describe(i) + (f" (chose ρ={rho:g})" if i["run"]["rho"] == "auto" and rho else "")
+                lines.append(f"| {label} | " + " | ".join(pct(ev[k]["test_asr"]) if k in ev else "" for k in marks)
+                             + f" | {pct(m['test_acc'])} | {pct(m['test_asr'])} | {pct(m['test_ra'])} | {pct(d)} | "
+                               f"{secs(i['times']['train'])} | {status} |")
+            lines.append("")
+        autos = [i for i in runs.values() if i["run"]["rho"] == "auto" and i.get("log_tail")]
+        for i in autos:
+            lines += [f"`--rho auto` probes of `{i['tag']}` (from its log):", "", "```"]
+            lines += [re.sub(r"^\S+ \[INFO\s*\] \[[^]]+\] ", "", l) for l in i["log_tail"]] + ["```", ""]
+        png = plot(attack, runs, bd, os.path.splitext(out)[0] + f"_{attack}.png")
+        if png:
+            lines += [f"![ACC and ASR per epoch, {attack}]({os.path.basename(png)})", ""]
+    if checks:
+        lines += ["## Targets (issue 10), on the mean over the seeds done", ""] + [f"- {c}" for c in checks] + [""]
+    lines += ["## Notes", "",
+              f"- The recommended CPU setting (FT-SAM ρ={RECOMMENDED['rho']} over {RECOMMENDED['epochs']} epochs, "
+              "cosine over the run) was chosen from single-seed Blended runs (issue 10's table, ASR read off): it "
+              "was tuned on the Blended record reported here; BadNets was not used to choose it.",
+              "- CPU training is not bit-reproducible across machines and thread counts: a rerun of a run on "
+              "another machine gives slightly different numbers.",
+              "- DER uses the backdoored model's numbers from the record's `attack_df.csv` (its last epoch).", ""]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+        handle.write("\n".join(lines))
     os.replace(out + ".tmp", out)
+
+
+def plot(attack: str, runs: Dict[str, dict], bd: dict, path: str) -> Optional[str]:
+    """ASR (solid) and ACC (dashed) per evaluated epoch of every run on one attack."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not runs:
+        return None
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    groups = (("seed runs (recommended setting and FT)", lambda i: i["run"]["group"] == "seeds"),
+              ("full-length runs, seed 0", lambda i: i["run"]["group"] != "seeds"))
+    for k, (title, keep) in enumerate(groups):
+        ax = fig.add_subplot(1, 2, k + 1)
+        chosen = sorted((tag, i) for tag, i in runs.items() if keep(i))
+        for n, (tag, i) in enumerate(chosen):
+            ev = evals_of(i)
+            colour = f"C{n % 10}"
+            ax.plot([r["epoch"] for r in ev], [100 * r["test_asr"] for r in ev], "-o", ms=2.5, color=colour,
+                    label=f"{tag} ASR")
+            ax.plot([r["epoch"] for r in ev], [100 * r["test_acc"] for r in ev], "--", color=colour, lw=0.9)
+        ax.axhline(100 * bd["test_asr"], color="grey", lw=0.8, ls=":")
+        ax.axhline(100 * bd["test_acc"], color="grey", lw=0.8, ls="-.")
+        ax.set_title(f"{attack}: {title}\n(solid ASR, dashed ACC; grey: backdoored model)", fontsize=9)
+        ax.set_xlabel("defense epoch")
+        ax.set_ylabel("%")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        if chosen:
+            ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ main

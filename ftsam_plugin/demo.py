@@ -49,6 +49,11 @@ READY = ".complete"
 # (train images per class, test images per class, attack epochs) per data source; --tiny overrides
 SIZES = {"cifar10": (500, 100, 15), "digits": (None, None, 15), "generated": (100, 30, 5)}
 TINY = dict(train_per_class=12, test_per_class=6, epochs=1, defense_epochs=1, width=0.125, ratio=0.5)
+# The demo's defense settings, chosen from the sweep in benchmarks/results/demo_sweep.md (5 seeds, offline digits).
+DEFAULTS = {"ratio": 0.1, "defense_epochs": 20, "rho": 2.0}
+# What that sweep measured per (data source, attack, (ratio, defense epochs, rho, attack epochs, width)), quoted in
+# the demo's last sentence; regenerate with `python benchmarks/demo_sweep.py` and copy its "demo" lines here.
+SWEEP: dict = {}
 
 
 @dataclass
@@ -74,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--defense_epochs", type=int, help="FT and FT-SAM epochs (default 20)")
     add("--width", type=float, help="PreAct-ResNet18 width multiplier (default 0.25)")
     add("--ratio", type=float, help="clean fraction of the demo's train set the defenses get (default 0.1)")
-    add("--rho", type=float, help="FT-SAM neighbourhood size (default: the packaged config's, 2.0)")
+    add("--rho", type=float, help=f"FT-SAM neighbourhood size (default {DEFAULTS['rho']:g}, from the demo sweep)")
+    add("--threads", type=int, help="torch CPU threads (default: torch's; results depend on it)")
     add("--train_per_class", type=int, help="train images per class copied from CIFAR-10 (default 500)")
     add("--test_per_class", type=int, help="test images per class copied from CIFAR-10 (default 100)")
     add("--out", default="./record", help="record root; the record goes to <out>/demo_<attack> (default ./record)")
@@ -377,6 +383,48 @@ def format_table(rows: Sequence[Tuple[str, dict]], baseline: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(path: str, title: str, runs: Sequence[Tuple[str, dict]], backdoored: dict) -> str:
+    """Per-epoch ASR (solid) and clean ACC (dashed) of each defense, written atomically as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ftsam_plugin.io import atomic_write_bytes
+
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for (label, m), colour in zip(runs, ("tab:blue", "tab:red", "tab:green")):
+        epochs = [r["epoch"] for r in m["curve"]]
+        ax.plot(epochs, [100 * r["test_asr"] for r in m["curve"]], "-o", ms=3, color=colour, label=f"{label} ASR")
+        ax.plot(epochs, [100 * r["test_acc"] for r in m["curve"]], "--", color=colour, label=f"{label} ACC")
+    ax.axhline(100 * backdoored["test_asr"], color="grey", lw=0.8, ls=":", label="backdoored ASR")
+    ax.axhline(100 * backdoored["test_acc"], color="grey", lw=0.8, ls="-.", label="backdoored ACC")
+    ax.set(title=title, xlabel="defense epoch", ylabel="%", ylim=(-2, 102))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def stage(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sweep_sentence(attack: str, source: str, setting: tuple, ft: dict, sam: dict) -> str:
+    """How this run compares with the committed sweep at the same setting (benchmarks/results/demo_sweep.md)."""
+    ref = SWEEP.get((source, attack, setting))
+    here = (f"this run: FT-SAM ASR {100 * sam['test_asr']:.1f}% vs FT {100 * ft['test_asr']:.1f}%, clean ACC "
+            f"{100 * sam['test_acc']:.1f}% vs {100 * ft['test_acc']:.1f}%")
+    if ref is None:
+        return f"{here}; no sweep was measured at this setting (see benchmarks/results/demo_sweep.md)."
+    return (f"{here}; in the sweep at this setting (5 seeds, benchmarks/results/demo_sweep.md) FT-SAM's ASR was "
+            f"below FT's on {ref['wins']} of 5 seeds, mean ASR FT-SAM {ref['sam_asr']} vs FT {ref['ft_asr']}, "
+            f"mean ACC {ref['sam_acc']} vs {ref['ft_acc']}.")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo (see the module docstring); returns 0. Errors raise FtsamError."""
     import torch
@@ -388,38 +436,54 @@ def run(args: argparse.Namespace) -> int:
                        test_per_class=args.test_per_class, seed=args.seed, timeout=args.download_timeout)
     source_key = "cifar10" if data.source in ("folder", "cifar10-download") else data.source
     epochs = args.epochs or (TINY["epochs"] if tiny else SIZES[source_key][2])
-    defense_epochs = args.defense_epochs or (TINY["defense_epochs"] if tiny else 20)
+    defense_epochs = args.defense_epochs or (TINY["defense_epochs"] if tiny else DEFAULTS["defense_epochs"])
     width = args.width or (TINY["width"] if tiny else 0.25)
-    ratio = args.ratio or (TINY["ratio"] if tiny else 0.1)
+    ratio = args.ratio or (TINY["ratio"] if tiny else DEFAULTS["ratio"])
+    rho = args.rho if args.rho is not None else DEFAULTS["rho"]
     for key, value in (("--epochs", epochs), ("--defense_epochs", defense_epochs)):
         if value < 1:
-            raise FtsamError(f"{key} must be at least 1, got {value}")
+            raise FtsamError(f"--epochs/--defense_epochs must be at least 1, got {key} {value}")
     if not 0.0 < ratio <= 1.0:
         raise FtsamError(f"--ratio {ratio} is outside (0, 1]; pass e.g. --ratio 0.1")
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)  # CPU results depend on the thread count: it is part of the seed's identity
     n_clean = 10 * int(data.n_train * ratio / 10)
     print(f"data: {data.description}\n      image folder {data.path}")
-    print(f"attack: {args.attack}, 10% poison, all-to-one target 0, PreAct-ResNet18 width {width}, {epochs} epochs, "
-          f"device {device}")
-
+    print(f"seed {args.seed} (data subset, attack, both defenses, loaders), {threads} torch threads, device {device}")
     name = f"demo_{args.attack}"
     _prepare_record_dir(args.out, name)
+    bars = bool(args.progress) and sys.stderr.isatty()  # piped to a file: one line per stage instead
+    stage(f"[1/3] attack: {args.attack}, 10% poison, all-to-one target 0, PreAct-ResNet18 width {width}, "
+          f"{epochs} epochs ...")
     start = time.perf_counter()
-    record = run_attack(data, args.out, name, args.attack, epochs, width, device, args.seed, bool(args.progress))
+    record = run_attack(data, args.out, name, args.attack, epochs, width, device, args.seed, bars)
     backdoored = _last_row(os.path.join(record, "attack_df.csv"))
     backdoored["seconds"] = time.perf_counter() - start
-
-    print(f"defenses: FT and FT-SAM on a class-balanced {ratio:g} clean subset ({n_clean} images), "
-          f"{defense_epochs} epochs each, same seed")
-    ft = run_defense("ft-baseline", record, defense_epochs, ratio, args.rho, device, args.seed)
-    sam = run_defense("ftsam", record, defense_epochs, ratio, args.rho, device, args.seed)
+    stage(f"      done in {backdoored['seconds']:.0f} s: ACC {100 * backdoored['test_acc']:.1f}, "
+          f"ASR {100 * backdoored['test_asr']:.1f}")
+    common = (f"class-balanced {ratio:g} clean subset ({n_clean} images), {defense_epochs} epochs, "
+              f"evaluated every epoch")
+    stage(f"[2/3] FT (plain fine-tuning), {common} ...")
+    ft = run_defense("ft-baseline", record, defense_epochs, ratio, None, device, args.seed)
+    stage(f"      done in {ft['seconds']:.0f} s: ACC {100 * ft['test_acc']:.1f}, ASR {100 * ft['test_asr']:.1f}")
+    stage(f"[3/3] FT-SAM (ASAM, rho {rho}), {common} ...")
+    sam = run_defense("ftsam", record, defense_epochs, ratio, str(rho), device, args.seed)
+    stage(f"      done in {sam['seconds']:.0f} s: ACC {100 * sam['test_acc']:.1f}, "
+          f"ASR {100 * sam['test_asr']:.1f}")
     rows = [("no defense", backdoored), ("FT", ft), ("FT-SAM", sam)]
-    print()
     label = {"folder": "CIFAR-10", "cifar10-download": "CIFAR-10"}.get(data.source, data.source)
-    print(f"{args.attack} on {label} data, rho {sam['rho']:g} (percent; time = wall seconds for the stage)")
+    png = plot_curves(os.path.join(record, "demo_curves.png"), f"{args.attack} on {label}, seed {args.seed}",
+                      [("FT", ft), ("FT-SAM", sam)], backdoored)
+    print()
+    print(f"{args.attack} on {label} data, seed {args.seed}, FT-SAM rho {sam['rho']:g} "
+          f"(percent; time = wall seconds for the stage)")
     print(format_table(rows, backdoored))
     print()
+    setting = (ratio, defense_epochs, str(rho), epochs, width)
+    print(sweep_sentence(args.attack, data.source, setting, ft, sam))
+    print(f"per-epoch ACC and ASR: {png}")
     print(f"record: {record}  (defense results: {os.path.dirname(ft['result'])}, {os.path.dirname(sam['result'])})")
-    print("next, e.g. a larger rho or more epochs:")
+    print("next, e.g. more epochs or another rho:")
     print(f"  ftsam defend --defense ftsam --result_file {record} --yaml_path cpu --ratio {ratio:g} "
-          f"--epochs {defense_epochs} --rho {2 * (sam['rho'] or 2.0):g} --device {device}")
+          f"--epochs {2 * defense_epochs} --rho {sam['rho']:g} --device {device}")
     return 0

@@ -444,6 +444,8 @@ class FineTune:
 
 
 def _tqdm(iterable, **kw):
+    """A progress bar on a terminal only: piped into a log file, bars are noise (the log has a line per epoch)."""
     from tqdm.auto import tqdm
 
+    kw["disable"] = bool(kw.get("disable")) or not sys.stderr.isatty()
     return tqdm(iterable, dynamic_ncols=True, **kw)
