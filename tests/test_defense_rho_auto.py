@@ -39,6 +39,8 @@ def test_settings_are_checked():
         AutoRhoSettings(budget=-1).check()
     with pytest.raises(FtsamError, match="rho_auto_grid"):
         AutoRhoSettings(grid=(1.0, float("nan"))).check()
+    with pytest.raises(FtsamError, match="two or more"):
+        AutoRhoSettings(grid=(2.0,)).check()
     with pytest.raises(FtsamError, match="rho_auto_holdout"):
         AutoRhoSettings(holdout=1.0).check()
     assert AutoRhoSettings(grid=(4.0, 1.0, 4.0)).check().grid == (1.0, 4.0)
@@ -68,10 +70,14 @@ class _FakeDefense:
         return 0.0, 0.0
 
 
+GRID = (1.0, 2.0, 4.0, 8.0)
+
+
 @pytest.mark.parametrize("accuracies, budget, chosen, probed", [
-    ([90.0, 89.5, 88.5, 87.0, 80.0], 2.0, 2.0, [1.0, 2.0, 4.0]),  # 4 is over budget: stop there
-    ([90.0, 91.0, 90.0, 89.0, 88.1], 2.0, 8.0, [1.0, 2.0, 4.0, 8.0]),  # all within: the largest
-    ([90.0, 85.0], 2.0, 1.0, [1.0]),  # even the smallest is over: the smallest, with a warning
+    # [undefended model, then one held-out accuracy per probe]; the budget counts from the first probe's
+    ([90.0, 85.0, 84.5, 83.5, 80.0], 2.0, 4.0, [1.0, 2.0, 4.0, 8.0]),  # 8 is 5 points under 85: stop there
+    ([90.0, 85.0, 82.9], 2.0, 1.0, [1.0, 2.0]),  # 2 is already over: the smallest
+    ([90.0, 85.0, 86.0, 85.0, 83.1], 2.0, 8.0, [1.0, 2.0, 4.0, 8.0]),  # all within: the largest
 ])
 def test_rule_takes_the_largest_rho_within_budget(monkeypatch, accuracies, budget, chosen, probed):
     model = torch.nn.Linear(2, 2)
@@ -81,7 +87,7 @@ def test_rule_takes_the_largest_rho_within_budget(monkeypatch, accuracies, budge
     monkeypatch.setattr("ftsam_plugin.metrics.evaluate", lambda *a, **k: fake.accuracies.pop(0) / 100.0)
     indices, labels = list(range(20)), [i % 2 for i in range(20)]
     rng_before = torch.get_rng_state()
-    rho, probes, base = rho_auto.choose_rho(fake, model, indices, labels, AutoRhoSettings(budget=budget))
+    rho, probes, base = rho_auto.choose_rho(fake, model, indices, labels, AutoRhoSettings(budget=budget, grid=GRID))
     assert rho == chosen and [p.rho for p in probes] == probed and fake.trained_with == probed
     assert base == pytest.approx(accuracies[0])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is restored
@@ -101,7 +107,7 @@ def test_auto_run_logs_its_probes_and_equals_a_run_given_that_rho(record, tmp_pa
     folder = record / "defense" / "ftsam"
     log = "".join(p.read_text() for p in (folder / "log").glob("*.log"))
     assert "rho auto: rho 0.5 -> held-out accuracy" in log and "rho auto: rho 1 -> held-out accuracy" in log
-    assert "rho auto: chose rho 1" in log  # budget 100: every probe fits, the largest wins
+    assert "rho auto: chose rho 1 " in log  # budget 100: every probe fits, the largest wins
     with open(folder / "ftsam_df.csv", newline="") as handle:
         assert {float(r["rho"]) for r in csv.DictReader(handle)} == {1.0}
     auto = safe_load(folder / "defense_result.pt", what="defense result")["model"]

@@ -123,8 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rho", type=_rho, help="SAM neighbourhood size (ASAM scale: 2 cifar, 8 gtsrb/tiny), or 'auto': chosen "
                                  "from the clean subset by short probes (see --rho_auto_*)")
     add("--rho_auto_budget", type=float,
-        help="--rho auto: largest allowed drop of held-out clean accuracy, in points (default 2)")
-    add("--rho_auto_grid", type=_float_list, help="--rho auto: the rho values probed (default 1,2,4,8)")
+        help="--rho auto: largest allowed drop of held-out clean accuracy below the smallest rho's probe, in points (default 2)")
+    add("--rho_auto_grid", type=_float_list, help="--rho auto: the rho values probed, smallest first (default 0.5,1,2,4,8,16)")
     add("--rho_auto_epochs", type=int, help="--rho auto: epochs per probe (default 3)")
     add("--rho_auto_holdout", type=float, help="--rho auto: fraction of the clean subset held out (default 0.2)")
     add("--rho_max", type=float, help="BackdoorBench alias of --rho")

@@ -5,13 +5,14 @@ data the defense already has:
 
 1. hold out `holdout` of the clean subset (class-balanced, drawn with the run's seed); the rest is the probe's
    training data;
-2. measure the undefended model's accuracy on the held-out slice;
-3. for each rho of the grid, in increasing order: fine-tune a copy of the backdoored model for `probe_epochs`
+2. for each rho of the grid, in increasing order: fine-tune a copy of the backdoored model for `probe_epochs`
    epochs with the run's own settings (cosine over the probe) on the probe's training data, and measure its
-   held-out accuracy;
-4. choose the largest rho whose held-out accuracy is at most `budget` points below the undefended model's.
-   Accuracy falls as rho grows, so the search stops at the first rho over the budget; if even the smallest rho
-   is over it, the smallest is used (with a warning).
+   accuracy on the held-out slice;
+3. the first (smallest) rho is the reference: fine-tuning itself costs clean accuracy, whatever rho, so the
+   budget is measured against the probe that fine-tunes almost as plain FT does, not against the undefended
+   model (both are logged);
+4. choose the largest rho whose held-out accuracy is at most `budget` points below the reference's. Accuracy
+   falls as rho grows, so the search stops at the first rho over the budget.
 
 Larger rho shrinks large-norm (backdoor-related) weights harder; the rule takes the most the clean data says the
 model can stand. The probes leave no trace: the model, the run's settings and every RNG are restored afterwards,
@@ -35,12 +36,12 @@ __all__ = ["Probe", "AutoRhoSettings", "split_holdout", "eval_set", "choose_rho"
 
 logger = logging.getLogger("ftsam_plugin.defense")
 
-DEFAULT_GRID = (1.0, 2.0, 4.0, 8.0)
+DEFAULT_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass(frozen=True)
 class AutoRhoSettings:
-    budget: float = 2.0  # points of held-out clean accuracy below the undefended model's
+    budget: float = 2.0  # points of held-out clean accuracy below the smallest rho's probe
     grid: Tuple[float, ...] = DEFAULT_GRID
     probe_epochs: int = 3
     holdout: float = 0.2  # fraction of the clean subset held out
@@ -49,8 +50,8 @@ class AutoRhoSettings:
         if not (self.budget >= 0 and self.budget <= 100):
             raise FtsamError(f"rho_auto_budget must be in [0, 100] accuracy points, got {self.budget}; "
                              f"fix --rho_auto_budget")
-        if not self.grid or any(not (r > 0 and r < float("inf")) for r in self.grid):
-            raise FtsamError(f"rho_auto_grid must hold positive finite numbers, got {list(self.grid)}; "
+        if len(self.grid) < 2 or any(not (r > 0 and r < float("inf")) for r in self.grid):
+            raise FtsamError(f"rho_auto_grid must hold two or more positive finite numbers, got {list(self.grid)}; "
                              f"fix --rho_auto_grid (e.g. 1,2,4,8)")
         if self.probe_epochs < 1:
             raise FtsamError(f"rho_auto_epochs must be >= 1, got {self.probe_epochs}; fix --rho_auto_epochs")
@@ -122,9 +123,9 @@ def choose_rho(defense, model, indices: Sequence[int], labels: Sequence[int],
     rngs, initial = rng_state(), copy.deepcopy(model.state_dict())
     saved = {k: getattr(args, k) for k in ("rho", "epochs", "cos_t_max")}
     base = accuracy()
-    logger.info("rho auto: %d probe-training / %d held-out clean samples, %d epochs per probe, budget %.2f points "
-                "below the undefended model's held-out accuracy %.2f%%", len(train_idx), len(hold_idx),
-                settings.probe_epochs, settings.budget, base)
+    logger.info("rho auto: %d probe-training / %d held-out clean samples, %d epochs per probe; the undefended model's "
+                "held-out accuracy %.2f%%; budget %.2f points below the smallest rho's probe", len(train_idx),
+                len(hold_idx), settings.probe_epochs, base, settings.budget)
     probes: List[Probe] = []
     try:
         for rho in settings.grid:
@@ -137,10 +138,12 @@ def choose_rho(defense, model, indices: Sequence[int], labels: Sequence[int],
                 if defense.scheduler is not None and not defense.step_per_batch:
                     defense.scheduler.step(loss) if defense.plateau else defense.scheduler.step()
             acc = accuracy()
-            probe = Probe(rho, acc, acc >= base - settings.budget, time.perf_counter() - start)
+            reference = probes[0].holdout_acc if probes else acc
+            probe = Probe(rho, acc, acc >= reference - settings.budget, time.perf_counter() - start)
             probes.append(probe)
-            logger.info("rho auto: rho %g -> held-out accuracy %.2f%% (%+.2f points) %s, %.0f s", rho, acc,
-                        acc - base, "within budget" if probe.within_budget else "over budget", probe.seconds)
+            logger.info("rho auto: rho %g -> held-out accuracy %.2f%% (%+.2f points vs the smallest rho, %+.2f vs the "
+                        "undefended model) %s, %.0f s", rho, acc, acc - reference, acc - base,
+                        "within budget" if probe.within_budget else "over budget", probe.seconds)
             if not probe.within_budget:
                 break
     finally:
@@ -148,12 +151,7 @@ def choose_rho(defense, model, indices: Sequence[int], labels: Sequence[int],
         for key, value in saved.items():
             setattr(args, key, value)
         set_rng_state(rngs)
-    fits = [p.rho for p in probes if p.within_budget]
-    if fits:
-        chosen = max(fits)
-        logger.info("rho auto: chose rho %g (the largest within %.2f points)", chosen, settings.budget)
-    else:
-        chosen = settings.grid[0]
-        logger.warning("rho auto: even rho %g costs more than %.2f points of held-out accuracy; using it anyway "
-                       "(raise --rho_auto_budget or give a smaller rho in --rho_auto_grid)", chosen, settings.budget)
+    chosen = max(p.rho for p in probes if p.within_budget)
+    logger.info("rho auto: chose rho %g (the largest within %.2f points of the smallest rho's held-out accuracy)",
+                chosen, settings.budget)
     return chosen, probes, base
