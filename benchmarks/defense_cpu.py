@@ -210,7 +210,8 @@ def full_plan() -> List[Run]:
         for attack in ("blended", "badnet"):
             plan += [Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho=RECOMMENDED["rho"], eval_every=5,
                          group="seeds"),
-                     Run(attack, "ft-baseline", 100, seed, eval_every=10, group="seeds")]
+                     Run(attack, "ft-baseline", 100, seed, eval_every=10, group="seeds"),
+                     Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho="auto", eval_every=5, group="seeds")]
     for rho in ("2", "8", "4", "1"):  # the full-length rho sweep, where the relapse shows
         plan.append(Run("blended", "ftsam", 100, 0, rho=rho, eval_every=10, group="sweep"))
     plan.append(Run("blended", "ftsam", 100, 0, rho="2", protocol="backdoorbench", eval_every=10, group="protocol"))
@@ -634,9 +635,11 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         # the 3-seed table at the recommended setting
         rec_tag = lambda seed: Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho=RECOMMENDED["rho"]).tag
         ft_tag = lambda seed: Run(attack, "ft-baseline", 100, seed).tag
+        auto_tag = lambda seed: Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho="auto").tag
         rows = []
         for label, tagf in (("FT, 100 epochs", ft_tag),
-                            (f"FT-SAM ρ={RECOMMENDED['rho']}, {RECOMMENDED['epochs']} epochs", rec_tag)):
+                            (f"FT-SAM ρ={RECOMMENDED['rho']}, {RECOMMENDED['epochs']} epochs", rec_tag),
+                            (f"FT-SAM `--rho auto`, {RECOMMENDED['epochs']} epochs", auto_tag)):
             got = [runs[tagf(s)] for s in SEEDS if tagf(s) in runs and not runs[tagf(s)].get("partial")]
             lasts = [evals_of(i)[-1] for i in got]
             ders = [der(bd["test_acc"], m["test_acc"], bd["test_asr"], m["test_asr"]) for m in lasts]
@@ -653,16 +656,18 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         lines.append("")
         for seed in SEEDS:
             bits = []
-            for label, tagf in (("FT", ft_tag), ("FT-SAM", rec_tag)):
+            for label, tagf in (("FT", ft_tag), (f"FT-SAM ρ={RECOMMENDED['rho']}", rec_tag), ("FT-SAM auto", auto_tag)):
                 i = runs.get(tagf(seed))
                 if i:
                     m = evals_of(i)[-1]
                     flag = f" (unfinished, epoch {int(m['epoch'])})" if i.get("partial") else ""
-                    bits.append(f"{label} {pct(m['test_acc'])} / {pct(m['test_asr'])}{flag}")
+                    rho = chosen_rho(i) if i["run"]["rho"] == "auto" else None
+                    chose = f" (chose ρ={rho:g})" if rho else ""
+                    bits.append(f"{label}{chose} {pct(m['test_acc'])} / {pct(m['test_asr'])}{flag}")
             if bits:
                 lines.append(f"- seed {seed}: " + "; ".join(bits))
         lines.append("")
-        (ft_label, ft_got, ft_lasts, _), (_, sam_got, sam_lasts, _) = rows
+        (ft_label, ft_got, ft_lasts, _), (_, sam_got, sam_lasts, _), _auto = rows
         if ft_lasts and sam_lasts:
             mean = lambda xs: sum(xs) / len(xs)
             sam_asr, sam_acc = mean([m["test_asr"] for m in sam_lasts]), mean([m["test_acc"] for m in sam_lasts])
@@ -689,8 +694,7 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
                               f"wall time): **{'met' if ok else 'NOT met'}** (ASR {100 * sam_asr:.2f}%, "
                               f"−{drop:.2f} points, wall {mean(w_sam) / 60:.0f} vs {mean(w_ft) / 60:.0f} min)")
         # every other run on this attack: the sweep, the protocol, rho auto
-        others = [(tag, i) for tag, i in runs.items() if tag not in {rec_tag(s) for s in SEEDS}
-                  and tag not in {ft_tag(s) for s in SEEDS}]
+        others = [(tag, i) for tag, i in runs.items() if i["run"]["group"] != "seeds"]
         if others:
             marks = (10, 20, 40, 60, 80, 100)
             lines += ["### Full-length runs (seed 0): ASR along the run", "",
