@@ -50,10 +50,11 @@ READY = ".complete"
 SIZES = {"cifar10": (500, 100, 15), "digits": (None, None, 15), "generated": (100, 30, 5)}
 TINY = dict(train_per_class=12, test_per_class=6, epochs=1, defense_epochs=1, width=0.125, ratio=0.5)
 # The demo's defense settings, chosen from the sweep in benchmarks/results/demo_sweep.md (5 seeds, offline digits).
-DEFAULTS = {"ratio": 0.1, "defense_epochs": 20, "rho": 2.0}
-# What that sweep measured per (data source, attack, (ratio, defense epochs, rho, attack epochs, width)), quoted in
-# the demo's last sentence; regenerate with `python benchmarks/demo_sweep.py` and copy its "demo" lines here.
-SWEEP: dict = {}
+DEFAULTS = {"ratio": 0.1, "defense_epochs": 20, "batch_size": 32, "rho": 2.0, "eval_every": 2}
+# What that sweep measured per (data source, attack, (ratio, defense epochs, batch, rho)) at the demo's attack
+# (15 epochs, width 0.25), quoted in the demo's last sentence: copy the block the sweep's report prints.
+SWEEP: dict = {
+}
 
 
 @dataclass
@@ -76,11 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        "default: download, else scikit-learn's digits")
     add("--offline", action="store_true", help="never try the network (use --data or the digits)")
     add("--epochs", type=int, help="attack training epochs (default 15)")
-    add("--defense_epochs", type=int, help="FT and FT-SAM epochs (default 20)")
+    add("--defense_epochs", type=int, help=f"FT and FT-SAM epochs (default {DEFAULTS['defense_epochs']})")
     add("--width", type=float, help="PreAct-ResNet18 width multiplier (default 0.25)")
-    add("--ratio", type=float, help="clean fraction of the demo's train set the defenses get (default 0.1)")
+    add("--ratio", type=float, help=f"clean fraction of the demo's train set the defenses get (default {DEFAULTS['ratio']:g})")
     add("--rho", type=float, help=f"FT-SAM neighbourhood size (default {DEFAULTS['rho']:g}, from the demo sweep)")
     add("--threads", type=int, help="torch CPU threads (default: torch's; results depend on it)")
+    add("--batch_size", type=int, help=f"FT and FT-SAM batch size (default {DEFAULTS['batch_size']})")
     add("--train_per_class", type=int, help="train images per class copied from CIFAR-10 (default 500)")
     add("--test_per_class", type=int, help="test images per class copied from CIFAR-10 (default 100)")
     add("--out", default="./record", help="record root; the record goes to <out>/demo_<attack> (default ./record)")
@@ -340,7 +342,7 @@ def run_attack(data: DemoData, out: str, name: str, attack: str, epochs: int, wi
 
 
 def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optional[str], device: str,
-                seed: int, eval_every: int = 1) -> dict:
+                seed: int, eval_every: int = 1, batch_size: Optional[int] = None) -> dict:
     """Run `ftsam defend --defense <defense>` (console log quiet); returns its last-epoch metrics, timing and the
     per-epoch history (`curve`: epoch, test_acc, test_asr of every evaluated epoch)."""
     from ftsam_plugin.defense import cli as defense_cli
@@ -350,6 +352,8 @@ def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optio
     argv = ["--defense", defense, "--result_file", record, "--yaml_path", "cpu", "--epochs", str(epochs),
             "--ratio", str(ratio), "--device", device, "--num_workers", "0", "--random_seed", str(seed),
             "--eval_every", str(eval_every)]  # the last epoch is always evaluated
+    if batch_size is not None:
+        argv += ["--batch_size", str(batch_size)]
     if rho is not None:
         argv += ["--rho", str(rho)]
     opts = vars(parser.parse_args(argv))
@@ -415,14 +419,15 @@ def stage(msg: str) -> None:
 
 def sweep_sentence(attack: str, source: str, setting: tuple, ft: dict, sam: dict) -> str:
     """How this run compares with the committed sweep at the same setting (benchmarks/results/demo_sweep.md)."""
-    ref = SWEEP.get((source, attack, setting))
+    ref = SWEEP.get((source, attack, setting)) if setting else None
     here = (f"this run: FT-SAM ASR {100 * sam['test_asr']:.1f}% vs FT {100 * ft['test_asr']:.1f}%, clean ACC "
             f"{100 * sam['test_acc']:.1f}% vs {100 * ft['test_acc']:.1f}%")
     if ref is None:
         return f"{here}; no sweep was measured at this setting (see benchmarks/results/demo_sweep.md)."
-    return (f"{here}; in the sweep at this setting (5 seeds, benchmarks/results/demo_sweep.md) FT-SAM's ASR was "
-            f"below FT's on {ref['wins']} of 5 seeds, mean ASR FT-SAM {ref['sam_asr']} vs FT {ref['ft_asr']}, "
-            f"mean ACC {ref['sam_acc']} vs {ref['ft_acc']}.")
+    return (f"{here}; in the sweep at this setting ({ref['n']} seed{'s' if ref['n'] > 1 else ''} so far, "
+            f"benchmarks/results/demo_sweep.md) FT-SAM's ASR was below FT's (within 3 points of its ACC) on "
+            f"{ref['wins']} of {ref['n']}, mean ASR FT-SAM {ref['sam_asr']} vs FT {ref['ft_asr']}, mean ACC "
+            f"{ref['sam_acc']} vs {ref['ft_acc']}.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -440,6 +445,8 @@ def run(args: argparse.Namespace) -> int:
     width = args.width or (TINY["width"] if tiny else 0.25)
     ratio = args.ratio or (TINY["ratio"] if tiny else DEFAULTS["ratio"])
     rho = args.rho if args.rho is not None else DEFAULTS["rho"]
+    batch = args.batch_size or (None if tiny else DEFAULTS["batch_size"])
+    eval_every = 1 if tiny else DEFAULTS["eval_every"]
     for key, value in (("--epochs", epochs), ("--defense_epochs", defense_epochs)):
         if value < 1:
             raise FtsamError(f"--epochs/--defense_epochs must be at least 1, got {key} {value}")
@@ -461,13 +468,13 @@ def run(args: argparse.Namespace) -> int:
     backdoored["seconds"] = time.perf_counter() - start
     stage(f"      done in {backdoored['seconds']:.0f} s: ACC {100 * backdoored['test_acc']:.1f}, "
           f"ASR {100 * backdoored['test_asr']:.1f}")
-    common = (f"class-balanced {ratio:g} clean subset ({n_clean} images), {defense_epochs} epochs, "
-              f"evaluated every epoch")
+    common = (f"class-balanced {ratio:g} clean subset ({n_clean} images), {defense_epochs} epochs"
+              + (f", batch {batch}" if batch else "") + f", evaluated every {eval_every} epoch(s)")
     stage(f"[2/3] FT (plain fine-tuning), {common} ...")
-    ft = run_defense("ft-baseline", record, defense_epochs, ratio, None, device, args.seed)
+    ft = run_defense("ft-baseline", record, defense_epochs, ratio, None, device, args.seed, eval_every, batch)
     stage(f"      done in {ft['seconds']:.0f} s: ACC {100 * ft['test_acc']:.1f}, ASR {100 * ft['test_asr']:.1f}")
     stage(f"[3/3] FT-SAM (ASAM, rho {rho}), {common} ...")
-    sam = run_defense("ftsam", record, defense_epochs, ratio, str(rho), device, args.seed)
+    sam = run_defense("ftsam", record, defense_epochs, ratio, str(rho), device, args.seed, eval_every, batch)
     stage(f"      done in {sam['seconds']:.0f} s: ACC {100 * sam['test_acc']:.1f}, "
           f"ASR {100 * sam['test_asr']:.1f}")
     rows = [("no defense", backdoored), ("FT", ft), ("FT-SAM", sam)]
@@ -479,7 +486,7 @@ def run(args: argparse.Namespace) -> int:
           f"(percent; time = wall seconds for the stage)")
     print(format_table(rows, backdoored))
     print()
-    setting = (ratio, defense_epochs, str(rho), epochs, width)
+    setting = (ratio, defense_epochs, batch, f"{float(rho):g}") if (epochs, width) == (15, 0.25) else None
     print(sweep_sentence(args.attack, data.source, setting, ft, sam))
     print(f"per-epoch ACC and ASR: {png}")
     print(f"record: {record}  (defense results: {os.path.dirname(ft['result'])}, {os.path.dirname(sam['result'])})")
