@@ -248,3 +248,52 @@ def test_backends_give_the_same_weights(adaptive):
     for backend in ("foreach", "triton"):
         for p, q in zip(out[backend], out["loop"]):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def in_place_step(model, opt, seed):
+    """One SAM step whose grads stay in the same storage (zeroed in place instead of set to None)."""
+    x, y = batch(seed)
+    opt.zero_grad(set_to_none=False)
+    loss_of(model, x, y).backward()
+    opt.first_step()
+    opt.zero_grad(set_to_none=False)
+    loss_of(model, x, y).backward()
+    opt.second_step()
+
+
+def test_plans_are_reused_until_storage_moves():
+    base = tiny_model()
+    runs = {}
+    for backend in ("triton", "foreach"):
+        model = copy.deepcopy(base)
+        opt = make_sam(model, rho=0.5, adaptive=True, backend=backend)
+        builds = []
+        for step in range(3):
+            in_place_step(model, opt, step)
+            builds.append(opt.plan_builds)
+        model[0].weight.data = model[0].weight.data.clone()  # new storage: the plan's addresses are stale
+        in_place_step(model, opt, 3)
+        builds.append(opt.plan_builds)
+        model[4].bias.grad = None  # a param without a grad: another bucket layout
+        x, y = batch(4)
+        loss_of(model, x, y).backward()
+        model[4].bias.grad = None
+        bias = model[4].bias.detach().clone()
+        opt.first_step(zero_grad=True)
+        assert torch.equal(model[4].bias.detach(), bias)  # no grad: not perturbed
+        loss_of(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+        builds.append(opt.plan_builds)
+        assert builds == [1, 1, 1, 2, 3]
+        runs[backend] = list(model.parameters())
+    for p, q in zip(runs["triton"], runs["foreach"]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_model_is_refused_with_a_clear_error():
+    model = tiny_model().double()
+    opt = make_sam(model)
+    x, y = batch()
+    loss_of(model, x.double(), y).backward()
+    with pytest.raises(ValueError, match="float64.*model.float"):
+        opt.first_step()
