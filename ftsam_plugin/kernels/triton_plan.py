@@ -128,12 +128,16 @@ class TritonPlan:
         self._out = torch.zeros((), **f32)  # stays 0 when there is nothing to sum
         self._guard = device_guard(self.device)
 
-    def _upload(self, values):
-        """An int64 device tensor of `values` (list or host tensor), copied without making the host wait."""
+    def _host(self, values):
+        """`values` as an int64 host tensor that copies to the device without making the host wait."""
         host = torch.as_tensor(values, dtype=torch.int64)
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def _upload(self, values):
+        return self._host(values).to(self.device, non_blocking=True)
+
+    def _write_row(self, group, row, values):
+        group.table[row.value * group.n:(row.value + 1) * group.n].copy_(self._host(values), non_blocking=True)
 
     def _saved_ptrs(self, idx):
         return [self.saved[i].data_ptr() for i in idx] if self.saved is not None else [0] * len(idx)
@@ -174,7 +178,27 @@ class TritonPlan:
     def _allocate_saved(self):
         self.saved = flat_like(self.params) if self.params else []
         for g in self._groups:
-            g.table[st.ROW_S.value * g.n:(st.ROW_S.value + 1) * g.n].copy_(self._upload(self._saved_ptrs(g.idx)))
+            self._write_row(g, st.ROW_S, self._saved_ptrs(g.idx))
+
+    def update_grads(self):
+        """Write the grads' new addresses into the tables (grads reallocated, e.g. after zero_grad(None)).
+
+        False, changing nothing, when a grad no longer fits its group (None, another dtype, shape or strides, or
+        no longer 16-byte aligned in an aligned group): then build a new plan.
+        """
+        rows = []
+        for g in self._groups:
+            ptrs = []
+            for i in g.idx:
+                p, grad = self.params[i], self.params[i].grad
+                if (grad is None or grad.dtype != g.g_dtype or grad.shape != p.shape or grad.stride() != p.stride()
+                        or (g.aligned and grad.data_ptr() % 16)):
+                    return False
+                ptrs.append(grad.data_ptr())
+            rows.append(ptrs)
+        for g, ptrs in zip(self._groups, rows):
+            self._write_row(g, st.ROW_G, ptrs)
+        return True
 
     def perturb(self, norm, rho):
         if self.saved is None:

@@ -8,6 +8,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ftsam_plugin import kernels
 
+from .step_plans import MOVED
+from .step_plans import STALE
 from .step_plans import StepPlans
 
 
@@ -28,7 +30,8 @@ class SAM(torch.optim.Optimizer):
 
     The kernel plans (ftsam_plugin.kernels.create_plan: for Triton the device pointer table, work list and one
     persistent `saved` buffer) are built at the first step and reused while every param and grad keeps its
-    storage (checked each step by comparing data pointers); `plan_builds` counts the builds. A step with
+    storage (checked each step by comparing data pointers); grads that moved (set to None and reallocated
+    elsewhere) are re-pointed with one small copy. `plan_builds` and `grad_moves` count both. A step with
     unchanged storage allocates nothing and, without a GradScaler, never syncs with the host.
 
     Usage (AMP + BN freeze; under DDP put the whole first pass, forward included, in `with model.no_sync():`
@@ -75,13 +78,16 @@ class SAM(torch.optim.Optimizer):
         self._plans = None  # StepPlans, reused while valid
         self._perturbed = None  # the StepPlans whose perturbation second_step undoes
         self._skipped = False
-        self.plan_builds = 0
+        self.plan_builds = 0  # plans built (first step, storage moved)
+        self.grad_moves = 0  # steps whose grads had moved, re-pointed without a rebuild
 
     def _current_plans(self):
         plans = self._plans
-        if plans is None or not plans.valid_for(self.param_groups):
+        state = STALE if plans is None else plans.refresh(self.param_groups)
+        if state == STALE:
             plans = self._plans = StepPlans(self.param_groups, self.weights_only, self.restore, self.backend)
             self.plan_builds += 1
+        self.grad_moves += state == MOVED
         return plans
 
     # no @torch.no_grad() on first_step/second_step: the plans need no autograd state (the torch backends set

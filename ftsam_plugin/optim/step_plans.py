@@ -2,14 +2,17 @@
 
 Checking that costs a few microseconds per step: one list of grads and two C++ comparisons of data pointers
 (`torch._C._tensors_data_ptrs_at_indices_equal`, what CUDA-graph trees use; a Python comparison where a torch
-lacks it). Anything else that changes the buckets (a group's rho/adaptive/eta or size, a param gaining or losing
-its grad) makes the plans stale too, and the optimizer builds new ones.
+lacks it). When only the grads moved (set to None and reallocated elsewhere), their new addresses are written
+into the plans' tables (one small copy per plan). Anything else (a param's storage, a group's rho/adaptive/eta
+or size, a param gaining or losing its grad, a grad changing dtype or layout) makes the plans stale, and the
+optimizer builds new ones.
 """
 
 import torch
 
 from ftsam_plugin import kernels
 
+SAME, MOVED, STALE = "same", "moved", "stale"
 _PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
@@ -44,16 +47,27 @@ class StepPlans:
         self._param_ptrs = [p.data_ptr() for p in self._params]
         self._grad_ptrs = [p.grad.data_ptr() for p in self._params]
 
-    def valid_for(self, param_groups):
-        """True while nothing these plans depend on has changed (cheap: called every step)."""
+    def refresh(self, param_groups):
+        """SAME (nothing moved), MOVED (grads had moved: the plans now point at them) or STALE (build new plans).
+
+        Called every step, so the common case costs two pointer comparisons.
+        """
         if _settings(param_groups) != self._settings:
-            return False
+            return STALE
+        grads = [p.grad for p in self._params]
         try:
-            same = (_ptrs_equal([p.grad for p in self._params], self._grad_ptrs, self._index)
-                    and _ptrs_equal(self._params, self._param_ptrs, self._index))
+            grads_same = _ptrs_equal(grads, self._grad_ptrs, self._index)
+            params_same = _ptrs_equal(self._params, self._param_ptrs, self._index)
         except (RuntimeError, TypeError, AttributeError):  # a grad went away (None is not a tensor)
-            return False
-        return same and all(p.grad is None for p in self._gradless)
+            return STALE
+        if not params_same or any(p.grad is not None for p in self._gradless):
+            return STALE
+        if grads_same:
+            return SAME
+        if not all(plan.update_grads() for plan, _ in self.plans):
+            return STALE
+        self._grad_ptrs = [g.data_ptr() for g in grads]
+        return MOVED
 
     def grad_norm(self):
         """||T * g|| over every bucket (one 0-d fp32 tensor); None without any grad."""
@@ -71,4 +85,4 @@ class StepPlans:
             plan.restore()
 
 
-__all__ = ["StepPlans"]
+__all__ = ["MOVED", "SAME", "STALE", "StepPlans"]
