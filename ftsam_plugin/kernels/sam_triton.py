@@ -207,10 +207,15 @@ def specialisations():
     return out
 
 
-def launch(kind, grid, args, consts):
-    """Launch kernel `kind` (`args` in SIGNATURES order, `consts` from `constexprs`); the one launch site."""
-    KERNELS[kind][grid](*args, **consts, num_warps=NUM_WARPS)
+def launch_options(kind, w_dtype, g_dtype, aligned):
+    """`constexprs` plus the launch options: the keyword arguments of a launch."""
+    return dict(constexprs(kind, w_dtype, g_dtype, aligned), num_warps=NUM_WARPS)
+
+
+def launch(kind, grid, args, options):
+    """Launch kernel `kind` (`args` in SIGNATURES order, `options` from `launch_options`); the one launch site."""
+    KERNELS[kind][grid](*args, **options)
 
 
 __all__ = ["BLOCK", "CHUNK", "DTYPE_PAIRS", "INTERPRET", "KERNELS", "N_ROWS", "NUM_WARPS", "SIGNATURES",
-           "constexprs", "launch", "specialisations"]
+           "constexprs", "launch", "launch_options", "specialisations"]

@@ -92,7 +92,7 @@ class _Group:
         self.idx, self.table, self.work, self.pid_offset = idx, table, work, pid_offset
         self.n, self.n_work = len(idx), work.shape[1]
         self.grid = (self.n_work,)
-        self.consts = {kind: st.constexprs(kind, *key) for kind in st.KERNELS}
+        self.options = {kind: st.launch_options(kind, *key) for kind in st.KERNELS}
 
 
 class TritonPlan:
@@ -172,7 +172,7 @@ class TritonPlan:
         with self._guard:
             for g in self._groups:
                 st.launch("sumsq", g.grid, (g.table, g.work, self._partials, self._counter, self._out, g.n,
-                                            g.n_work, g.pid_offset, self._n_total, self.eta), g.consts["sumsq"])
+                                            g.n_work, g.pid_offset, self._n_total, self.eta), g.options["sumsq"])
         return self._out
 
     def _allocate_saved(self):
@@ -209,7 +209,7 @@ class TritonPlan:
         with self._guard:
             for g in self._groups:
                 st.launch("perturb", g.grid, (g.table, g.work, norm, g.n, g.n_work, rho, self.eta, self.subtract),
-                          g.consts["perturb"])
+                          g.options["perturb"])
         return self.saved
 
     def restore(self):
@@ -217,7 +217,7 @@ class TritonPlan:
             raise RuntimeError("TritonPlan.restore before perturb: nothing is saved yet")
         with self._guard:
             for g in self._groups:
-                st.launch("restore", g.grid, (g.table, g.work, g.n, g.n_work, self.subtract), g.consts["restore"])
+                st.launch("restore", g.grid, (g.table, g.work, g.n, g.n_work, self.subtract), g.options["restore"])
 
 
 __all__ = ["LayoutError", "TritonPlan", "check_device", "device_guard", "flat_like", "work_list"]
