@@ -4,7 +4,8 @@
 
 The 54 parameter tensors of PreAct-ResNet18 (11.2M fp32, each with a grad) live on the CPU; backend="triton" is
 let through on CPU tensors and each Triton kernel is replaced by an object whose launch does nothing, so what is
-timed is exactly the Python/host work around the launches (on a GPU the kernels run asynchronously behind it;
+timed (as CPU time of the measuring thread, so other processes on shared cores do not inflate it) is
+exactly the Python/host work around the launches (on a GPU the kernels run asynchronously behind it;
 Triton's own launcher cost comes on top and is measured by benchmarks/gpu_check.py on a GPU). Rows:
 - SAM step: `first_step()` + `second_step()` of ftsam_plugin.optim.SAM (FT-SAM's ASAM, rho 2) with a base
   optimizer whose step does nothing, grads kept between steps (the base step's own cost is its own row);
@@ -60,13 +61,15 @@ def _stub_launches():
 
 
 def _per_call_us(fn, reps, batch=50):
+    """Median over batches of the CPU time per call of this thread: work by other processes sharing the cores
+    (this machine is shared) does not count, unlike wall clock."""
     fn()
     samples = []
     for _ in range(max(1, reps // batch)):
-        start = time.perf_counter()
+        start = time.thread_time()
         for _ in range(batch):
             fn()
-        samples.append((time.perf_counter() - start) / batch * 1e6)
+        samples.append((time.thread_time() - start) / batch * 1e6)
     return statistics.median(samples)
 
 
@@ -173,8 +176,8 @@ def report(columns, reps, rounds, argv):
     cmd = "python benchmarks/sam_host_cost.py " + " ".join(argv)
     head = [f"# SAM host cost per step (kernel launches stubbed)", "", f"Command: `{cmd.strip()}`  ",
             f"Machine: {machine()}; torch {torch.__version__}, 1 thread  ",
-            f"Median over {rounds} alternating rounds (fresh process each) of the median of ~{reps} calls per row "
-            "(batches of 50). Parameters: PreAct-ResNet18's 54 tensors, 11,171,146 fp32 elements, on the CPU; "
+            f"CPU time of the measuring thread (`time.thread_time`), median over {rounds} alternating rounds (fresh "
+            f"process each) of the median of ~{reps} calls per row (batches of 50). Parameters: PreAct-ResNet18's 54 tensors, 11,171,146 fp32 elements, on the CPU; "
             "ASAM (adaptive), rho 2, restore by copy.", ""]
     return "\n".join(head + lines) + "\n"
 

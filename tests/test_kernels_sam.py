@@ -397,6 +397,14 @@ for shapes, dtype, rtol, norm_rtol, modes in CASES:
                         torch.testing.assert_close(p.detach(), b.detach(), rtol=rtol, atol=rtol)
             for a, b in zip(after["triton"], after["foreach"]):
                 torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.double().abs().max().item())
+if torch.cuda.device_count() >= 2:  # params on cuda:1 while cuda:0 is current: launched under cuda:1
+    torch.cuda.set_device(0)
+    ps = [p.to("cuda:1").detach().requires_grad_() for p in make(SMALL, torch.float32)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    norm = kernels.grad_norm(ps, adaptive=True, backend="triton")
+    assert norm.device == torch.device("cuda:1") and torch.cuda.current_device() == 0
+    torch.testing.assert_close(norm.double(), oracle_norm(ps, adaptive=True), rtol=2e-6, atol=0)
 print("compiled triton ok")
 """
 

@@ -37,6 +37,7 @@ STORES = ("w", "e")
 RESTORE_MODES = ("copy", "subtract")
 _RESTORE_FOR_STORE = {"w": "copy", "e": "subtract"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_SET = frozenset(DTYPES)
 AUTO_TRITON_DEVICES = ("cuda",)  # device types on which "auto" tries Triton
 _warned_fallback = []
 
@@ -68,14 +69,15 @@ _PLANS = {
 def check_params(params, saved=None):
     """ValueError unless every param (and grad, and saved tensor) is float32/float16/bfloat16 on one device."""
     tensors = [t for p in params for t in (p, p.grad) if t is not None] + list(saved or [])
-    devices = sorted({str(t.device) for t in tensors})
+    devices = {t.device for t in tensors}
     if len(devices) > 1:
-        raise ValueError(f"SAM kernels: parameters and grads are on several devices ({', '.join(devices)}); "
-                         "put the whole model on one device")
-    bad = sorted({str(t.dtype) for t in tensors if t.dtype not in DTYPES})
+        raise ValueError(f"SAM kernels: parameters and grads are on several devices "
+                         f"({', '.join(sorted(map(str, devices)))}); put the whole model on one device")
+    bad = {t.dtype for t in tensors} - _DTYPE_SET
     if bad:
-        raise ValueError(f"SAM kernels take float32/float16/bfloat16 parameters and grads, got {', '.join(bad)}; "
-                         "train in float32 (model.float()), with bf16/fp16 autocast if wanted")
+        raise ValueError(f"SAM kernels take float32/float16/bfloat16 parameters and grads, got "
+                         f"{', '.join(sorted(map(str, bad)))}; train in float32 (model.float()), with bf16/fp16 "
+                         "autocast if wanted")
 
 
 def resolve_backend(backend, params):

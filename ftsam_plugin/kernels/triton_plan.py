@@ -19,6 +19,7 @@ from .reference import scaled_flags
 
 SAVED_ALIGN = 128  # element alignment of each tensor inside the flat `saved` buffer (>= 16 bytes in any dtype)
 _STRIDE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_PAIRS = frozenset(st.DTYPE_PAIRS)
 
 
 class LayoutError(ValueError):
@@ -33,14 +34,15 @@ def _dense(t):
 def _layout_problem(p, g, s):
     """Why the kernels cannot take param `p` with grad `g` (None: restore only) and saved `s`; None if they can."""
     g_dtype = p.dtype if g is None else g.dtype
-    if (p.dtype, g_dtype) not in st.DTYPE_PAIRS:
+    if (p.dtype, g_dtype) not in _PAIRS:
         pairs = ", ".join(f"{_short(w)}/{_short(d)}" for w, d in st.DTYPE_PAIRS)
         return f"param/grad dtypes {_short(p.dtype)}/{_short(g_dtype)} (the kernels take {pairs})"
     if not _dense(p):
         return f"a non-dense parameter (strides {p.stride()})"
+    stride, shape = p.stride(), p.shape
     for name, t in (("grad", g), ("saved", s)):
-        if t is not None and (t.stride() != p.stride() or t.shape != p.shape):
-            return f"{name} shape/strides {tuple(t.shape)}/{t.stride()} differ from the parameter's {p.stride()}"
+        if t is not None and (t.stride() != stride or t.shape != shape):
+            return f"{name} shape/strides {tuple(t.shape)}/{t.stride()} differ from the parameter's {stride}"
     if s is not None and s.dtype != p.dtype:
         return f"saved dtype {_short(s.dtype)} differs from the parameter's {_short(p.dtype)}"
     return None
@@ -50,8 +52,8 @@ def _short(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def _aligned(*tensors):
-    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+def _aligned(p, g, s):
+    return p.data_ptr() % 16 == 0 and (g is None or g.data_ptr() % 16 == 0) and (s is None or s.data_ptr() % 16 == 0)
 
 
 def flat_like(tensors):
