@@ -2,8 +2,10 @@
 
     python benchmarks/bench_sam_step.py [--reps 20] [--threads N] [--out benchmarks/results/sam_step.md]
 
-CUDA: loop / foreach / triton, CUDA events, L2 flushed before every rep, GB/s against the device's peak.
-CPU: loop / foreach (Triton's interpreter is no timing, so triton is skipped on CPU), wall clock.
+CUDA: loop / foreach / triton, kernel time only: each route's plan is built once, the reps are queued back to
+back behind a GPU sleep with an L2 flush before each, CUDA events around each (benchmarks/gpu_timing.py); GB/s
+against the device's peak. CPU: loop / foreach (Triton's interpreter is no timing, so triton is skipped on
+CPU), wall clock. benchmarks/gpu_check.py is the fuller GPU report (fractions of a measured copy_).
 """
 
 import argparse
@@ -15,9 +17,9 @@ import sys
 import time
 
 import torch
+from gpu_timing import time_cuda
 
 from ftsam_plugin import kernels
-from ftsam_plugin.kernels import reference
 from ftsam_plugin.kernels.reference import preact_resnet18_shapes
 
 PEAK_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}  # HBM peak by device name
@@ -41,22 +43,6 @@ def time_cpu(fn, reps):
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1e6
-
-
-def time_cuda(fn, reps):
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # > 50 MB L2
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        ts.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(ts)
 
 
 def peak_gbs():
@@ -103,15 +89,14 @@ def run(reps):
     for mode, adaptive in (("plain", False), ("adaptive", True)):
         moved = {"norm": (2 if adaptive else 1) * n * es, "perturb": 4 * n * es, "restore": 2 * n * es}
         for backend in backends:
-            norm = kernels.grad_norm(ps, adaptive, backend=backend)
-            saved = kernels.perturb(ps, norm, 1e-6, adaptive, store="w", backend=backend)
-            ops = {"norm": lambda: kernels.grad_norm(ps, adaptive, backend=backend),
-                   "perturb": lambda: kernels.perturb(ps, norm, 1e-6, adaptive, store="w", backend=backend),
-                   "restore": lambda: kernels.restore(ps, saved, "copy", backend=backend)}
+            plan = kernels.create_plan(ps, adaptive, restore="copy", backend=backend)  # built once, as in SAM
+            norm = plan.grad_norm()
+            plan.perturb(norm, 1e-6)
+            ops = {"norm": plan.grad_norm, "perturb": lambda: plan.perturb(norm, 1e-6), "restore": plan.restore}
             for op, fn in ops.items():
                 us = timer(fn, reps)
                 rows.append(dict(mode=mode, op=op, backend=backend, us=us, gbs=moved[op] / us / 1e3))
-            kernels.restore(ps, saved, "copy", backend=backend)
+            plan.restore()
     extra = []
     if device == "cpu":
         extra.append(("adaptive norm, foreach as abs->mul->norm (unfused)",

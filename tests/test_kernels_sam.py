@@ -163,6 +163,173 @@ def test_backend_selection_and_errors(monkeypatch):
         kernels.grad_norm(ps, backend="triton")
 
 
+# ---- plans: built once, reused; alignment groups; the checks every backend shares ----
+def clone_params(ps):
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    for q, p in zip(qs, ps):
+        q.grad = None if p.grad is None else p.grad.clone()
+    return qs
+
+
+def views_at(buffer, offset, shapes):
+    """Tensors of `shapes` packed into `buffer` from element `offset` on (offset 1: not 16-byte aligned)."""
+    out = []
+    for s in shapes:
+        n = math.prod(s)
+        out.append(buffer[offset:offset + n].view(s))
+        offset += n
+    return out
+
+
+@pytest.mark.parametrize("mode", ["plain", "eta"])
+def test_triton_plan_reused_over_steps_matches_foreach(mode):
+    # full chunks (unmasked path) and tails (masked), several steps with new grad values in the same storage
+    shapes = [(2 * sam_triton.CHUNK + 5,), (3, 5), (0,), (sam_triton.CHUNK,)]
+    ps = make_params(shapes)
+    ref = clone_params(ps)
+    plan = kernels.create_plan(ps, backend="triton", restore="copy", **MODES[mode])
+    ref_plan = kernels.create_plan(ref, backend="foreach", restore="copy", **MODES[mode])
+    before = [p.detach().clone() for p in ps]
+    for step in range(3):
+        for p, q in zip(ps, ref):
+            p.grad.copy_(torch.randn(p.shape))
+            q.grad.copy_(p.grad)
+        norm = plan.grad_norm()
+        torch.testing.assert_close(norm.double(), oracle_norm(ps, **MODES[mode]), rtol=1e-6, atol=0)
+        assert torch.equal(plan.grad_norm(), norm)  # the ticket counter was reset: a second call agrees bitwise
+        saved = plan.perturb(norm, 0.5)
+        ref_plan.perturb(ref_plan.grad_norm(), 0.5)
+        for p, q in zip(ps, ref):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert step == 0 or all(a is b for a, b in zip(saved, first_saved))  # one persistent buffer
+        first_saved = saved
+        plan.restore()
+        ref_plan.restore()
+        assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+
+
+def test_triton_groups_split_by_alignment_and_dtype():
+    shapes = [(37,), (4, 3, 3, 3), (70000,)]
+    buf, gbuf = torch.randn(80000), torch.randn(80000)
+    unaligned = [v.requires_grad_() for v in views_at(buf, 1, shapes)]  # 4-byte offset: masked path
+    for p, g in zip(unaligned, views_at(gbuf, 1, shapes)):
+        p.grad = g
+    aligned = make_params(shapes)
+    half = make_params([(300,), (33, 2)], torch.bfloat16)
+    ps = unaligned + aligned + half
+    plan = kernels.create_plan(ps, adaptive=True, eta=0.01, backend="triton")
+    keys = {(g.w_dtype, g.aligned) for g in plan._groups}
+    assert keys == {(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)}
+    norm = plan.grad_norm()  # three launches share one ticket counter; the last program of all finishes
+    torch.testing.assert_close(norm.double(), oracle_norm(ps, adaptive=True, eta=0.01), rtol=5e-6, atol=0)
+    before = [p.detach().clone() for p in ps]
+    plan.perturb(norm, 0.5)
+    for p, b in zip(ps, before):
+        q = b.clone()
+        q.grad = p.grad
+        rtol = 1.6e-2 if p.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(p.detach().double() - b.double(), oracle_e(q, norm.double(), 0.5, True, 0.01),
+                                   rtol=4 * rtol, atol=rtol * b.double().abs().max().item())
+    plan.restore()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+
+
+def test_triton_launches_under_the_params_device(monkeypatch):
+    from ftsam_plugin.kernels import triton_plan
+
+    guard = triton_plan.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # what a plan on cuda:1 enters
+    events = []
+
+    class Recorder:
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+    real_launch = sam_triton.launch
+    monkeypatch.setattr(triton_plan, "device_guard", lambda device: Recorder())
+    monkeypatch.setattr(sam_triton, "launch", lambda *a: (events.append("launch"), real_launch(*a)))
+    plan = kernels.create_plan(make_params([(5,), (3, 3)]), backend="triton")
+    plan.perturb(plan.grad_norm(), 0.1)
+    plan.restore()
+    assert events == ["enter", "launch", "exit"] * 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_and_mixed_devices_are_refused(backend):
+    with pytest.raises(ValueError, match="float64.*model.float"):
+        kernels.grad_norm(make_params([(3,), (4,)], torch.float64), backend=backend)
+    ps = make_params([(3,)])
+    meta = torch.empty(4, device="meta").requires_grad_()
+    meta.grad = torch.empty(4, device="meta")
+    with pytest.raises(ValueError, match="several devices"):
+        kernels.grad_norm(ps + [meta], backend=backend)
+    with pytest.raises(ValueError, match="several devices"):
+        kernels.perturb(ps + [meta], torch.tensor(1.0), 0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restore_checks_saved_against_params(backend):
+    ps = make_params([(3,), (2, 2)])
+    saved = kernels.perturb(ps, kernels.grad_norm(ps, backend=backend), 0.1, backend=backend)
+    with pytest.raises(ValueError, match=r"saved\[1\] is torch.float32 \(4,\) but its parameter is .*\(2, 2\)"):
+        kernels.restore(ps, [saved[0], saved[1].flatten()], backend=backend)
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.restore(ps, [saved[0].bfloat16(), saved[1]], backend=backend)
+    with pytest.raises(ValueError, match="2 params for 1 saved"):
+        kernels.restore(ps, saved[:1], backend=backend)
+
+
+def test_auto_falls_back_to_foreach_once_where_triton_cannot(monkeypatch):
+    monkeypatch.setattr(kernels, "AUTO_TRITON_DEVICES", ("cpu",))  # as on CUDA: auto would pick Triton
+    monkeypatch.setattr(kernels, "_warned_fallback", [])
+    p = torch.randn(4, 6).requires_grad_()
+    p.grad = torch.randn(6, 4).t()  # grad strides differ from the param's: the kernels cannot pair them
+    with pytest.raises(ValueError, match="grad shape/strides .* differ.*use backend='foreach'"):
+        kernels.create_plan([p], backend="triton")
+    with pytest.warns(RuntimeWarning, match="backend='auto' uses foreach"):
+        plan = kernels.create_plan([p], adaptive=True, backend="auto")
+    assert isinstance(plan, kernels.TorchPlan)
+    torch.testing.assert_close(plan.grad_norm().double(), oracle_norm([p], adaptive=True), rtol=1e-6, atol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second fallback is silent
+        kernels.create_plan([p], backend="auto")
+    ok = make_params([(5,)])
+    assert type(kernels.create_plan(ok, backend="auto")).__name__ == "TritonPlan"
+
+
+def with_grad_of(p, grad):
+    """p with a grad of another dtype (torch >= 2.10 asks for grad_dtype=None first)."""
+    if hasattr(p, "grad_dtype"):
+        p.grad_dtype = None
+    try:
+        p.grad = grad
+    except RuntimeError:
+        pytest.skip("this torch does not allow a grad dtype other than the param's")
+    return p
+
+
+def test_triton_mixed_dtype_pairs():
+    # fp32 weights with an fp16 grad: one of the kernels' pairs, computed like the other backends
+    w = with_grad_of(torch.randn(40000).requires_grad_(), torch.randn(40000).half())
+    torch.testing.assert_close(kernels.grad_norm([w], adaptive=True, backend="triton"),
+                               kernels.grad_norm([w], adaptive=True, backend="loop"), rtol=1e-6, atol=0)
+    q = with_grad_of(w.detach().clone().requires_grad_(), w.grad.clone())
+    for p, backend in ((w, "triton"), (q, "loop")):
+        kernels.perturb([p], kernels.grad_norm([p], backend=backend), 0.5, backend=backend)
+    torch.testing.assert_close(w, q, rtol=1e-6, atol=1e-7)
+    # fp16 weights with an fp32 grad: not a pair the kernels take
+    p = with_grad_of(torch.randn(5, dtype=torch.float16).requires_grad_(), torch.randn(5))
+    with pytest.raises(ValueError, match="float16/float32"):
+        kernels.create_plan([p], backend="triton")
+    torch.testing.assert_close(kernels.grad_norm([p], backend="foreach").double(), oracle_norm([p]), rtol=1e-6,
+                               atol=0)
+
+
 # ---- compiled Triton on a GPU (the session's TRITON_INTERPRET=1 is left out of the subprocess's environment) ----
 CUDA_SCRIPT = r"""
 import torch
@@ -230,6 +397,14 @@ for shapes, dtype, rtol, norm_rtol, modes in CASES:
                         torch.testing.assert_close(p.detach(), b.detach(), rtol=rtol, atol=rtol)
             for a, b in zip(after["triton"], after["foreach"]):
                 torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.double().abs().max().item())
+if torch.cuda.device_count() >= 2:  # params on cuda:1 while cuda:0 is current: launched under cuda:1
+    torch.cuda.set_device(0)
+    ps = [p.to("cuda:1").detach().requires_grad_() for p in make(SMALL, torch.float32)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    norm = kernels.grad_norm(ps, adaptive=True, backend="triton")
+    assert norm.device == torch.device("cuda:1") and torch.cuda.current_device() == 0
+    torch.testing.assert_close(norm.double(), oracle_norm(ps, adaptive=True), rtol=2e-6, atol=0)
 print("compiled triton ok")
 """
 

@@ -248,3 +248,71 @@ def test_backends_give_the_same_weights(adaptive):
     for backend in ("foreach", "triton"):
         for p, q in zip(out[backend], out["loop"]):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def in_place_step(model, opt, seed):
+    """One SAM step whose grads stay in the same storage (zeroed in place instead of set to None)."""
+    x, y = batch(seed)
+    opt.zero_grad(set_to_none=False)
+    loss_of(model, x, y).backward()
+    opt.first_step()
+    opt.zero_grad(set_to_none=False)
+    loss_of(model, x, y).backward()
+    opt.second_step()
+
+
+def test_plans_are_reused_until_storage_moves():
+    base = tiny_model()
+    runs = {}
+    for backend in ("triton", "foreach"):
+        model = copy.deepcopy(base)
+        opt = make_sam(model, rho=0.5, adaptive=True, backend=backend)
+        counts = []
+        for step in range(3):
+            in_place_step(model, opt, step)
+            counts.append((opt.plan_builds, opt.grad_moves))
+        x, y = batch(3)
+        loss_of(model, x, y).backward()  # grads accumulate in place ...
+        for p in model.parameters():
+            p.grad = p.grad.clone()  # ... then move: the plan is re-pointed, not rebuilt
+        opt.first_step(zero_grad=True)
+        loss_of(model, x, y).backward()
+        opt.second_step()
+        counts.append((opt.plan_builds, opt.grad_moves))
+        model[0].weight.data = model[0].weight.data.clone()  # a param's storage moved: build again
+        in_place_step(model, opt, 4)
+        counts.append((opt.plan_builds, opt.grad_moves))
+        x, y = batch(5)
+        opt.zero_grad(set_to_none=False)
+        loss_of(model, x, y).backward()
+        model[4].bias.grad = None  # a param without a grad: another bucket layout
+        bias = model[4].bias.detach().clone()
+        opt.first_step(zero_grad=True)
+        assert torch.equal(model[4].bias.detach(), bias)  # no grad: not perturbed
+        loss_of(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+        counts.append((opt.plan_builds, opt.grad_moves))
+        assert counts == [(1, 0), (1, 0), (1, 0), (1, 1), (2, 1), (3, 1)]
+        runs[backend] = list(model.parameters())
+    for p, q in zip(runs["triton"], runs["foreach"]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_grads_reallocated_every_step_keep_one_plan():
+    model = tiny_model()
+    opt = make_sam(model, rho=0.5, adaptive=True, backend="triton")
+    ref = copy.deepcopy(model)
+    train(model, opt, 3)  # zero_grad(set_to_none=True): new grads each pass, wherever the allocator puts them
+    train(ref, make_sam(ref, rho=0.5, adaptive=True, backend="foreach"), 3)
+    assert opt.plan_builds == 1
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_model_is_refused_with_a_clear_error():
+    model = tiny_model().double()
+    opt = make_sam(model)
+    x, y = batch()
+    loss_of(model, x.double(), y).backward()
+    with pytest.raises(ValueError, match="float64.*model.float"):
+        opt.first_step()

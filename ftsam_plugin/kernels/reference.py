@@ -20,7 +20,7 @@ def scaled_flags(params, adaptive, weights_only):
     return [bool(adaptive) and (not weights_only or p.ndim > 1) for p in params]
 
 
-def _zero_norm(params):
+def zero_norm(params):
     device = params[0].device if params else torch.device("cpu")
     return torch.zeros((), dtype=torch.float32, device=device)
 
@@ -33,7 +33,7 @@ def _fp32(t):
 def grad_norm_loop(params, adaptive=False, eta=0.0, weights_only=False):
     ps = with_grad(params)
     if not ps:
-        return _zero_norm(params)
+        return zero_norm(params)
     device = ps[0].device
     norms = []
     for p, scaled in zip(ps, scaled_flags(ps, adaptive, weights_only)):
@@ -124,7 +124,7 @@ def _tg(ws, gs, eta, square):
 def grad_norm_foreach(params, adaptive=False, eta=0.0, weights_only=False):
     ps = with_grad(params)
     if not ps:
-        return _zero_norm(params)
+        return zero_norm(params)
     device = ps[0].device
     norms = []
     for (_, _, _, scaled), idx in _groups(ps, scaled_flags(ps, adaptive, weights_only)).items():
@@ -185,3 +185,43 @@ def preact_resnet18_shapes(num_classes=10):
                 shapes.append((planes, in_planes, 1, 1))  # shortcut conv
             in_planes = planes
     return shapes + [(num_classes, 512), (num_classes,)]
+
+
+# ---- loop / foreach as plans (the interface ftsam_plugin.kernels.create_plan returns) ----
+class TorchOps:
+    """A backend's three functions."""
+
+    def __init__(self, grad_norm, perturb, restore):
+        self.grad_norm, self.perturb, self.restore = grad_norm, perturb, restore
+
+
+LOOP = TorchOps(grad_norm_loop, perturb_loop, restore_loop)
+FOREACH = TorchOps(grad_norm_foreach, perturb_foreach, restore_foreach)
+
+
+class TorchPlan:
+    """The loop or foreach route for a fixed parameter list; `saved` is kept from perturb to restore.
+
+    Nothing is cached on the device: these ops read the params and grads afresh on every call.
+    """
+
+    def __init__(self, ops, params, adaptive=False, eta=0.0, weights_only=False, restore="copy", saved=None):
+        self.ops, self.params, self.saved = ops, list(params), saved
+        self.adaptive, self.eta, self.weights_only, self.mode = adaptive, eta, weights_only, restore
+
+    def grad_norm(self):
+        with torch.no_grad():
+            return self.ops.grad_norm(self.params, adaptive=self.adaptive, eta=self.eta,
+                                      weights_only=self.weights_only)
+
+    def perturb(self, norm, rho):
+        store = "e" if self.mode == "subtract" else "w"
+        self.saved = self.ops.perturb(self.params, norm, rho, adaptive=self.adaptive, eta=self.eta, store=store,
+                                      weights_only=self.weights_only)
+        return self.saved
+
+    def restore(self):
+        self.ops.restore(self.params, self.saved, mode=self.mode)
+
+    def update_grads(self):
+        return True  # nothing kept: the grads are read on every call

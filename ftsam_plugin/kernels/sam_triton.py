@@ -1,10 +1,23 @@
-"""Multi-tensor Triton kernels for SAM: global ||T*g||, fused perturbation, fused restore.
+"""Multi-tensor Triton kernels for SAM: global ||T*g|| (with its finish folded in), fused perturbation, restore.
 
-All tensors of one dtype group go through ONE launch: a per-call int64 table on the device holds the addresses
-(cast with `.to(tl.pointer_type(dtype))`), numels and "scaled" flags; a cached work list maps each program to a
-(tensor, chunk start). The norm is deterministic: per-program fp32 partials, then `_finish_norm_kernel` sums them
-and takes the sqrt on the device (no host sync). Runs compiled on CUDA and in Triton's interpreter on CPU
-(TRITON_INTERPRET=1, set before this module is imported).
+One launch covers every tensor of a (param dtype, grad dtype, aligned) group. The host side (`triton_plan.py`)
+builds, once, an int64 table on the device with one column per tensor and the rows
+
+    G (grad address) | W (param address) | S (`saved` address) | NUMEL | SCALED (1: T = |w| + eta, 0: T = 1)
+
+and a work list mapping each program to (tensor, chunk start); chunks are CHUNK elements, so every program's
+start is a multiple of CHUNK. In an ALIGNED group every address is 16-byte aligned (checked on the host), the
+kernels tell the compiler so (`tl.multiple_of` on the pointers, CHUNK on the start) and full chunks load and store
+unmasked, which compiles to 128-bit accesses (`ld.global.v4`); a tensor's last chunk, and groups that are not
+aligned (e.g. views into a DDP bucket), take the masked per-element path. Everything per tensor (SCALED) and per
+call (rho, eta, store e or w, copy or subtract) is a runtime argument: a load predicated off by a uniform flag
+moves no bytes, so only the dtypes and ALIGNED are compile-time, and `specialisations()` lists every variant
+the plans can launch (the compile test builds exactly those).
+
+The norm is deterministic and needs no second launch: each program writes its fp32 partial sum, then takes a
+ticket from an atomic counter; the program that draws the last ticket sums all partials in index order, writes
+sqrt into `out` and resets the counter (so a plan, or a CUDA graph of it, is reusable). Runs compiled on CUDA
+and in Triton's interpreter on CPU (TRITON_INTERPRET=1, set before this module is imported).
 """
 
 import os
@@ -13,227 +26,196 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import EPS, scaled_flags, with_grad
-
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK = 1024
-CHUNK = 16 * BLOCK  # elements per program; PreAct-ResNet18 -> ~700 programs
+NUM_WARPS = 4
+CHUNK = 16384  # elements per program; PreAct-ResNet18 (11.2M) -> ~700 programs
+# elements per loop step: 16 per thread at 4 warps, four 128-bit fp32 loads per operand. The interpreter pays
+# per call of a @triton.jit helper, not per element, so there a chunk is one step (same code, 8x fewer calls)
+BLOCK = CHUNK if INTERPRET else 2048
 FINISH_BLOCK = 1024
-ALIGN = 128  # element alignment of tensors inside a flat `saved` buffer
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
-_WORK_CACHE = {}
+# rows of the table (see above); tl.constexpr so the kernels read the same names
+ROW_G, ROW_W, ROW_S, ROW_NUMEL, ROW_SCALED = (tl.constexpr(i) for i in range(5))
+N_ROWS = 5
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# (param dtype, grad dtype) pairs the kernels take: same dtype, or fp32 master weights with a half-precision grad
+DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+               (torch.float32, torch.float16), (torch.float32, torch.bfloat16))
+_RUNTIME = dict(do_not_specialize=["n_tensors", "n_work", "pid_offset", "n_total", "eta", "rho", "store_e",
+                                   "subtract"])
 
 
 @triton.jit
-def _sumsq_kernel(table, work, partials, n_tensors, n_work, eta,
-                  G_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr,
-                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # partials[pid] = sum over this chunk of (T * g)^2, T = |w| + eta if scaled else 1
+def _program(work, n_work, table, n_tensors, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """(tensor, chunk start, elements in this chunk, masked) of this program; unmasked: full chunks if ALIGNED."""
     pid = tl.program_id(0)
     t = tl.load(work + pid)
-    start = tl.load(work + n_work + pid)
-    g_ptr = tl.load(table + t).to(tl.pointer_type(G_DTYPE))
-    w_ptr = tl.load(table + n_tensors + t).to(tl.pointer_type(W_DTYPE))
-    numel = tl.load(table + 3 * n_tensors + t)
-    scaled = tl.load(table + 4 * n_tensors + t) != 0
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, CHUNK, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ADAPTIVE:
-            w = tl.load(w_ptr + offs, mask=mask & scaled, other=0.0).to(tl.float32)
-            g = g * tl.where(scaled, tl.abs(w) + eta, 1.0)
-        acc += g * g
-    tl.store(partials + pid, tl.sum(acc, axis=0))
+    start = tl.multiple_of(tl.load(work + n_work + pid), CHUNK)
+    count = tl.minimum(tl.load(table + ROW_NUMEL * n_tensors + t) - start, CHUNK).to(tl.int32)
+    masked = (count < CHUNK) | (not ALIGNED)
+    return t, start, count, masked
 
 
 @triton.jit
-def _finish_norm_kernel(partials, n, out, BLOCK: tl.constexpr):
-    # out = sqrt(sum(partials)), fixed order -> deterministic
+def _chunk_ptr(table, row, n_tensors, t, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Address of this program's chunk in the tensor at table[row, t] (offsets below are int32, chunk-local)."""
+    ptr = tl.load(table + row * n_tensors + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)  # the host checked it: lets the compiler emit 128-bit accesses
+    return ptr + start
+
+
+@triton.jit
+def _load2(a_ptr, b_ptr, offs, count, b_live, MASKED: tl.constexpr):
+    """a and b at offs (int32, chunk-local); b only where the uniform flag b_live is set: predicated off, a load
+    moves no bytes. MASKED: per element, offs < count; else the whole block, unmasked (128-bit when aligned)."""
+    if MASKED:
+        live = offs < count
+        a = tl.load(a_ptr + offs, mask=live, other=0.0)
+        b = tl.load(b_ptr + offs, mask=live & b_live, other=0.0)
+    else:
+        a = tl.load(a_ptr + offs)
+        b = tl.load(b_ptr + offs, mask=b_live, other=0.0)
+    return a, b
+
+
+@triton.jit
+def _store(ptr, offs, value, count, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value, mask=offs < count)
+    else:
+        tl.store(ptr + offs, value)
+
+
+@triton.jit
+def _sumsq_chunk(g_ptr, w_ptr, count, scaled, eta, MASKED: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, n, BLOCK):
+    for i in range(0, CHUNK, BLOCK):
         offs = i + tl.arange(0, BLOCK)
-        acc += tl.load(partials + offs, mask=offs < n, other=0.0)
-    tl.store(out, tl.sqrt(tl.sum(acc, axis=0)))
+        g, w = _load2(g_ptr, w_ptr, offs, count, scaled, MASKED)  # w only where T = |w| + eta
+        tg = g.to(tl.float32) * tl.where(scaled, tl.abs(w.to(tl.float32)) + eta, 1.0)
+        acc += tg * tg
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit(**_RUNTIME)
+def _sumsq_kernel(table, work, partials, counter, out, n_tensors, n_work, pid_offset, n_total, eta,
+                  G_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr):
+    # partials[pid_offset + pid] = sum over this chunk of (T * g)^2; the last program of all writes sqrt(sum)
+    t, start, count, masked = _program(work, n_work, table, n_tensors, CHUNK, ALIGNED)
+    g_ptr = _chunk_ptr(table, ROW_G, n_tensors, t, start, G_DTYPE, ALIGNED)
+    w_ptr = _chunk_ptr(table, ROW_W, n_tensors, t, start, W_DTYPE, ALIGNED)
+    scaled = tl.load(table + ROW_SCALED * n_tensors + t) != 0
+    if masked:
+        total = _sumsq_chunk(g_ptr, w_ptr, count, scaled, eta, True, CHUNK, BLOCK)
+    else:
+        total = _sumsq_chunk(g_ptr, w_ptr, count, scaled, eta, False, CHUNK, BLOCK)
+    tl.store(partials + pid_offset + tl.program_id(0), total)
+    tl.debug_barrier()  # every thread's store is issued before the (release) ticket below
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+    if ticket == n_total - 1:  # the last program: every partial is written; sum them in a fixed order
+        acc = tl.zeros([FINISH_BLOCK], dtype=tl.float32)
+        for i in range(0, n_total, FINISH_BLOCK):
+            offs = i + tl.arange(0, FINISH_BLOCK)
+            acc += tl.load(partials + offs, mask=offs < n_total, other=0.0, cache_modifier=".cg")
+        tl.store(out, tl.sqrt(tl.sum(acc, axis=0)))
+        tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def _perturb_kernel(table, work, norm_ptr, n_tensors, n_work, rho, eta,
-                    G_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, STORE_E: tl.constexpr,
-                    CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # e = ((T*T) * g) * rho / (norm + eps) ; saved = e or old w ; w += e
-    pid = tl.program_id(0)
-    t = tl.load(work + pid)
-    start = tl.load(work + n_work + pid)
-    g_ptr = tl.load(table + t).to(tl.pointer_type(G_DTYPE))
-    w_ptr = tl.load(table + n_tensors + t).to(tl.pointer_type(W_DTYPE))
-    s_ptr = tl.load(table + 2 * n_tensors + t).to(tl.pointer_type(W_DTYPE))
-    numel = tl.load(table + 3 * n_tensors + t)
-    scaled = tl.load(table + 4 * n_tensors + t) != 0
-    scale = rho / (tl.load(norm_ptr) + 1e-12)
+def _perturb_chunk(g_ptr, w_ptr, s_ptr, count, scaled, eta, scale, store_e, W_DTYPE: tl.constexpr,
+                   MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # e = ((T*T) * g) * scale, rounded to the param dtype; saved = e or old w; w += e
     for i in range(0, CHUNK, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        offs = i + tl.arange(0, BLOCK)
+        g, w_raw = _load2(g_ptr, w_ptr, offs, count, True, MASKED)
         w = w_raw.to(tl.float32)
-        if ADAPTIVE:
-            tt = tl.where(scaled, tl.abs(w) + eta, 1.0)
-            g = (tt * tt) * g
-        e = (g * scale).to(W_DTYPE)
-        if STORE_E:
-            tl.store(s_ptr + offs, e, mask=mask)
-        else:
-            tl.store(s_ptr + offs, w_raw, mask=mask)
-        tl.store(w_ptr + offs, (w + e.to(tl.float32)).to(W_DTYPE), mask=mask)
+        tt = tl.where(scaled, tl.abs(w) + eta, 1.0)
+        e = (((tt * tt) * g.to(tl.float32)) * scale).to(W_DTYPE)
+        _store(s_ptr, offs, tl.where(store_e, e, w_raw), count, MASKED)
+        _store(w_ptr, offs, (w + e.to(tl.float32)).to(W_DTYPE), count, MASKED)
+
+
+@triton.jit(**_RUNTIME)
+def _perturb_kernel(table, work, norm, n_tensors, n_work, rho, eta, store_e,
+                    G_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    t, start, count, masked = _program(work, n_work, table, n_tensors, CHUNK, ALIGNED)
+    g_ptr = _chunk_ptr(table, ROW_G, n_tensors, t, start, G_DTYPE, ALIGNED)
+    w_ptr = _chunk_ptr(table, ROW_W, n_tensors, t, start, W_DTYPE, ALIGNED)
+    s_ptr = _chunk_ptr(table, ROW_S, n_tensors, t, start, W_DTYPE, ALIGNED)
+    scaled = tl.load(table + ROW_SCALED * n_tensors + t) != 0
+    scale = rho / (tl.load(norm) + 1e-12)
+    if masked:
+        _perturb_chunk(g_ptr, w_ptr, s_ptr, count, scaled, eta, scale, store_e != 0, W_DTYPE, True, CHUNK, BLOCK)
+    else:
+        _perturb_chunk(g_ptr, w_ptr, s_ptr, count, scaled, eta, scale, store_e != 0, W_DTYPE, False, CHUNK, BLOCK)
 
 
 @triton.jit
-def _restore_kernel(table, work, n_tensors, n_work,
-                    W_DTYPE: tl.constexpr, SUBTRACT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # w = saved (copy) or w - e (subtract)
-    pid = tl.program_id(0)
-    t = tl.load(work + pid)
-    start = tl.load(work + n_work + pid)
-    w_ptr = tl.load(table + t).to(tl.pointer_type(W_DTYPE))
-    s_ptr = tl.load(table + n_tensors + t).to(tl.pointer_type(W_DTYPE))
-    numel = tl.load(table + 2 * n_tensors + t)
+def _restore_chunk(w_ptr, s_ptr, count, subtract, W_DTYPE: tl.constexpr, MASKED: tl.constexpr,
+                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # w = saved (copy: w is not even read) or w - e (subtract, in fp32)
     for i in range(0, CHUNK, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < numel
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0)
-        if SUBTRACT:
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-            s = (w.to(tl.float32) - s.to(tl.float32)).to(W_DTYPE)
-        tl.store(w_ptr + offs, s, mask=mask)
+        offs = i + tl.arange(0, BLOCK)
+        s, w = _load2(s_ptr, w_ptr, offs, count, subtract, MASKED)
+        _store(w_ptr, offs, tl.where(subtract, (w.to(tl.float32) - s.to(tl.float32)).to(W_DTYPE), s), count, MASKED)
 
 
-# ---- host side ----
-def _check_device(device):
-    if device.type == "cpu" and not INTERPRET:
-        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='auto'")
+@triton.jit(**_RUNTIME)
+def _restore_kernel(table, work, n_tensors, n_work, subtract,
+                    W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, count, masked = _program(work, n_work, table, n_tensors, CHUNK, ALIGNED)
+    w_ptr = _chunk_ptr(table, ROW_W, n_tensors, t, start, W_DTYPE, ALIGNED)
+    s_ptr = _chunk_ptr(table, ROW_S, n_tensors, t, start, W_DTYPE, ALIGNED)
+    if masked:
+        _restore_chunk(w_ptr, s_ptr, count, subtract != 0, W_DTYPE, True, CHUNK, BLOCK)
+    else:
+        _restore_chunk(w_ptr, s_ptr, count, subtract != 0, W_DTYPE, False, CHUNK, BLOCK)
 
 
-def _dense(t):
-    return t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last))
+# ---- what the host launches: one place for the constexprs, shared by the plans and the compile test ----
+KERNELS = {"sumsq": _sumsq_kernel, "perturb": _perturb_kernel, "restore": _restore_kernel}
+# runtime arguments and their Triton types, in the kernels' order ("*" = pointer, all 16-byte aligned)
+SIGNATURES = {
+    "sumsq": {"table": "*i64", "work": "*i64", "partials": "*fp32", "counter": "*i32", "out": "*fp32",
+              "n_tensors": "i32", "n_work": "i32", "pid_offset": "i32", "n_total": "i32", "eta": "fp32"},
+    "perturb": {"table": "*i64", "work": "*i64", "norm": "*fp32", "n_tensors": "i32", "n_work": "i32",
+                "rho": "fp32", "eta": "fp32", "store_e": "i32"},
+    "restore": {"table": "*i64", "work": "*i64", "n_tensors": "i32", "n_work": "i32", "subtract": "i32"},
+}
 
 
-def _check_layout(p, need_same_strides=True):
-    if p.dtype not in _TL or p.grad.dtype not in _TL:
-        raise ValueError(f"backend='triton' supports float16/bfloat16/float32/float64, got {p.dtype}")
-    if not (_dense(p) and _dense(p.grad)) or (need_same_strides and p.grad.stride() != p.stride()):
-        raise ValueError("backend='triton' needs dense params and grads with equal strides; use backend='foreach'")
+def constexprs(kind, w_dtype, g_dtype, aligned):
+    """The compile-time arguments of kernel `kind` for a group of (param dtype, grad dtype, aligned)."""
+    shared = dict(W_DTYPE=_TL[w_dtype], ALIGNED=bool(aligned), CHUNK=CHUNK, BLOCK=BLOCK)
+    if kind == "restore":
+        return shared
+    shared["G_DTYPE"] = _TL[g_dtype]
+    if kind == "sumsq":
+        shared["FINISH_BLOCK"] = FINISH_BLOCK
+    return shared
 
 
-def _work(numels, device):
-    """Cached int64 [2, n_work] tensor: row 0 tensor index, row 1 chunk start."""
-    key = (numels, str(device))
-    work = _WORK_CACHE.get(key)
-    if work is None:
-        pairs = [(i, s) for i, n in enumerate(numels) for s in range(0, n, CHUNK)]
-        work = torch.tensor([[i for i, _ in pairs], [s for _, s in pairs]], dtype=torch.int64).to(device)
-        if len(_WORK_CACHE) > 64:
-            _WORK_CACHE.clear()
-        _WORK_CACHE[key] = work
-    return work
-
-
-def _table(rows, device):
-    """int64 [len(rows), n] table on `device`; pinned + non_blocking on CUDA so the host never waits."""
-    host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
-
-
-def _groups(ps, key):
-    out = {}
-    for i, p in enumerate(ps):
-        out.setdefault(key(p), []).append(i)
+def specialisations():
+    """(kind, param dtype, grad dtype, aligned) for every kernel variant a plan can launch."""
+    out = []
+    for aligned in (True, False):
+        out += [(kind, w, g, aligned) for kind in ("sumsq", "perturb") for w, g in DTYPE_PAIRS]
+        out += [("restore", w, w, aligned) for w in dict.fromkeys(w for w, _ in DTYPE_PAIRS)]
     return out
 
 
-def grad_norm_triton(params, adaptive=False, eta=0.0, weights_only=False):
-    ps = with_grad(params)
-    device = ps[0].device if ps else (params[0].device if params else torch.device("cpu"))
-    _check_device(device)
-    out = torch.zeros((), dtype=torch.float32, device=device)
-    if not ps:
-        return out
-    flags = scaled_flags(ps, adaptive, weights_only)
-    launches, total = [], 0
-    for (wdt, gdt), idx in _groups(ps, lambda p: (p.dtype, p.grad.dtype)).items():
-        for i in idx:
-            _check_layout(ps[i], need_same_strides=flags[i])
-        numels = tuple(ps[i].numel() for i in idx)
-        work = _work(numels, device)
-        table = _table([[ps[i].grad.data_ptr() for i in idx], [ps[i].data_ptr() for i in idx], [0] * len(idx),
-                        list(numels), [int(flags[i]) for i in idx]], device)
-        launches.append((wdt, gdt, idx, work, table, total))
-        total += work.shape[1]
-    partials = torch.empty(total, dtype=torch.float32, device=device)
-    for wdt, gdt, idx, work, table, offset in launches:
-        n_work = work.shape[1]
-        _sumsq_kernel[(n_work,)](table, work, partials[offset:], len(idx), n_work, float(eta),
-                                 G_DTYPE=_TL[gdt], W_DTYPE=_TL[wdt], ADAPTIVE=any(flags[i] for i in idx),
-                                 CHUNK=CHUNK, BLOCK=BLOCK)
-    _finish_norm_kernel[(1,)](partials, total, out, BLOCK=FINISH_BLOCK)
-    return out
+def launch_options(kind, w_dtype, g_dtype, aligned):
+    """`constexprs` plus the launch options: the keyword arguments of a launch."""
+    return dict(constexprs(kind, w_dtype, g_dtype, aligned), num_warps=NUM_WARPS)
 
 
-def _flat_like(tensors):
-    """One allocation holding a tensor shaped/strided like each input (ALIGN-element aligned)."""
-    offsets, total = [], 0
-    for t in tensors:
-        offsets.append(total)
-        total += -(-t.numel() // ALIGN) * ALIGN
-    flat = torch.empty(total, dtype=tensors[0].dtype, device=tensors[0].device)
-    return [flat.as_strided(t.shape, t.stride(), o) for t, o in zip(tensors, offsets)]
+def launch(kind, grid, args, options):
+    """Launch kernel `kind` (`args` in SIGNATURES order, `options` from `launch_options`); the one launch site."""
+    KERNELS[kind][grid](*args, **options)
 
 
-@torch.no_grad()
-def perturb_triton(params, norm, rho, adaptive=False, eta=0.0, store="w", weights_only=False):
-    ps = with_grad(params)
-    if not ps:
-        return []
-    device = ps[0].device
-    _check_device(device)
-    norm = norm.to(device=device, dtype=torch.float32)
-    flags = scaled_flags(ps, adaptive, weights_only)
-    saved = [None] * len(ps)
-    for (wdt, gdt), idx in _groups(ps, lambda p: (p.dtype, p.grad.dtype)).items():
-        for i in idx:
-            _check_layout(ps[i])
-        views = _flat_like([ps[i] for i in idx])
-        numels = tuple(ps[i].numel() for i in idx)
-        work = _work(numels, device)
-        table = _table([[ps[i].grad.data_ptr() for i in idx], [ps[i].data_ptr() for i in idx],
-                        [v.data_ptr() for v in views], list(numels), [int(flags[i]) for i in idx]], device)
-        n_work = work.shape[1]
-        _perturb_kernel[(n_work,)](table, work, norm, len(idx), n_work, float(rho), float(eta),
-                                   G_DTYPE=_TL[gdt], W_DTYPE=_TL[wdt], ADAPTIVE=any(flags[i] for i in idx),
-                                   STORE_E=store == "e", CHUNK=CHUNK, BLOCK=BLOCK)
-        for i, v in zip(idx, views):
-            saved[i] = v
-    return saved
-
-
-@torch.no_grad()
-def restore_triton(params, saved, mode="copy"):
-    if not saved:
-        return
-    device = params[0].device
-    _check_device(device)
-    for wdt, idx in _groups(params, lambda p: p.dtype).items():
-        for i in idx:
-            if saved[i].dtype != wdt or saved[i].stride() != params[i].stride() or not _dense(params[i]):
-                raise ValueError("restore: saved tensors must match their params (use the list perturb returned)")
-        numels = tuple(params[i].numel() for i in idx)
-        work = _work(numels, device)
-        table = _table([[params[i].data_ptr() for i in idx], [saved[i].data_ptr() for i in idx], list(numels)],
-                       device)
-        n_work = work.shape[1]
-        _restore_kernel[(n_work,)](table, work, len(idx), n_work, W_DTYPE=_TL[wdt], SUBTRACT=mode == "subtract",
-                                   CHUNK=CHUNK, BLOCK=BLOCK)
-
-
-__all__ = ["grad_norm_triton", "perturb_triton", "restore_triton", "EPS"]
+__all__ = ["BLOCK", "CHUNK", "DTYPE_PAIRS", "INTERPRET", "KERNELS", "N_ROWS", "NUM_WARPS", "SIGNATURES",
+           "constexprs", "launch", "launch_options", "specialisations"]

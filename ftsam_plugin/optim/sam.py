@@ -8,6 +8,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ftsam_plugin import kernels
 
+from .step_plans import MOVED
+from .step_plans import STALE
+from .step_plans import StepPlans
+
 
 class SAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization (adaptive=True: ASAM as in davda54/sam, eta=0 -> FT-SAM's formula).
@@ -23,6 +27,12 @@ class SAM(torch.optim.Optimizer):
         restore: "copy" (exact, default) or "subtract" (w -= e, the ASAM/BackdoorBench way).
         adaptive_weights_only: T = 1 for biases and norm layers (params with ndim <= 1), as official ASAM.
         backend: "auto" | "triton" | "foreach" | "loop", passed to ftsam_plugin.kernels.
+
+    The kernel plans (ftsam_plugin.kernels.create_plan: for Triton the device pointer table, work list and one
+    persistent `saved` buffer) are built at the first step and reused while every param and grad keeps its
+    storage (checked each step by comparing data pointers); grads that moved (set to None and reallocated
+    elsewhere) are re-pointed with one small copy. `plan_builds` and `grad_moves` count both. A step with
+    unchanged storage allocates nothing and, without a GradScaler, never syncs with the host.
 
     Usage (AMP + BN freeze; under DDP put the whole first pass, forward included, in `with model.no_sync():`
     so each worker perturbs with its local gradient and only the second backward all-reduces):
@@ -65,39 +75,39 @@ class SAM(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self.restore, self.weights_only, self.backend = restore, adaptive_weights_only, backend
-        self._saved = []  # (params, saved tensors) per bucket, between first_step and second_step
+        self._plans = None  # StepPlans, reused while valid
+        self._perturbed = None  # the StepPlans whose perturbation second_step undoes
         self._skipped = False
+        self.plan_builds = 0  # plans built (first step, storage moved)
+        self.grad_moves = 0  # steps whose grads had moved, re-pointed without a rebuild
 
-    def _buckets(self):
-        """Params with a grad, bucketed by (rho, adaptive, eta) so the usual single group is one kernel call."""
-        out = {}
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            if ps:
-                out.setdefault((group["rho"], bool(group["adaptive"]), group["eta"]), []).extend(ps)
-        return out
+    def _current_plans(self):
+        plans = self._plans
+        state = STALE if plans is None else plans.refresh(self.param_groups)
+        if state == STALE:
+            plans = self._plans = StepPlans(self.param_groups, self.weights_only, self.restore, self.backend)
+            self.plan_builds += 1
+        self.grad_moves += state == MOVED
+        return plans
 
-    @torch.no_grad()
+    # no @torch.no_grad() on first_step/second_step: the plans need no autograd state (the torch backends set
+    # it themselves), and entering it would add host time to every step
     def first_step(self, zero_grad=False, grad_scaler=None):
         """w += e (e from the current grads). With an enabled GradScaler: unscale, skip on non-finite grads."""
-        self._skipped, self._saved = False, []
+        self._skipped, self._perturbed = False, None
         amp = grad_scaler is not None and grad_scaler.is_enabled()
         if amp:
             grad_scaler.unscale_(self)  # SAM counts as its own optimizer; scaler.step(base) handles pass two
-        buckets = self._buckets()
-        if buckets:
-            opts = dict(backend=self.backend, weights_only=self.weights_only)
-            norms = [kernels.grad_norm(ps, adaptive, eta, **opts) for (_, adaptive, eta), ps in buckets.items()]
-            norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        plans = self._current_plans()
+        norm = plans.grad_norm()
         if amp:  # AMP only: the one host sync
-            bad = ~torch.isfinite(norm) if buckets else torch.zeros((), dtype=torch.bool)
+            bad = ~torch.isfinite(norm) if norm is not None else torch.zeros((), dtype=torch.bool)
             if dist.is_available() and dist.is_initialized():
                 bad = self._any_rank(bad, grad_scaler)
             self._skipped = bool(bad)
-        if not self._skipped and buckets:
-            store = "w" if self.restore == "copy" else "e"
-            self._saved = [(ps, kernels.perturb(ps, norm, rho, adaptive, eta, store=store, **opts))
-                           for (rho, adaptive, eta), ps in buckets.items()]
+        if not self._skipped and norm is not None:
+            plans.perturb(norm)
+            self._perturbed = plans
         if zero_grad:
             self.zero_grad()
 
@@ -112,12 +122,11 @@ class SAM(torch.optim.Optimizer):
             value.copy_(torch.maximum(value, flag.to(value.device, value.dtype).reshape(value.shape)))
         return flag[0] > 0
 
-    @torch.no_grad()
     def second_step(self, zero_grad=False, grad_scaler=None):
         """Restore w, then the base step with the grad at w + e (via scaler.step + scaler.update if given)."""
-        for ps, saved in self._saved:
-            kernels.restore(ps, saved, mode=self.restore, backend=self.backend)
-        self._saved = []
+        if self._perturbed is not None:
+            self._perturbed.restore()
+            self._perturbed = None
         if grad_scaler is not None and grad_scaler.is_enabled():
             if not self._skipped:
                 grad_scaler.step(self.base_optimizer)  # unscales, skips the step on non-finite grads

@@ -1,0 +1,225 @@
+"""Host side of the Triton SAM kernels: everything a parameter list needs, built once and reused every step.
+
+A `TritonPlan` groups the tensors by (param dtype, grad dtype, aligned), checks their layouts, writes one device
+table and work list per group (see `sam_triton`) in a single host-to-device copy, allocates one `saved` buffer
+(or takes the `saved` tensors given) and the norm's scratch (partials, ticket counter, result). After that a
+call is one launch per group, under the parameters' device, with prebuilt arguments: nothing is allocated,
+nothing waits for the GPU, and the same launches can be captured in a CUDA graph. The plan holds raw addresses,
+so it is valid only while the params, grads and `saved` stay where they were; `ftsam_plugin.optim.SAM` checks
+the addresses every step and builds a new plan when they move.
+"""
+
+import contextlib
+import functools
+
+import torch
+
+from . import sam_triton as st
+from .reference import scaled_flags
+
+SAVED_ALIGN = 128  # element alignment of each tensor inside the flat `saved` buffer (>= 16 bytes in any dtype)
+_STRIDE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_PAIRS = frozenset(st.DTYPE_PAIRS)
+
+
+class LayoutError(ValueError):
+    """The Triton kernels cannot take these tensors (dtype pair or memory layout); foreach can."""
+
+
+def _dense(t):
+    fmt = _STRIDE_FORMATS.get(t.ndim)
+    return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
+
+
+def _layout_problem(p, g, s):
+    """Why the kernels cannot take param `p` with grad `g` (None: restore only) and saved `s`; None if they can."""
+    g_dtype = p.dtype if g is None else g.dtype
+    if (p.dtype, g_dtype) not in _PAIRS:
+        pairs = ", ".join(f"{_short(w)}/{_short(d)}" for w, d in st.DTYPE_PAIRS)
+        return f"param/grad dtypes {_short(p.dtype)}/{_short(g_dtype)} (the kernels take {pairs})"
+    if not _dense(p):
+        return f"a non-dense parameter (strides {p.stride()})"
+    stride, shape = p.stride(), p.shape
+    for name, t in (("grad", g), ("saved", s)):
+        if t is not None and (t.stride() != stride or t.shape != shape):
+            return f"{name} shape/strides {tuple(t.shape)}/{t.stride()} differ from the parameter's {stride}"
+    if s is not None and s.dtype != p.dtype:
+        return f"saved dtype {_short(s.dtype)} differs from the parameter's {_short(p.dtype)}"
+    return None
+
+
+def _short(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _aligned(p, g, s):
+    return p.data_ptr() % 16 == 0 and (g is None or g.data_ptr() % 16 == 0) and (s is None or s.data_ptr() % 16 == 0)
+
+
+def flat_like(tensors):
+    """One allocation holding a tensor shaped and strided like each input, each SAVED_ALIGN-element aligned."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() // SAVED_ALIGN) * SAVED_ALIGN
+    flat = torch.empty(total, dtype=tensors[0].dtype, device=tensors[0].device)
+    return [flat.as_strided(t.shape, t.stride(), o) for t, o in zip(tensors, offsets)]
+
+
+@functools.lru_cache(maxsize=64)
+def work_list(numels):
+    """Host int64 [2, n_work]: row 0 the tensor (index into `numels`) of each program, row 1 its chunk start."""
+    counts = torch.tensor([-(-n // st.CHUNK) for n in numels], dtype=torch.int64)
+    tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first = torch.cumsum(counts, 0) - counts  # each tensor's first program
+    start = (torch.arange(len(tensor)) - first[tensor]) * st.CHUNK
+    return torch.stack([tensor, start])
+
+
+def device_guard(device):
+    """Context that makes `device` current for the launches (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_device(device):
+    if device.type != "cuda" and not (device.type == "cpu" and st.INTERPRET):
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='auto'")
+
+
+class _Group:
+    """One launch's worth of tensors: a (param dtype, grad dtype, aligned) group with its device table."""
+
+    def __init__(self, key, idx, table, work, pid_offset):
+        self.w_dtype, self.g_dtype, self.aligned = key
+        self.idx, self.table, self.work, self.pid_offset = idx, table, work, pid_offset
+        self.n, self.n_work = len(idx), work.shape[1]
+        self.grid = (self.n_work,)
+        self.options = {kind: st.launch_options(kind, *key) for kind in st.KERNELS}
+
+
+class TritonPlan:
+    """The Triton route for one fixed list of parameters (each with a grad, unless only restoring `saved`).
+
+    grad_norm() -> the plan's own 0-d fp32 result tensor (overwritten by the next call);
+    perturb(norm, rho) -> `saved` (old w for restore="copy", e for "subtract"), the plan's own buffer;
+    restore() -> w = saved (copy) or w -= saved (subtract).
+    Raises LayoutError where the kernels cannot take a tensor, RuntimeError off CUDA (unless interpreted).
+    """
+
+    def __init__(self, params, adaptive=False, eta=0.0, weights_only=False, restore="copy", saved=None):
+        self.params = list(params)
+        self.device = self.params[0].device if self.params else torch.device("cuda")
+        check_device(self.device)
+        # subtract-restore needs e kept (store_e), copy-restore the old w: one flag for both kernels
+        self.eta, self.subtract = float(eta), int(restore == "subtract")
+        grads = [p.grad for p in self.params]
+        # `saved` given: restore only; else one flat buffer, allocated (and its addresses written into the
+        # tables) at the first perturb, so a norm-only plan allocates nothing big
+        self.saved = None if saved is None else list(saved)
+        for i, (p, g, s) in enumerate(zip(self.params, grads, self.saved or [None] * len(self.params))):
+            problem = _layout_problem(p, g, s)
+            if problem:
+                raise LayoutError(f"backend='triton' cannot take parameter {i} (shape {tuple(p.shape)}): {problem}; "
+                                  "use backend='foreach'")
+        flags = scaled_flags(self.params, adaptive, weights_only)
+        self._groups = self._build_groups(grads, flags)
+        self._n_total = sum(g.n_work for g in self._groups)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self._partials = torch.empty(max(self._n_total, 1), **f32)
+        self._counter = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._out = torch.zeros((), **f32)  # stays 0 when there is nothing to sum
+        self._guard = device_guard(self.device)
+
+    def _host(self, values):
+        """`values` as an int64 host tensor that copies to the device without making the host wait."""
+        host = torch.as_tensor(values, dtype=torch.int64)
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def _upload(self, values):
+        return self._host(values).to(self.device, non_blocking=True)
+
+    def _write_row(self, group, row, values):
+        group.table[row.value * group.n:(row.value + 1) * group.n].copy_(self._host(values), non_blocking=True)
+
+    def _saved_ptrs(self, idx):
+        return [self.saved[i].data_ptr() for i in idx] if self.saved is not None else [0] * len(idx)
+
+    def _build_groups(self, grads, flags):
+        keys = {}
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if p.numel():
+                s = self.saved[i] if self.saved is not None else None  # the flat buffer is aligned
+                keys.setdefault((p.dtype, p.dtype if g is None else g.dtype, _aligned(p, g, s)), []).append(i)
+        host, layout = [], []
+        for key, idx in keys.items():  # one int64 block per group: the table (rows in ROW_* order), the work list
+            numels = tuple(self.params[i].numel() for i in idx)
+            rows = [[0 if grads[i] is None else grads[i].data_ptr() for i in idx],
+                    [self.params[i].data_ptr() for i in idx], self._saved_ptrs(idx), numels,
+                    [int(flags[i]) for i in idx]]
+            work = work_list(numels)
+            layout.append((key, idx, work.shape[1]))
+            host += [torch.tensor(rows, dtype=torch.int64).flatten(), work.flatten()]
+        dev = self._upload(torch.cat(host) if host else [])
+        groups, at, pid_offset = [], 0, 0
+        for key, idx, n_work in layout:
+            table = dev[at:at + st.N_ROWS * len(idx)]
+            at += st.N_ROWS * len(idx)
+            work = dev[at:at + 2 * n_work].view(2, n_work)
+            at += 2 * n_work
+            groups.append(_Group(key, idx, table, work, pid_offset))
+            pid_offset += n_work
+        return groups
+
+    def grad_norm(self):
+        with self._guard:
+            for g in self._groups:
+                st.launch("sumsq", g.grid, (g.table, g.work, self._partials, self._counter, self._out, g.n,
+                                            g.n_work, g.pid_offset, self._n_total, self.eta), g.options["sumsq"])
+        return self._out
+
+    def _allocate_saved(self):
+        self.saved = flat_like(self.params) if self.params else []
+        for g in self._groups:
+            self._write_row(g, st.ROW_S, self._saved_ptrs(g.idx))
+
+    def update_grads(self):
+        """Write the grads' new addresses into the tables (grads reallocated, e.g. after zero_grad(None)).
+
+        False, changing nothing, when a grad no longer fits its group (None, another dtype, shape or strides, or
+        no longer 16-byte aligned in an aligned group): then build a new plan.
+        """
+        rows = []
+        for g in self._groups:
+            ptrs = []
+            for i in g.idx:
+                p, grad = self.params[i], self.params[i].grad
+                if (grad is None or grad.dtype != g.g_dtype or grad.shape != p.shape or grad.stride() != p.stride()
+                        or (g.aligned and grad.data_ptr() % 16)):
+                    return False
+                ptrs.append(grad.data_ptr())
+            rows.append(ptrs)
+        for g, ptrs in zip(self._groups, rows):
+            self._write_row(g, st.ROW_G, ptrs)
+        return True
+
+    def perturb(self, norm, rho):
+        if self.saved is None:
+            self._allocate_saved()
+        if norm is not self._out:
+            norm = norm.to(device=self.device, dtype=torch.float32)
+        rho = float(rho)
+        with self._guard:
+            for g in self._groups:
+                st.launch("perturb", g.grid, (g.table, g.work, norm, g.n, g.n_work, rho, self.eta, self.subtract),
+                          g.options["perturb"])
+        return self.saved
+
+    def restore(self):
+        if self.saved is None:
+            raise RuntimeError("TritonPlan.restore before perturb: nothing is saved yet")
+        with self._guard:
+            for g in self._groups:
+                st.launch("restore", g.grid, (g.table, g.work, g.n, g.n_work, self.subtract), g.options["restore"])
+
+
+__all__ = ["LayoutError", "TritonPlan", "check_device", "device_guard", "flat_like", "work_list"]

@@ -1,0 +1,88 @@
+"""The SAM optimizer's kernel plans: built once, reused while the params' and grads' storage stays put.
+
+Checking that costs a few microseconds per step: one list of grads and two C++ comparisons of data pointers
+(`torch._C._tensors_data_ptrs_at_indices_equal`, what CUDA-graph trees use; a Python comparison where a torch
+lacks it). When only the grads moved (set to None and reallocated elsewhere), their new addresses are written
+into the plans' tables (one small copy per plan). Anything else (a param's storage, a group's rho/adaptive/eta
+or size, a param gaining or losing its grad, a grad changing dtype or layout) makes the plans stale, and the
+optimizer builds new ones.
+"""
+
+import torch
+
+from ftsam_plugin import kernels
+
+SAME, MOVED, STALE = "same", "moved", "stale"
+_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+
+
+def _ptrs_equal(tensors, ptrs, index):
+    """Whether tensors[i].data_ptr() == ptrs[i] for all i; raises (RuntimeError, or AttributeError in the
+    Python version) when an entry is None."""
+    if _PTRS_EQUAL is not None:
+        return _PTRS_EQUAL(tensors, ptrs, index)
+    return [t.data_ptr() for t in tensors] == ptrs
+
+
+def _settings(param_groups):
+    return [(g["rho"], bool(g["adaptive"]), g["eta"], len(g["params"])) for g in param_groups]
+
+
+class StepPlans:
+    """A kernels plan per (rho, adaptive, eta) bucket of the params with a grad (the usual single group: one)."""
+
+    def __init__(self, param_groups, weights_only, restore, backend):
+        self._settings = _settings(param_groups)
+        buckets, self._gradless = {}, []
+        for group in param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    self._gradless.append(p)
+                else:
+                    buckets.setdefault((group["rho"], bool(group["adaptive"]), group["eta"]), []).append(p)
+        self.plans = [(kernels.create_plan(ps, adaptive, eta, weights_only, restore, backend), rho)
+                      for (rho, adaptive, eta), ps in buckets.items()]
+        self._params = [p for ps in buckets.values() for p in ps]
+        self._index = list(range(len(self._params)))
+        self._param_ptrs = [p.data_ptr() for p in self._params]
+        self._grad_ptrs = [p.grad.data_ptr() for p in self._params]
+
+    def refresh(self, param_groups):
+        """SAME (nothing moved), MOVED (grads had moved: the plans now point at them) or STALE (build new plans).
+
+        Called every step, so the common case costs two pointer comparisons.
+        """
+        if _settings(param_groups) != self._settings:
+            return STALE
+        grads = [p.grad for p in self._params]
+        try:
+            grads_same = _ptrs_equal(grads, self._grad_ptrs, self._index)
+            params_same = _ptrs_equal(self._params, self._param_ptrs, self._index)
+        except (RuntimeError, TypeError, AttributeError):  # a grad went away (None is not a tensor)
+            return STALE
+        if not params_same or any(p.grad is not None for p in self._gradless):
+            return STALE
+        if grads_same:
+            return SAME
+        if not all(plan.update_grads() for plan, _ in self.plans):
+            return STALE
+        self._grad_ptrs = [g.data_ptr() for g in grads]
+        return MOVED
+
+    def grad_norm(self):
+        """||T * g|| over every bucket (one 0-d fp32 tensor); None without any grad."""
+        if not self.plans:
+            return None
+        norms = [plan.grad_norm() for plan, _ in self.plans]
+        return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+
+    def perturb(self, norm):
+        for plan, rho in self.plans:
+            plan.perturb(norm, rho)
+
+    def restore(self):
+        for plan, _ in self.plans:
+            plan.restore()
+
+
+__all__ = ["MOVED", "SAME", "STALE", "StepPlans"]

@@ -1,0 +1,33 @@
+"""benchmarks/gpu_check.py in its CPU smoke mode (Triton interpreter, tiny sizes): the whole report runs."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_smoke_mode_writes_a_passing_report(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "gpu_check.md"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "SMOKE MODE" in text and "Correctness failures: 0." in text
+    results = re.findall(r"^\| (.+?) \| (triton|foreach|loop) \| ([^|]*) \| ([^|]*) \| ([^|]*) \|$", text, re.M)
+    cases = {case for case, *_ in results if not case.startswith("CUDA graph")}
+    assert len(cases) >= 8 and len(results) >= 3 * len(cases)
+    for case, backend, norm_err, pert_err, result in results:
+        if case.startswith("CUDA graph"):
+            assert "skipped: no CUDA" in result  # the CPU smoke run has no CUDA to capture on
+            continue
+        assert result.strip() == "PASS", (case, backend, result)
+        assert float(norm_err) < 1e-5 and float(pert_err) <= 1.0
+    for section in ("## 2. Kernel-only timings", "whole SAM extra work", "## 3. End to end", "FT-SAM (triton)"):
+        assert section in text
