@@ -41,7 +41,7 @@ def ours(cls_name, *argv):
 
     cls = DEFENSES[cls_name]
     parser = cls.add_arguments(argparse.ArgumentParser())
-    defense = cls(parser.parse_args(["--device", "cpu", "--protocol", "backdoorbench", *argv]))
+    defense = cls(parser.parse_args(["--device", "cpu", "--protocol", "backdoorbench", "--num_workers", "0", *argv]))
     defense.set_devices()
     return defense
 
