@@ -36,6 +36,17 @@ logger = logging.getLogger("ftsam_plugin.defense")
 CONFIG_PACKAGE = "ftsam_plugin"
 DEFAULT_CONFIG_FOLDER = "ftsam"
 AMP_DTYPES = ("bf16", "fp16")
+
+
+class _BareFlag:
+    """What a flag given without its value parses to (see --adaptive); not a string, so argparse keeps it."""
+
+    def __repr__(self):
+        return "<flag given without a value>"
+
+
+BARE_FLAG = _BareFlag()
+
 # the registries' keys (scheduler names matched case-insensitively)
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 OPTIMIZER_NAMES = tuple(BASE_OPTIMIZERS)
@@ -116,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--yaml_path", type=str,
         help="YAML config, or the name of a packaged one (cifar10, cifar100, gtsrb, tiny, cpu); "
              "default: the packaged config of the dataset")
-    add("--ratio", type=float, help="fraction of the clean training set used, class-balanced, in (0, 1]")
+    add("--ratio", type=float, help="fraction of the clean training set used, in (0, 1] (drawn as the protocol says: "
+                                    "class-balanced, or uniform for ft-baseline under backdoorbench)")
     add("--index", type=str, help="text file with the clean-subset indices (one per line); overrides --ratio")
     add("--width", type=float, help="model width multiplier if the record does not say")
     # SAM
@@ -129,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rho_auto_holdout", type=float, help="--rho auto: fraction of the clean subset held out (default 0.2)")
     add("--rho_max", type=float, help="BackdoorBench alias of --rho")
     add("--rho_min", type=float, help="BackdoorBench alias of --rho (must equal rho_max)")
-    add("--adaptive", type=str2bool, help="ASAM (true, default) or SAM (false)")
+    add("--adaptive", type=str2bool, nargs="?", const=BARE_FLAG,
+        help="ASAM (true, default) or SAM (false); a bare --adaptive is refused (in BackdoorBench it turns ASAM off)")
     add("--eta", type=float, help="ASAM eta: T_w = |w| + eta (0 in FT-SAM)")
     add("--alpha", type=float, help="GSAM alpha; only 0 is supported (BackdoorBench's value)")
     add("--label_smoothing", type=float, help="epsilon: 1-eps on the true class, eps/(C-1) on the others")
@@ -261,6 +274,9 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
     for key, value in DEFAULTS.items():
         if cfg.get(key) is None:
             cfg[key] = value
+    if cfg.get("adaptive") is BARE_FLAG:
+        raise FtsamError("--adaptive needs a value: --adaptive true (ASAM, the default) or --adaptive false (SAM); "
+                         "BackdoorBench's bare --adaptive meant false")
     for key in ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "prefetch"):
         if cfg.get(key) is not None:
             try:

@@ -48,7 +48,7 @@ CSV_COLUMNS = ("epoch", "train_epoch_loss_avg_over_batch", "train_acc", "clean_t
 
 
 class FineTune:
-    """Vanilla fine-tuning of a backdoored model on a class-balanced clean subset (BackdoorBench interface).
+    """Vanilla fine-tuning of a backdoored model on a clean subset (BackdoorBench interface).
 
     Args:
         args: an argparse.Namespace from a parser prepared with `add_arguments` (every unset value None). The YAML
@@ -187,7 +187,7 @@ class FineTune:
 
             atomic_write_text(os.path.join(args.log, "index.txt"), "".join(f"{i}\n" for i in indices))
             logger.info("clean subset: %d samples (%s); %d epochs from epoch %d", len(indices),
-                        f"--index {args.index}" if args.index else f"ratio {args.ratio}, class-balanced",
+                        f"--index {args.index}" if args.index else f"ratio {args.ratio}, {self.recipe.subset} draw",
                         args.epochs, start)
         if self.dist.is_distributed:
             ids = [dev.index] if dev.type == "cuda" else None
@@ -220,8 +220,7 @@ class FineTune:
             lr_used = self.optimizer.param_groups[0]["lr"]  # per-batch stepping: the epoch's first step's lr
             loss, acc = self.train_epoch(model, train_set, epoch)
             self._check_weights(model, epoch)
-            if self.scheduler is not None and not self.step_per_batch:
-                self.scheduler.step(loss) if self.plateau else self.scheduler.step()
+            self.end_epoch_schedule(loss)
             row = dict.fromkeys(CSV_COLUMNS)
             row.update(epoch=epoch, train_epoch_loss_avg_over_batch=loss, train_acc=acc, lr=lr_used)
             row.update(self.extra_metrics())
@@ -245,6 +244,12 @@ class FineTune:
             if epoch < args.epochs and self._stop_requested():
                 raise Interrupted(f"stopped after epoch {epoch} of {args.epochs}; its checkpoint is {ckpt_path}; "
                                   f"continue with the same command plus --resume")
+
+    def end_epoch_schedule(self, train_loss: float) -> None:
+        """The lr scheduler's once-per-epoch step (ReduceLROnPlateau: with the epoch's train loss), unless the
+        protocol steps it per batch."""
+        if self.scheduler is not None and not self.step_per_batch:
+            self.scheduler.step(train_loss) if self.plateau else self.scheduler.step()
 
     def _stop_requested(self) -> bool:
         """Whether a SIGINT arrived on any rank."""
@@ -352,11 +357,12 @@ class FineTune:
                           persistent_workers=False)
 
     def train_epoch(self, model, train_set, epoch: int):
-        """One pass over the subset; returns (mean of the batch losses, train accuracy) over all ranks' batches."""
+        """One pass over the subset; returns (train loss, train accuracy) over all ranks' batches. The loss is the
+        mean over samples, or of the batch losses where the protocol's recipe says so (BackdoorBench's ft)."""
         args, dev = self.args, self.device
         loader = self._loader(train_set, epoch)
         model.train()
-        totals = torch.zeros(4, dtype=torch.float64)  # sum of batch losses, correct, n, batches
+        totals = torch.zeros(5, dtype=torch.float64)  # sum of batch losses, correct, n, batches, sum of loss * n
         nb = bool(args.non_blocking)
         steps = _tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not self.dist.is_main)
         try:
@@ -376,7 +382,8 @@ class FineTune:
                                      f"without --resume")
                 self._last_step = step
                 n = y.numel()
-                totals += torch.tensor([value, float((logits.argmax(1) == y).sum()), n, 1.0], dtype=torch.float64)
+                totals += torch.tensor([value, float((logits.argmax(1) == y).sum()), n, 1.0, value * n],
+                                       dtype=torch.float64)
                 if self.step_per_batch:
                     self.scheduler.step()
                 if step % 10 == 0 or step == len(loader):
@@ -384,14 +391,16 @@ class FineTune:
         finally:
             steps.close()
         ddp.all_reduce_sum(totals, self.dist)
-        return float(totals[0] / totals[3]), float(totals[1] / totals[2])
+        loss = totals[4] / totals[2] if self.recipe.train_loss_per_sample else totals[0] / totals[3]
+        return float(loss), float(totals[1] / totals[2])
 
     def evaluate(self, model) -> dict:
-        """ACC on the clean test set; ASR (backdoor labels) and RA (original labels) on the backdoor test set."""
+        """ACC on the clean test set; ASR (backdoor labels) and RA (original labels) on the backdoor test set.
+        Always in fp32 (as BackdoorBench evaluates), whatever --amp says for training."""
         from ftsam_plugin.metrics import evaluate_backdoor
 
         m = evaluate_backdoor(model, self.result["clean_test"], self.result["bd_test"], device=self.device,
-                              batch_size=self.args.batch_size, amp_dtype=self.amp_dtype,
+                              batch_size=self.args.batch_size, amp_dtype=None,
                               num_workers=self.args.num_workers, with_loss=True)
         # the losses as BackdoorBench's trainer logs them: plain cross-entropy, mean over batches (bd: vs bd labels)
         return {"clean_test_loss_avg_over_batch": float(m["clean_loss"]),

@@ -12,9 +12,10 @@ def smooth_crossentropy(logits: torch.Tensor, target: torch.Tensor, smoothing: f
     """BackdoorBench's label-smoothed loss, batch mean: KL(q || softmax(logits)), q = 1-eps on the true class and
     eps/(C-1) on each other class (torch's `label_smoothing` puts eps/C everywhere instead). eps = 0: cross-entropy."""
     num_classes = logits.size(1)
-    q = torch.full_like(logits, smoothing / max(num_classes - 1, 1), dtype=torch.float32)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # at least fp32 (AMP logits), float64 stays
+    q = torch.full_like(logits, smoothing / max(num_classes - 1, 1), dtype=dtype)
     q.scatter_(1, target.unsqueeze(1), 1.0 - smoothing)
-    log_p = F.log_softmax(logits.float(), dim=1)
+    log_p = F.log_softmax(logits.to(dtype), dim=1)
     return F.kl_div(log_p, q, reduction="none").sum(-1).mean()
 
 

@@ -23,8 +23,19 @@ def _amp_from_config(cfg: Mapping) -> Dict[str, object]:
     return {}
 
 
+def _amp_off(cfg: Mapping) -> Dict[str, object]:
+    return {"amp": False}
+
+
+def _amp_fp16_on_cuda(cfg: Mapping) -> Dict[str, object]:
+    # BackdoorBench's trainer: torch.cuda.amp.autocast + GradScaler(enabled=amp), amp: True in its YAMLs; neither
+    # does anything on a CPU run
+    on_cuda = str(cfg.get("device") or "cpu").startswith("cuda")
+    return {"amp": True, "amp_dtype": "fp16"} if on_cuda else {"amp": False}
+
+
 # name -> policy(cfg) -> the AMP values a recipe imposes (applied like `Recipe.effective`: flags given win)
-AMP_POLICIES = {"config": _amp_from_config}
+AMP_POLICIES = {"config": _amp_from_config, "off": _amp_off, "fp16_on_cuda": _amp_fp16_on_cuda}
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,8 @@ class Recipe:
         effective: values used whatever the YAML says, unless given on the command line.
         by_dataset: dataset -> values used on that dataset (as `effective`).
         amp: the AMP policy, an `AMP_POLICIES` key.
+        train_loss_per_sample: the train-loss CSV column is the mean over samples (batch losses weighted by batch
+            size); False: the plain mean of the batch losses.
     """
 
     subset: str = "class_balanced"
@@ -51,6 +64,7 @@ class Recipe:
     effective: Mapping[str, object] = field(default_factory=_frozen)
     by_dataset: Mapping[str, Mapping[str, object]] = field(default_factory=_frozen)
     amp: str = "config"
+    train_loss_per_sample: bool = True
 
     def imposed(self, cfg: Mapping) -> Dict[str, object]:
         """Every value this recipe sets on the config `cfg` (before flags given on the command line win)."""
@@ -97,14 +111,28 @@ FIXED = Protocol(
 # What BackdoorBench's defense/ft-sam.py and defense/ft.py (main @ f02e353) effectively ran.
 BACKDOORBENCH = Protocol(
     name="backdoorbench",
-    help="reproduce the reference: ftsam as defense/ft-sam.py ran (choose_by_class subset, cosine T_max 100 "
-         "stepped per batch, restore by subtraction, rho 2 / label smoothing 0.1 on every dataset); ft-baseline "
-         "as defense/ft.py (cosine T_max 100 stepped per epoch, plain cross-entropy); flags given win",
-    # ft-sam.py: its non-None argparse defaults beat its YAML (rho_max 8 / label_smoothing 0 on gtsrb, tiny)
+    help="reproduce the reference: ftsam as defense/ft-sam.py ran (class-balanced choose_by_class subset, cosine "
+         "T_max 100 stepped per batch, restore by subtraction, rho 2 / label smoothing 0.1 on every dataset, no "
+         "AMP); ft-baseline as defense/ft.py (uniform choose_index subset, its epochs and scheduler per dataset "
+         "stepped per epoch, plain cross-entropy, fp16 AMP on CUDA); flags given win",
+    # ft-sam.py: its non-None argparse defaults beat its YAML (rho_max 8 / label_smoothing 0 on gtsrb, tiny); its
+    # `amp: True` is never read; its train loss is an AverageMeter weighted by batch size. Its tiny YAML's
+    # ReduceLROnPlateau crashed when stepped per batch without a metric: our tiny config's cosine is kept.
     sam=Recipe(subset="choose_by_class", step_per_batch=True, cos_t_max=100, restore="subtract",
-               effective=_frozen({"rho": 2.0, "label_smoothing": 0.1, "adaptive": True, "eta": 0.0})),
-    plain=Recipe(subset="choose_by_class", cos_t_max=100, restore="subtract",
-                 effective=_frozen({"label_smoothing": 0.0})),
+               effective=_frozen({"rho": 2.0, "label_smoothing": 0.1, "adaptive": True, "eta": 0.0}),
+               by_dataset=_frozen({"cifar10": {"epochs": 100}, "cifar100": {"epochs": 100}, "gtsrb": {"epochs": 50},
+                                   "tiny": {"epochs": 100}}),
+               amp="off"),
+    # ft.py: PureCleanModelTrainer (scheduler stepped per epoch, plateau with the epoch's mean batch loss, train
+    # loss the plain mean over batches), config/defense/ft/<dataset>.yaml
+    plain=Recipe(subset="uniform", cos_t_max=100, restore="subtract",
+                 effective=_frozen({"label_smoothing": 0.0}),
+                 by_dataset=_frozen({
+                     "cifar10": {"epochs": 100, "lr_scheduler": "CosineAnnealingLR"},
+                     "cifar100": {"epochs": 100, "lr_scheduler": "CosineAnnealingLR"},
+                     "gtsrb": {"epochs": 100, "lr_scheduler": "CosineAnnealingLR"},
+                     "tiny": {"epochs": 200, "lr_scheduler": "ReduceLROnPlateau"}}),
+                 amp="fp16_on_cuda", train_loss_per_sample=False),
 )
 
 # name -> Protocol

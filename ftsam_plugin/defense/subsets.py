@@ -6,14 +6,15 @@ on the raw (PIL, label) clean training set.
 
 from __future__ import annotations
 
+import random
 from typing import List, Sequence
 
 import numpy as np
 
 from ftsam_plugin.errors import FtsamError
 
-__all__ = ["SUBSET_DRAWS", "class_balanced_subset", "choose_by_class", "dataset_labels", "raw_dataset",
-           "read_index_file"]
+__all__ = ["SUBSET_DRAWS", "class_balanced_subset", "choose_by_class", "choose_index", "dataset_labels",
+           "raw_dataset", "read_index_file"]
 
 
 def raw_dataset(dataset):
@@ -22,10 +23,12 @@ def raw_dataset(dataset):
 
 
 def dataset_labels(dataset) -> List[int]:
-    """Every sample's label, from the dataset's label list when it has one (no image is opened then)."""
-    targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) == len(dataset):
-        return [int(t) for t in targets]
+    """Every sample's label, from the dataset's label list when it has one (`targets`; BackdoorBench's GTSRB:
+    `labels`), so no image is opened then."""
+    for name in ("targets", "labels"):
+        targets = getattr(dataset, name, None)
+        if targets is not None and len(targets) == len(dataset):
+            return [int(t) for t in targets]
     return [int(dataset[i][1]) for i in range(len(dataset))]  # slow path: reads every item
 
 
@@ -70,6 +73,15 @@ def choose_by_class(labels: Sequence[int], num_classes: int, ratio: float, seed:
     return [int(i) for i in chosen]
 
 
+def choose_index(n: int, ratio: float, seed: int) -> List[int]:
+    """BackdoorBench's `choose_index` after `fix_random(seed)`: int(n*ratio) indices drawn uniformly without
+    replacement (`random.sample`), in draw order."""
+    count = int(n * ratio)
+    if count < 1:
+        raise FtsamError(f"ratio {ratio} gives int({n}*{ratio}) = 0 samples; raise --ratio")
+    return [int(i) for i in random.Random(seed).sample(range(n), count)]
+
+
 def read_index_file(path: str, n: int) -> List[int]:
     """Indices (one integer per line) from an --index file, checked against the dataset size `n`."""
     try:
@@ -93,4 +105,5 @@ def _by_labels(draw):
 SUBSET_DRAWS = {
     "class_balanced": _by_labels(class_balanced_subset),
     "choose_by_class": _by_labels(choose_by_class),
+    "uniform": lambda dataset, num_classes, ratio, seed: choose_index(len(dataset), ratio, seed),
 }
