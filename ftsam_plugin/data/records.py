@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.io import atomic_save, atomic_write_text, safe_load
+from ftsam_plugin.io import atomic_save, atomic_write_text, check_finite_state, safe_load
 
 from .backdoor import BackdoorDataset, TransformDataset, stored_image_path
 from .datasets import DATASETS, build_clean_datasets, find_dataset_dir, get_dataset_info, resolve_dataset_dir
@@ -132,21 +132,25 @@ def _check_record(raw, pt: str) -> None:
                          f"fix num_classes (or clean_data) in the record")
 
 
-def build_model(raw: Mapping, state: Mapping, device="cpu") -> nn.Module:
+def build_model(raw: Mapping, state: Mapping, device="cpu", what: str = "the record's model") -> nn.Module:
     """The record's model with `state` loaded (BackdoorBench's positional key renaming when names differ).
 
     Args:
         raw: a mapping with model_name, num_classes, img_size (H, W, C) and optionally width (default 1.0).
         state: the state dict (a `module.` prefix is dropped).
         device: where to put the model.
+        what: how to call the weights in error messages (e.g. the file they come from).
 
     Returns:
         The nn.Module in eval mode on `device`.
 
     Raises:
-        FtsamError: unknown model, or weights that do not fit it (the message names the first mismatch).
+        FtsamError: unknown model, weights that do not fit it (the message names the first mismatch), or weights
+            holding NaN/inf.
     """
     from ftsam_plugin.models import create_model
+
+    check_finite_state(state, what)
 
     img_size = raw["img_size"]
     width = float(raw.get("width", 1.0) or 1.0)
@@ -312,7 +316,7 @@ def _load_with_ftsam(raw, record_dir, bases, dataset_path, device) -> dict:
 
     return _result_dict(
         raw,
-        build_model(raw, raw["model"], device),
+        build_model(raw, raw["model"], device, what=f"attack result {os.path.join(record_dir, 'attack_result.pt')}"),
         TransformDataset(raw_train, train_tf),
         TransformDataset(raw_test, test_tf),
         bd(raw["bd_train"], raw_train, train_tf),
@@ -343,7 +347,7 @@ def _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device) -> dic
     data_dir = getattr(raw_train, "root", None) or os.path.dirname(getattr(raw_train, "data_folder", "") or "")
     return _result_dict(
         raw,
-        build_model(raw, result["model"], device),
+        build_model(raw, result["model"], device, what=f"attack result {pt}"),
         TransformDataset(raw_train, clean_train.wrap_img_transform, clean_train.wrap_label_transform),
         TransformDataset(raw_test, clean_test.wrap_img_transform, clean_test.wrap_label_transform),
         bd(result.get("bd_train"), raw_train),
@@ -374,10 +378,12 @@ def save_attack_result(model_name: str, num_classes: int, model, data_path: str,
     reserved = set(ATTACK_RESULT_KEYS) & set(kwargs)
     if reserved:
         raise ValueError(f"extra keys {sorted(reserved)} clash with the attack-result keys")
+    state = cpu_state_dict(model)
+    check_finite_state(state, f"the model for {save_path}")  # a diverged model never becomes a record
     payload = {
         "model_name": model_name,
         "num_classes": int(num_classes),
-        "model": cpu_state_dict(model),
+        "model": state,
         "data_path": data_path,
         "img_size": tuple(int(v) for v in img_size),
         "clean_data": clean_data,
@@ -393,7 +399,9 @@ def save_attack_result(model_name: str, num_classes: int, model, data_path: str,
 def save_defense_result(model_name: str, num_classes: int, model, save_path: str) -> str:
     """Write `<save_path>/defense_result.pt` = {model_name, num_classes, model (CPU state dict, no `module.`)}."""
     target = os.path.join(os.fspath(save_path), "defense_result.pt")
-    atomic_save({"model_name": model_name, "num_classes": int(num_classes), "model": cpu_state_dict(model)}, target)
+    state = cpu_state_dict(model)
+    check_finite_state(state, f"the defended model for {target}")
+    atomic_save({"model_name": model_name, "num_classes": int(num_classes), "model": state}, target)
     return target
 
 
