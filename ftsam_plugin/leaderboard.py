@@ -299,10 +299,12 @@ def _load_record(info: RecordInfo, opts) -> dict:
     if info._error is not None:
         raise FtsamError(info._error)
     if info._loaded is None:
+        from ftsam_plugin.data.image_check import check_record_images
         from ftsam_plugin.data.records import load_attack_result
 
         try:
             info._loaded = load_attack_result(info.path, dataset_path=opts.dataset_path, device=opts.device)
+            check_record_images(info._loaded)  # every image the evaluation reads, before it starts
         except FtsamError as exc:
             info._error = str(exc)
             raise

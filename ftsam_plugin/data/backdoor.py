@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -110,6 +110,12 @@ class BackdoorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.original_index_array)
 
+    def image_files(self) -> List[str]:
+        """The files of the poisoned images (none when they are kept in memory)."""
+        if self._folder is None:
+            return []
+        return [stored_image_path(self._folder, e["path"]) for e in self.data_dict.values() if isinstance(e, Mapping)]
+
     def _poisoned(self, index: int):
         entry = self.data_dict[index]
         if isinstance(entry, tuple):
@@ -117,9 +123,12 @@ class BackdoorDataset(Dataset):
         path = stored_image_path(self._folder, entry["path"])
         try:
             with Image.open(path) as handle:
-                img = handle.copy()
+                img = handle.convert("RGB")  # as clean images are (a grayscale or RGBA PNG works too)
         except FileNotFoundError:
             raise FtsamError(f"poisoned image {path} is missing; the record folder is incomplete") from None
+        except Exception as exc:  # PIL's many types; the pre-flight check catches these before a run starts
+            raise FtsamError(f"poisoned image {path} cannot be read ({type(exc).__name__}: {exc}); re-create the "
+                             f"attack record") from None
         bd_label, orig_label = entry["other_info"][:2]
         return img, int(bd_label), int(orig_label)
 
