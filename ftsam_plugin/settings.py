@@ -21,8 +21,8 @@ import yaml
 
 from ftsam_plugin.errors import FtsamError
 
-__all__ = ["str2bool", "read_yaml", "seed_everything", "quote", "Number", "check_numbers", "SEED_MAX",
-           "MAX_CONFIG_NODES", "MAX_CONFIG_BYTES"]
+__all__ = ["str2bool", "read_yaml", "seed_everything", "quote", "Number", "check_numbers", "TRAINING_RULES",
+           "SEED_MAX", "MAX_WIDTH", "MAX_CONFIG_NODES", "MAX_CONFIG_BYTES"]
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes
 MAX_CONFIG_NODES = 10_000  # values after alias expansion; a real config has about a hundred
@@ -225,6 +225,20 @@ def check_numbers(cfg: Dict[str, Any], rules: Mapping[str, Number], fix: str = "
             raise FtsamError(f"{key} must be {rule.describe()}, got {quote(value)}; {fix.format(key=key)}")
         cfg[key] = number
     return cfg
+
+
+MAX_WIDTH = 16.0  # PreAct-ResNet18 at width 16 has 1024 base channels
+# the training settings `ftsam attack` and the defenses share, with BackdoorBench's names
+TRAINING_RULES = {
+    "epochs": Number(integer=True, low=1),
+    "batch_size": Number(integer=True, low=1),
+    "num_workers": Number(integer=True, low=0),
+    "random_seed": Number(integer=True, low=0, high=SEED_MAX),
+    "lr": Number(low=0, low_open=True),
+    "sgd_momentum": Number(low=0, high=1, high_open=True),
+    "wd": Number(low=0),
+    "width": Number(low=0, high=MAX_WIDTH, low_open=True),
+}
 
 
 def seed_everything(seed: int) -> None:

@@ -101,12 +101,12 @@ def test_unknown_yaml_keys_warn(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--rho", "0"], "rho must be > 0"),
-    (["--rho", "-1"], "rho must be > 0"),
-    (["--ratio", "0"], "ratio must be in (0, 1]"),
-    (["--ratio", "1.5"], "ratio must be in (0, 1]"),
-    (["--epochs", "0"], "epochs must be >= 1"),
-    (["--batch_size", "0"], "batch_size must be >= 1"),
+    (["--rho", "0"], "rho must be a finite number > 0, got 0.0"),
+    (["--rho", "-1"], "rho must be a finite number > 0"),
+    (["--ratio", "0"], "ratio must be a finite number in (0, 1]"),
+    (["--ratio", "1.5"], "ratio must be a finite number in (0, 1]"),
+    (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--batch_size", "0"], "batch_size must be an integer >= 1"),
     (["--alpha", "0.5"], "alpha"),
 ])
 def test_validation_errors(argv, needle):

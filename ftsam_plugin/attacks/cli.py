@@ -28,7 +28,7 @@ from ftsam_plugin.data.transforms import get_transform
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_save
 from ftsam_plugin.lock import FolderLock
-from ftsam_plugin.settings import SEED_MAX, Number, check_numbers, quote, read_yaml, seed_everything, str2bool
+from ftsam_plugin.settings import TRAINING_RULES, Number, check_numbers, quote, read_yaml, seed_everything, str2bool
 
 from .poison import make_backdoor_datasets
 from .train import train_backdoored_model
@@ -58,7 +58,6 @@ DEFAULTS: Dict[str, Any] = {
     "random_seed": 0,
     "record_root": "./record",
 }
-MAX_WIDTH = 16.0  # PreAct-ResNet18 at width 16 has 1024 base channels
 EPOCHS = {"cifar10": 100, "cifar100": 100, "gtsrb": 50, "tiny": 200}
 # BackdoorBench YAML names -> ours
 YAML_ALIASES = {"attack_train_blended_alpha": "blended_alpha"}
@@ -111,18 +110,11 @@ def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
 
 # what each numeric setting may be (attack_target and patch_size also depend on the dataset: `_validate`)
 RULES = {
-    "epochs": Number(integer=True, low=1),
-    "batch_size": Number(integer=True, low=1),
-    "lr": Number(low=0, low_open=True),
-    "sgd_momentum": Number(low=0, high=1, high_open=True),
-    "wd": Number(low=0),
+    **TRAINING_RULES,
     "pratio": Number(low=0, high=1, low_open=True),
     "attack_target": Number(integer=True, low=0),
     "blended_alpha": Number(low=0, high=1),
     "patch_size": Number(integer=True, low=1),
-    "width": Number(low=0, high=MAX_WIDTH, low_open=True),
-    "num_workers": Number(integer=True, low=0),
-    "random_seed": Number(integer=True, low=0, high=SEED_MAX),
 }
 
 

@@ -121,20 +121,26 @@ def inspect_image(path: str) -> Tuple[Optional[str], Optional[bytes]]:
     return None, data
 
 
-def check_image_files(paths: Iterable[str], digests_of: Iterable[str] = ()) -> Dict[str, str]:
-    """Check every file of `paths` and `digests_of` once (see the module docstring).
+# what a file is -> how to fix a bad one
+KINDS = {
+    "poisoned image": "restore the record's bd_*_dataset folders or re-create the attack record",
+    "clean image": "replace or restore it in the dataset folder (or pass the right --dataset_path)",
+}
+
+
+def check_image_files(files: Mapping[str, str], digests_of: Iterable[str] = ()) -> Dict[str, str]:
+    """Check every file of `files` ({path: kind}, a KINDS key) once (see the module docstring).
 
     Returns:
-        {path: digest} of the `digests_of` files.
+        {path: digest} of the `digests_of` files (which must be in `files`).
 
     Raises:
-        FtsamError: 'N of the M image files this run reads cannot be used (first: <path>: <reason>); ...'.
+        FtsamError: 'N of the M image files this run reads cannot be used (first: <kind> <path>: <reason>); <fix>'.
     """
-    wanted = dict.fromkeys(digests_of)
-    todo = dict.fromkeys([*paths, *wanted])
+    wanted = set(digests_of)
     bad: List[Tuple[str, str]] = []
     digests: Dict[str, str] = {}
-    for path in todo:
+    for path in files:
         problem, data = inspect_image(path)
         if problem is not None:
             bad.append((path, problem))
@@ -142,8 +148,9 @@ def check_image_files(paths: Iterable[str], digests_of: Iterable[str] = ()) -> D
             digests[path] = digest(data)
     if bad:
         path, problem = bad[0]
-        raise FtsamError(f"{len(bad)} of the {len(todo)} image files this run reads cannot be used (first: {path}: "
-                         f"{problem}); replace or restore them (a poisoned image: re-create the attack record)")
+        kind = files[path]
+        raise FtsamError(f"{len(bad)} of the {len(files)} image files this run reads cannot be used (first: {kind} "
+                         f"{path}: {problem}); {KINDS[kind]}")
     return digests
 
 
@@ -187,6 +194,8 @@ def check_record_images(result: Mapping, train_indices: Sequence[int] = (),
     Returns:
         {path: digest} of the training images (empty for in-memory data).
     """
-    others = poisoned_files(result.get("bd_train")) + poisoned_files(result.get("bd_test"))
-    others += clean_files(result["clean_test"], test_indices)
-    return check_image_files(others, clean_files(result["clean_train"], train_indices))
+    train = clean_files(result["clean_train"], train_indices)
+    files = dict.fromkeys(poisoned_files(result.get("bd_train")) + poisoned_files(result.get("bd_test")),
+                          "poisoned image")
+    files.update(dict.fromkeys(clean_files(result["clean_test"], test_indices) + train, "clean image"))
+    return check_image_files(files, train)

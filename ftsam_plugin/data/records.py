@@ -24,7 +24,7 @@ from torch import nn
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_save, atomic_write_text, check_finite_state, safe_load
 
-from .backdoor import BackdoorDataset, TransformDataset, stored_image_path
+from .backdoor import BackdoorDataset, TransformDataset, is_inside
 from .datasets import DATASETS, build_clean_datasets, find_dataset_dir, get_dataset_info, resolve_dataset_dir
 from .transforms import get_transform
 
@@ -192,37 +192,28 @@ def _state_mismatch(state: Mapping, expected: Mapping) -> Optional[str]:
     return None
 
 
-def _check_poisoned_files(dataset: BackdoorDataset) -> None:
-    """Fail at load time, not mid-run, when poisoned images the record references are missing."""
-    folder = getattr(dataset, "_folder", None)
-    if folder is None:
-        return
-    missing = []
-    for entry in dataset.data_dict.values():
-        if isinstance(entry, Mapping):
-            path = stored_image_path(folder, entry["path"])
-            if not os.path.isfile(path):
-                missing.append(path)
-    if missing:
-        raise FtsamError(f"{len(missing)} poisoned image(s) referenced by the record are missing (first: {missing[0]});"
-                         f" restore the record's {os.path.basename(folder)} folder or re-create the attack record")
+def _record_folders(record_dir: str) -> List[str]:
+    # the record folder as given and as resolved: what its poisoned images may be read from
+    return list(dict.fromkeys((os.path.abspath(record_dir), os.path.realpath(record_dir))))
 
 
 def _backdoor_dataset(state, raw_set, bases: Sequence[str], record_dir: str) -> BackdoorDataset:
-    """Our BackdoorDataset from a saved state: poisoned images under `bases`, else the record's own bd_* folder."""
+    """Our BackdoorDataset from a saved state: poisoned images under `bases`, else the record's own bd_* folder;
+    only a folder inside the record folder is ever read (an absolute or '../' path in the record is not)."""
     stored = state.get("save_folder_path") or ""
     fallback = os.path.join(record_dir, os.path.basename(stored.replace("\\", "/").rstrip("/")))
-    dataset = BackdoorDataset(raw_set).set_state(state, bases, fallback)
-    _check_poisoned_files(dataset)
-    return dataset
+    return BackdoorDataset(raw_set).set_state(state, bases, fallback, inside=_record_folders(record_dir))
 
 
-def _images_at_stored_paths(bb_dataset) -> bool:
-    """Whether every poisoned image of a BackdoorBench dataset is where BackdoorBench opens it (stored path, cwd)."""
+def _images_at_stored_paths(bb_dataset, record_dir: str) -> bool:
+    """Whether every poisoned image of a BackdoorBench dataset is where BackdoorBench opens it (stored path, cwd),
+    inside the record folder."""
     container = bb_dataset.retrieve_state()["bd_data_container"]
     if container.get("save_folder_path") is None:
         return True  # images kept in memory
-    return all(os.path.isfile(entry["path"]) for entry in container["data_dict"].values())
+    folders = _record_folders(record_dir)
+    return all(os.path.isfile(entry["path"]) and is_inside(entry["path"], folders)
+               for entry in container["data_dict"].values())
 
 
 def _result_dict(raw, model, clean_train, clean_test, bd_train, bd_test, data_dir, record_dir, loader) -> dict:
@@ -336,7 +327,7 @@ def _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device) -> dic
         if wrapper is None:
             return None
         dataset = wrapper.wrapped_dataset  # BackdoorBench's prepro_cls_DatasetBD_v2: same 5-tuple items as ours
-        if not _images_at_stored_paths(dataset):
+        if not _images_at_stored_paths(dataset, record_dir):
             # BackdoorBench opens the stored paths relative to the current folder, so a record kept elsewhere or
             # moved would fail mid-run; only then rebuild it from its state with our folder lookup
             dataset = _backdoor_dataset(dataset.retrieve_state(), raw_set, [bb_root, *bases], record_dir)
