@@ -34,9 +34,13 @@ _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 6
 _QUOTE.maxlevel = 2
 
 
+MAX_QUOTE = 100
+
+
 def quote(value: Any) -> str:
     """repr(value) shortened for an error line (long strings and containers are cut, never expanded in full)."""
-    return _QUOTE.repr(value)
+    text = _QUOTE.repr(value)
+    return text if len(text) <= MAX_QUOTE else text[:MAX_QUOTE - 3] + "..."
 
 
 def str2bool(value) -> bool:
@@ -234,7 +238,7 @@ TRAINING_RULES = {
     "batch_size": Number(integer=True, low=1),
     "num_workers": Number(integer=True, low=0),
     "random_seed": Number(integer=True, low=0, high=SEED_MAX),
-    "lr": Number(low=0, low_open=True),
+    "lr": Number(low=0, high=1000, low_open=True),  # (a larger one overflows float32 steps)
     "sgd_momentum": Number(low=0, high=1, high_open=True),
     "wd": Number(low=0),
     "width": Number(low=0, high=MAX_WIDTH, low_open=True),
