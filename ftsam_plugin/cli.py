@@ -1,13 +1,14 @@
 """The `ftsam` command: one sub-command per module, each exposing `add_arguments(parser)` and `run(args)`.
 
-Errors of type FtsamError become one line on stderr and exit code 2; an interrupted run (Ctrl-C) exits with 130
-after one line saying how to resume; `--debug` shows the traceback.
+Errors of type FtsamError become one line on stderr and exit code 2; an interrupted run (Ctrl-C or SIGTERM) exits
+with 128 + the signal number (130, 143) after one line saying how to resume; `--debug` shows the traceback.
 """
 import argparse
 import importlib
 import sys
 
 from .errors import FtsamError
+from .signals import exit_code, sigterm_as_interrupt
 
 # sub-command -> (module, one-line help). Modules are imported lazily so `ftsam --help` is fast.
 COMMANDS = {
@@ -47,10 +48,11 @@ def main(argv=None):
 
 
 def run_reporting_errors(run, args) -> int:
-    """`run(args)` with the CLI's error contract: FtsamError -> `error: ...` and 2, Ctrl-C -> `interrupted: ...`
-    and 130, each one line (`args.debug` re-raises for the traceback)."""
+    """`run(args)` with the CLI's error contract: FtsamError -> `error: ...` and 2, Ctrl-C / SIGTERM ->
+    `interrupted: ...` and 130 / 143, each one line (`args.debug` re-raises for the traceback)."""
     try:
-        return run(args) or 0
+        with sigterm_as_interrupt():
+            return run(args) or 0
     except FtsamError as exc:
         if args.debug:
             raise
@@ -60,7 +62,7 @@ def run_reporting_errors(run, args) -> int:
         if args.debug:
             raise
         print(f"interrupted: {one_line(exc)}" if str(exc) else "interrupted", file=sys.stderr)
-        return 130
+        return exit_code(exc)
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,9 +1,10 @@
 """Safe loading of BackdoorBench `.pt` records and atomic writing of every file the plugin produces.
 
 `safe_load` never executes pickled code: it runs `torch.load(weights_only=True)` with only the numpy
-globals a BackdoorBench `attack_result.pt` needs (arrays, dtypes, scalars) allowlisted. Every writer goes
-through a temp file in the destination folder, fsync and `os.replace`, so a crash or a full disk never
-leaves a half-written file behind and the previous file stays intact.
+globals a BackdoorBench `attack_result.pt` needs (arrays, dtypes, scalars) allowlisted; `check_finite_state`
+refuses weights holding NaN/inf. Every writer goes through a temp file `.<name>.<random>.tmp` in the destination
+folder, fsync and `os.replace`, so a crash or a full disk never leaves a half-written file behind and the previous
+file stays intact; a process killed mid-write leaves only such a temp file, which `remove_stale_temp_files` clears.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import re
 import tempfile
 import warnings
 import zipfile
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ftsam_plugin.errors import FtsamError
 
-__all__ = ["safe_load", "atomic_save", "atomic_write_text", "atomic_write_bytes", "write_csv", "numpy_safe_globals"]
+__all__ = ["safe_load", "check_finite_state", "atomic_save", "atomic_write_text", "atomic_write_bytes", "write_csv",
+           "numpy_safe_globals", "remove_stale_temp_files"]
 
 # Fixed-size numeric and bool dtypes only: no object, string, void or datetime dtypes.
 _DTYPE_CLASS_NAMES = (
@@ -122,6 +124,22 @@ def safe_load(path: "str | os.PathLike[str]", what: str = "attack result") -> An
         raise FtsamError(_corrupt_message(path, what, exc)) from None
 
 
+def check_finite_state(state: Any, what: str) -> None:
+    """FtsamError naming the first floating-point tensor of `state` (a state dict) that holds NaN or inf.
+
+    Args:
+        state: mapping of name -> tensor (non-tensors are ignored).
+        what: how to call the weights in the message, e.g. "attack result record/x/attack_result.pt".
+    """
+    if not isinstance(state, Mapping):
+        return
+    bad = [key for key, value in state.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise FtsamError(f"{what} holds NaN or infinite weights ({len(bad)} tensor(s), first: {bad[0]}); it comes "
+                         f"from a diverged run: re-create it")
+
+
 def _unpickling_message(path: str, what: str, text: str) -> str:
     match = _GLOBAL_RE.search(text) or _BUILD_RE.search(text)
     if match:
@@ -187,13 +205,38 @@ def _ensure_parent(path: str) -> str:
     return parent
 
 
+# mkstemp's names: prefix, 8 characters of [a-z0-9_], suffix
+TEMP_SUFFIX = ".tmp"
+_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def remove_stale_temp_files(folder: "str | os.PathLike[str]", before: float) -> List[str]:
+    """Delete the temp files our atomic writes leave when a process is killed mid-write: files named
+    `.<name>.<8 random characters>.tmp` directly in `folder`, last modified before `before` (a time.time()).
+    Call it only while holding the folder's lock (no other run of ours is writing there). Returns what went."""
+    folder = os.fspath(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _TEMP_RE.match(entry.name):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < before:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    return removed
+
+
 def _atomic_write(path: "str | os.PathLike[str]", write: Callable[[io.BufferedWriter], None]) -> None:
     path = os.fspath(path)
     if os.path.isdir(path):
         raise FtsamError(f"cannot write {path}: it is a folder; choose a file name")
     parent = _ensure_parent(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX, dir=parent)
     except OSError as exc:
         raise FtsamError(_os_error_message(path, exc)) from exc
     try:

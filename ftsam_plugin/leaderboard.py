@@ -43,12 +43,14 @@ import math
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ftsam_plugin import metrics
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.io import atomic_write_bytes, atomic_write_text, safe_load, write_csv
+from ftsam_plugin.io import atomic_write_bytes, atomic_write_text, remove_stale_temp_files, safe_load, write_csv
+from ftsam_plugin.lock import FolderLock
 
 __all__ = [
     "add_arguments",
@@ -70,6 +72,7 @@ CSV_COLUMNS = {"acc": "test_acc", "asr": "test_asr", "ra": "test_ra", "der": "de
 CACHE_NAME = "ftsam_eval.json"
 CACHE_VERSION = 1
 SUMMARY_MAX_AGE_S = 3600  # a summary this much older than its result file belongs to an earlier run
+STARTED = time.time()  # temp files older than this process are left over from killed runs
 SKIP_DIRS = {"bd_train_dataset", "bd_test_dataset", "checkpoint", "log", "__pycache__"}
 
 
@@ -77,15 +80,22 @@ SKIP_DIRS = {"bd_train_dataset", "bd_test_dataset", "checkpoint", "log", "__pyca
 
 
 def find_records(roots: Iterable[str]) -> List[str]:
-    """Absolute paths of every folder holding `attack_result.pt` under `roots` (a root may be a record itself)."""
+    """Absolute paths of every folder holding `attack_result.pt` under `roots` (a root may be a record itself).
+    Symlinked folders are followed (each real folder visited once, so a link cycle ends)."""
     found: Dict[str, str] = {}
+    visited = set()
     for root in roots:
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FtsamError(f"record root {root} is not a folder; pass record/ folders (e.g. ./record)")
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in visited:
+                dirnames[:] = []
+                continue
+            visited.add(real)
             if "attack_result.pt" in filenames:
-                found.setdefault(os.path.realpath(dirpath), os.path.abspath(dirpath))
+                found.setdefault(real, os.path.abspath(dirpath))
                 dirnames[:] = []  # records are not nested; skips the bd_*_dataset image folders
                 continue
             dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
@@ -123,7 +133,7 @@ def read_summary(path: str, row: str = "last") -> Optional[Dict[str, float]]:
     try:
         with open(path, newline="") as handle:
             lines = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, csv.Error):  # csv.Error: e.g. a field over csv's size limit
         return None
     if not lines:
         return None
@@ -206,9 +216,13 @@ def _read_cache(folder: str, key: dict) -> Optional[Dict[str, float]]:
 
 
 def _write_cache(folder: str, key: dict, values: Dict[str, float]) -> None:
+    """Write the cache under the folder's lock (one writer per result folder: not while a defense or attack run,
+    or another leaderboard, writes there); when that is not possible, say so and go on."""
     try:
-        atomic_write_text(os.path.join(folder, CACHE_NAME), json.dumps({"key": key, "metrics": values}, indent=1))
-    except FtsamError as exc:  # a read-only record still gets its table
+        with FolderLock(folder, what="result folder"):
+            remove_stale_temp_files(folder, before=STARTED)
+            atomic_write_text(os.path.join(folder, CACHE_NAME), json.dumps({"key": key, "metrics": values}, indent=1))
+    except FtsamError as exc:  # a read-only record or a folder in use still gets its table
         print(f"warning: cache not written: {exc}", file=sys.stderr)
 
 
@@ -234,7 +248,7 @@ def load_defense_model(path: str, record: dict, device="cpu"):
         "img_size": record["img_size"],
         "width": record.get("width", 1.0),
     }
-    return build_model(spec, raw["model"], device)
+    return build_model(spec, raw["model"], device, what=f"defense result {path}")
 
 
 @dataclass
@@ -285,10 +299,12 @@ def _load_record(info: RecordInfo, opts) -> dict:
     if info._error is not None:
         raise FtsamError(info._error)
     if info._loaded is None:
+        from ftsam_plugin.data.image_check import check_record_images
         from ftsam_plugin.data.records import load_attack_result
 
         try:
             info._loaded = load_attack_result(info.path, dataset_path=opts.dataset_path, device=opts.device)
+            check_record_images(info._loaded)  # every image the evaluation reads, before it starts
         except FtsamError as exc:
             info._error = str(exc)
             raise

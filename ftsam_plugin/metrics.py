@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from ftsam_plugin.signals import ignore_in_worker
+
 __all__ = ["evaluate", "evaluate_backdoor", "count_correct", "der", "rir"]
 
 DataLike = Union[Dataset, DataLoader]
@@ -40,6 +42,7 @@ def _as_loader(data: DataLike, batch_size: int, num_workers: int, device: torch.
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         drop_last=False,
+        worker_init_fn=ignore_in_worker if num_workers > 0 else None,  # Ctrl-C / SIGTERM: the main process's
     )
 
 

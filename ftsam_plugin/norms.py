@@ -100,6 +100,10 @@ class PairedTriggerSet(Dataset):
     def __len__(self) -> int:
         return self.n
 
+    def clean_indices(self) -> List[int]:
+        """The clean_test items the pairs read (bd_test's original indices), without reading any image."""
+        return [int(i) for i in np.asarray(self.bd_test.original_index_array)[:self.n]]
+
     def __getitem__(self, i: int):
         poisoned = self.bd_test[i]
         clean = self.clean_test[int(poisoned[2])]
@@ -295,6 +299,7 @@ def analyse(models: Sequence[Tuple[str, nn.Module]], pairs, layer: Optional[str]
 
 
 def run(args: argparse.Namespace) -> int:
+    from ftsam_plugin.data.image_check import check_record_images
     from ftsam_plugin.data.records import load_attack_result
     from ftsam_plugin.leaderboard import _resolve_device, load_defense_model
 
@@ -309,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
     models = [(label, record["model"] if path is None else load_defense_model(path, record, device))
               for label, path in chosen]
     pairs = PairedTriggerSet(record["bd_test"], record["clean_test"], args.num_samples)
+    check_record_images(record, test_indices=pairs.clean_indices())  # before anything is computed or written
     layer, results = analyse(models, pairs, args.layer, device, args.tac, args.batch_size)
 
     out = os.path.abspath(args.out)

@@ -12,6 +12,12 @@
         Synthesizes root/data/<dataset> (image folder for cifar10/cifar100/tiny, BB layout for gtsrb) unless it exists,
         runs `ftsam attack` through ftsam_plugin.cli.main, returns root/record/<name>. Raises if the CLI fails.
     run_cli(argv) -> (exit_code, stdout, stderr)
+    check_error((code, out, err), needle, whole=True) -> str
+        The CLI's error contract: exit 2, no traceback, exactly one `error:` line (the last), holding `needle`;
+        with `whole`, the only stderr line. Returns the line.
+    clone_record(record, name, mutate=None) -> Path
+        A copy of a record next to it (so its data resolves the same way) whose poisoned images are its own;
+        `mutate(raw)` edits its attack_result.pt dict first.
     one_torch_thread: module-scoped autouse fixture (torch.set_num_threads(1)); a test module opts in by importing it.
 """
 
@@ -26,8 +32,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-__all__ = ["make_image_folder", "make_gtsrb_folder", "make_attack_record", "run_cli", "synthetic_image",
-           "one_torch_thread"]
+__all__ = ["make_image_folder", "make_gtsrb_folder", "make_attack_record", "run_cli", "check_error", "clone_record",
+           "synthetic_image", "one_torch_thread"]
 
 
 def synthetic_image(rng: np.random.Generator, label: int, num_classes: int, size: Union[int, Tuple[int, int]]):
@@ -101,6 +107,41 @@ def run_cli(argv: Iterable[str]) -> Tuple[int, str, str]:
         except SystemExit as exc:  # argparse errors
             code = exc.code if isinstance(exc.code, int) else 1
     return int(code or 0), out.getvalue(), err.getvalue()
+
+
+def check_error(result: Tuple[int, str, str], needle: str, whole: bool = True) -> str:
+    """Exit 2, no traceback, exactly one `error:` line holding `needle` (the only stderr line when `whole`)."""
+    code, _, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], err
+    assert needle in errors[0], errors[0]
+    if whole:
+        assert len(lines) == 1, err
+    return errors[0]
+
+
+def clone_record(record, name: str, mutate=None) -> Path:
+    """A copy of the record (next to it, so the data resolves the same way) whose poisoned images are its own."""
+    import shutil
+
+    import torch
+
+    from ftsam_plugin.io import safe_load
+
+    record = Path(record)
+    target = record.parent / name
+    shutil.copytree(record, target, ignore=shutil.ignore_patterns("defense"))
+    raw = safe_load(target / "attack_result.pt")
+    for key in ("bd_train", "bd_test"):
+        folder = f"./record/{name}/{key}_dataset"
+        raw[key]["save_folder_path"] = raw[key]["bd_data_container"]["save_folder_path"] = folder
+    if mutate is not None:
+        mutate(raw)
+    torch.save(raw, target / "attack_result.pt")
+    return target
 
 
 def make_attack_record(root, name: str = "rec", attack: str = "badnet", dataset: str = "cifar10",

@@ -101,12 +101,12 @@ def test_unknown_yaml_keys_warn(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--rho", "0"], "rho must be > 0"),
-    (["--rho", "-1"], "rho must be > 0"),
-    (["--ratio", "0"], "ratio must be in (0, 1]"),
-    (["--ratio", "1.5"], "ratio must be in (0, 1]"),
-    (["--epochs", "0"], "epochs must be >= 1"),
-    (["--batch_size", "0"], "batch_size must be >= 1"),
+    (["--rho", "0"], "rho must be a finite number > 0, got 0.0"),
+    (["--rho", "-1"], "rho must be a finite number > 0"),
+    (["--ratio", "0"], "ratio must be a finite number in (0, 1]"),
+    (["--ratio", "1.5"], "ratio must be a finite number in (0, 1]"),
+    (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--batch_size", "0"], "batch_size must be an integer >= 1"),
     (["--alpha", "0.5"], "alpha"),
 ])
 def test_validation_errors(argv, needle):
@@ -251,7 +251,8 @@ def test_schedules_fixed_vs_backdoorbench_protocol():
 
 def test_backdoorbench_protocol_uses_the_references_effective_sam_values(tmp_path, caplog):
     path = tmp_path / "gtsrb_like.yaml"  # the reference's gtsrb/tiny YAML values, which it never applied
-    path.write_text(config.packaged_config("cpu").read_text() + "\nrho: 8.0\nlabel_smoothing: 0.0\nadaptive: false\n")
+    cfg = dict(yaml.safe_load(config.packaged_config("cpu").read_text()), rho=8.0, label_smoothing=0.0, adaptive=False)
+    path.write_text(yaml.safe_dump(cfg))  # (a key given twice is an error)
     fixed = FTSAM(parse(["--yaml_path", str(path), "--device", "cpu"]))
     assert (fixed.args.rho, fixed.args.label_smoothing, fixed.args.adaptive) == (8.0, 0.0, False)
     bb = FTSAM(parse(["--yaml_path", str(path), "--device", "cpu", "--protocol", "backdoorbench"]))

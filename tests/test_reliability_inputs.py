@@ -17,7 +17,7 @@ from ftsam_plugin.defense.config import packaged_config
 from ftsam_plugin.defense.ftsam import FTSAM
 from ftsam_plugin.io import safe_load
 
-from helpers import make_attack_record, make_image_folder, run_cli
+from helpers import check_error, clone_record, make_attack_record, make_image_folder, run_cli
 
 FLAGS = ["--yaml_path", "cpu", "--device", "cpu", "--ratio", "0.6", "--batch_size", "8", "--num_workers", "0"]
 
@@ -42,17 +42,7 @@ def record(tmp_path_factory):
 
 
 def clone(record, name, mutate=None):
-    """A copy of the record (next to it, so the data resolves the same way) whose poisoned images are its own."""
-    target = record.parent / name
-    shutil.copytree(record, target, ignore=shutil.ignore_patterns("defense"))
-    raw = safe_load(target / "attack_result.pt")
-    for key in ("bd_train", "bd_test"):
-        folder = f"./record/{name}/{key}_dataset"
-        raw[key]["save_folder_path"] = raw[key]["bd_data_container"]["save_folder_path"] = folder
-    if mutate is not None:
-        mutate(raw)
-    torch.save(raw, target / "attack_result.pt")
-    return target
+    return clone_record(record, name, mutate)
 
 
 def defend(folder, *extra):
@@ -61,20 +51,6 @@ def defend(folder, *extra):
 
 def files_under(folder):
     return sorted(str(p.relative_to(folder)) for p in pathlib.Path(folder).rglob("*") if p.is_file())
-
-
-def check_error(result, needle, whole=True):
-    """Exit 2, no traceback, exactly one `error:` line holding `needle` (the only stderr line when `whole`)."""
-    code, _, err = result
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0] == lines[-1], err
-    assert needle in errors[0], errors[0]
-    if whole:
-        assert len(lines) == 1, err
-    return errors[0]
 
 
 def no_output(folder):
@@ -151,8 +127,8 @@ def test_poisoned_images_missing(record):
     folder = clone(record, "bd_missing")
     victim = sorted((folder / "bd_test_dataset").rglob("*.png"))[0]
     victim.unlink()
-    line = check_error(defend(folder), "1 poisoned image(s) referenced by the record are missing")
-    assert str(victim) in line
+    check_error(defend(folder), f"1 of the 62 image files this run reads cannot be used (first: poisoned image "
+                                 f"{victim}: missing); restore the record's bd_*_dataset folders")
     no_output(folder)
 
 
@@ -173,25 +149,25 @@ def test_unknown_yaml_keys_are_named_in_a_warning(record, tmp_path, caplog):
     path.write_text(packaged_config("cpu").read_text() + "\nrhoo: 3\nfoo_bar: 1\n")
     with caplog.at_level(logging.WARNING, logger="ftsam_plugin"):
         result = run_cli(["defend", "--result_file", str(folder), "--yaml_path", str(path), "--rho", "0"])
-    check_error(result, "rho must be > 0")
+    check_error(result, "rho must be a finite number > 0")
     assert "unknown keys ignored: foo_bar, rhoo" in caplog.text
     no_output(folder)
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--rho", "0"], "rho must be > 0, got 0.0; fix --rho"),
-    (["--rho", "-2"], "rho must be > 0"),
-    (["--ratio", "0"], "ratio must be in (0, 1], got 0.0; fix --ratio"),
-    (["--ratio", "1.5"], "ratio must be in (0, 1]"),
-    (["--epochs", "0"], "epochs must be >= 1, got 0; fix --epochs"),
-    (["--batch_size", "0"], "batch_size must be >= 1, got 0; fix --batch_size"),
+    (["--rho", "0"], "rho must be a finite number > 0, got 0.0; fix --rho"),
+    (["--rho", "-2"], "rho must be a finite number > 0"),
+    (["--ratio", "0"], "ratio must be a finite number in (0, 1], got 0.0; fix --ratio"),
+    (["--ratio", "1.5"], "ratio must be a finite number in (0, 1]"),
+    (["--epochs", "0"], "epochs must be an integer >= 1, got 0; fix --epochs"),
+    (["--batch_size", "0"], "batch_size must be an integer >= 1, got 0; fix --batch_size"),
     (["--device", "tpu9"], "unknown device 'tpu9'; use --device cpu"),
     (["--device", "cuda:57"], "'cuda:57'"),
     (["--lr_scheduler", "cosine"], "unknown lr_scheduler 'cosine'; use one of CosineAnnealingLR, ReduceLROnPlateau, "
                                    "StepLR, MultiStepLR, none"),
     (["--client_optimizer", "rmsprop"], "unknown client_optimizer 'rmsprop'; use one of sgd, adam, adamw"),
-    (["--sgd_momentum", "-0.9"], "sgd_momentum must be >= 0, got -0.9; fix --sgd_momentum"),
-    (["--wd=-1e-4"], "wd (weight decay) must be >= 0, got -0.0001; fix --wd"),
+    (["--sgd_momentum", "-0.9"], "sgd_momentum must be a finite number in [0, 1), got -0.9; fix --sgd_momentum"),
+    (["--wd=-1e-4"], "wd must be a finite number >= 0, got -0.0001; fix --wd"),
     (["--ratio", "0.9"], "class 9 has 2 training samples, fewer than the 3 a class-balanced subset needs; lower --ratio"),
 ])
 def test_bad_values(record, flags, needle):

@@ -144,3 +144,62 @@ def test_second_sigint_aborts_at_once():
             os.kill(os.getpid(), signal.SIGINT)  # second: at once
             time.sleep(1)  # (the handler runs between bytecodes; never reached)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_is_handled_like_sigint_exit_143(record, reference, tmp_path):
+    """What Slurm and Kubernetes send first: finish the epoch, checkpoint, exit 143 with the resume hint."""
+    folder, out = copy_record(record, "sigterm")
+    proc = start_paused(folder, "2:1", tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert err.count("SIGTERM: stopping after this epoch's checkpoint") == 1
+    lines = [line for line in err.splitlines() if line.startswith(("interrupted", "error"))]
+    assert lines == [f"interrupted: stopped after epoch 2 of 3; its checkpoint is {out / 'checkpoint' / 'last.pt'}; "
+                     f"continue with the same command plus --resume"]
+    assert_nothing_half_written(out, 2)
+    assert not [p for p in out.rglob("*.tmp")]
+    code, _, err = run_cli(["defend", "--result_file", str(folder), *FLAGS, "--resume"])
+    assert code == 0, err
+    assert_same(outputs(out), reference)
+
+
+def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_first(record, reference, tmp_path):
+    """Two real processes: B is refused while A holds the defense folder; A's run is untouched and resumes."""
+    folder, out = copy_record(record, "two_runs")
+    first = start_paused(folder, "1:1", tmp_path)  # A: in epoch 1, holding the folder
+    try:
+        second = subprocess.run([sys.executable, "-m", "ftsam_plugin", "defend", "--result_file", str(folder), *FLAGS,
+                                 "--lr", "0.05"], env=dict(os.environ), capture_output=True, text=True, timeout=240)
+    finally:
+        first.send_signal(signal.SIGINT)  # A finishes epoch 1, checkpoints, exits 130
+        _, first_err = first.communicate(timeout=120)
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: defense folder {out}{os.sep} is in use by another run (PID {first.pid}, started "), lines
+    assert first.returncode == 130, first_err
+    assert len(list((out / "log").glob("*.log"))) == 1  # B wrote nothing, not even a log
+    assert_nothing_half_written(out, 1)
+    code, _, err = run_cli(["defend", "--result_file", str(folder), *FLAGS, "--resume"])
+    assert code == 0, err
+    assert_same(outputs(out), reference)
+
+
+def test_stale_temp_files_of_killed_runs_are_removed_at_start(record, reference, tmp_path):
+    folder, out = copy_record(record, "stale_tmp")
+    proc = start_paused(folder, "2:0", tmp_path)
+    proc.kill()  # as if killed while writing: plant what a kill mid-write leaves
+    proc.communicate(timeout=60)
+    old = time.time() - 3600
+    ours = [out / "checkpoint" / ".last.pt.a1b2c3d_.tmp", out / ".ftsam_df.csv.zz99zz99.tmp"]
+    others = [out / "notes.tmp", out / ".short.abc.tmp", out / ".last.pt.ABCDEFGH.tmp", out / "log" / "keep.txt"]
+    for path in ours + others:
+        path.write_bytes(b"partial")
+        os.utime(path, (old, old))
+    code, _, err = run_cli(["defend", "--result_file", str(folder), *FLAGS, "--resume"])
+    assert code == 0, err
+    assert [p.exists() for p in ours] == [False, False] and all(p.exists() for p in others)
+    assert f"removed {ours[0]}, a temp file left by a killed run" in err
+    assert_same(outputs(out), reference)

@@ -27,7 +27,8 @@ from ftsam_plugin.data.records import save_attack_result, write_metrics_csv, wri
 from ftsam_plugin.data.transforms import get_transform
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_save
-from ftsam_plugin.settings import read_yaml, seed_everything, str2bool
+from ftsam_plugin.lock import FolderLock
+from ftsam_plugin.settings import TRAINING_RULES, Number, check_numbers, quote, read_yaml, seed_everything, str2bool
 
 from .poison import make_backdoor_datasets
 from .train import train_backdoored_model
@@ -107,26 +108,35 @@ def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
     return config
 
 
+# what each numeric setting may be (attack_target and patch_size also depend on the dataset: `_validate`)
+RULES = {
+    **TRAINING_RULES,
+    "pratio": Number(low=0, high=1, low_open=True),
+    "attack_target": Number(integer=True, low=0),
+    "blended_alpha": Number(low=0, high=1),
+    "patch_size": Number(integer=True, low=1),
+}
+
+
 def _validate(config: Dict[str, Any]) -> None:
+    """Every setting checked (and numbers parsed in place) before anything is read or written."""
     if str(config["attack"]).lower() not in TRIGGERS:
-        raise FtsamError(f"unknown attack '{config['attack']}'; choose one of {', '.join(sorted(TRIGGERS))}")
+        raise FtsamError(f"unknown attack {quote(config['attack'])}; choose one of {', '.join(sorted(TRIGGERS))}")
     info = get_dataset_info(config["dataset"])
     if config.get("attack_label_trans", "all2one") != "all2one":
-        raise FtsamError(f"attack_label_trans '{config['attack_label_trans']}' is not supported; use all2one")
-    if not 0.0 < float(config["pratio"]) <= 1.0:
-        raise FtsamError(f"--pratio {config['pratio']} is outside (0, 1]; pass e.g. --pratio 0.1")
-    if not 0 <= int(config["attack_target"]) < info.num_classes:
+        raise FtsamError(f"attack_label_trans {quote(config['attack_label_trans'])} is not supported; use all2one")
+    check_numbers(config, RULES)
+    if config["attack_target"] >= info.num_classes:
         raise FtsamError(f"--attack_target {config['attack_target']} is not a class of {info.name} "
-                         f"(0..{info.num_classes - 1})")
-    if not 0.0 <= float(config["blended_alpha"]) <= 1.0:
-        raise FtsamError(f"--blended_alpha {config['blended_alpha']} is outside [0, 1]")
-    for key in ("epochs", "batch_size"):
-        if int(config[key]) < 1:
-            raise FtsamError(f"--{key} must be at least 1, got {config[key]}")
-    if not float(config["width"]) > 0:
-        raise FtsamError(f"--width must be positive, got {config['width']}")
-    if int(config["num_workers"]) < 0:
-        raise FtsamError(f"--num_workers must be >= 0, got {config['num_workers']}")
+                         f"(0..{info.num_classes - 1}); fix --attack_target")
+    side = min(info.img_size[:2])
+    if config["patch_size"] > side:
+        raise FtsamError(f"--patch_size {config['patch_size']} is larger than the {side}x{side} images of "
+                         f"{info.name}; pass 1..{side}")
+    try:
+        config["progress"] = str2bool(config["progress"])
+    except argparse.ArgumentTypeError as exc:
+        raise FtsamError(f"progress: {exc}; fix --progress") from None
 
 
 def _stored_data_path(data_dir: str, root: str) -> str:
@@ -148,11 +158,14 @@ def run(args: argparse.Namespace) -> int:
         f"{time.strftime('%Y_%m_%d_%H_%M_%S')}_attack_{attack}_{secrets.token_hex(2)}"
     )
     if os.sep in name or "/" in name or name in (".", ".."):
-        raise FtsamError(f"--save_folder_name '{name}' must be a plain folder name; "
+        raise FtsamError(f"--save_folder_name {quote(name)} must be a plain folder name; "
                          f"pass --record_root for the location")
     record_dir = os.path.join(record_root, name)
+    lock = FolderLock(record_dir, what="record folder")
     if os.path.exists(record_dir):
-        raise FtsamError(f"record folder {record_dir} already exists; choose another --save_folder_name or remove it")
+        raise _taken(record_dir, lock)
+    trigger = create_trigger(attack, info.img_size, blended_alpha=config["blended_alpha"],
+                             patch_size=config["patch_size"])
 
     data_dir = resolve_dataset_dir(os.fspath(config["dataset_path"]), info.name)
     raw_train, raw_test = build_clean_datasets(info.name, data_dir)
@@ -160,18 +173,37 @@ def run(args: argparse.Namespace) -> int:
     from ftsam_plugin.models import create_model  # FtsamError for an unknown model, before anything is written
 
     config["device"] = str(resolve_device(config["device"]))  # FtsamError "...; pass --device cpu" without a GPU
-    seed = int(config["random_seed"])
+    seed = config["random_seed"]
     seed_everything(seed)
-    model = create_model(str(config["model"]), info.num_classes, image_size=info.img_size[0],
-                         width=float(config["width"]))
+    model = create_model(str(config["model"]), info.num_classes, image_size=info.img_size[0], width=config["width"])
     try:
         os.makedirs(record_root, exist_ok=True)
         os.mkdir(record_dir)
     except FileExistsError:
-        raise FtsamError(f"record folder {record_dir} already exists; choose another --save_folder_name") from None
+        raise _taken(record_dir, lock) from None  # another `ftsam attack` made it meanwhile
     except OSError as exc:
         raise FtsamError(f"cannot create record folder {record_dir}: {exc.strerror}; check --record_root") from None
+    with lock:  # held until the record is complete, so a second run on this name names this one
+        rows = _write_record(config, info, model, trigger, raw_train, raw_test, data_dir, record_root, name)
+    last = rows[-1]
+    print(f"record written to {record_dir}: test_acc {last['test_acc']:.4f}, test_asr {last['test_asr']:.4f}, "
+          f"test_ra {last['test_ra']:.4f}")
+    return 0
 
+
+def _taken(record_dir: str, lock: FolderLock) -> FtsamError:
+    """The error for a record name already in use: by a live run (named), or by an earlier record."""
+    lock.check()  # raises, naming the live run that is writing it
+    unfinished = "" if os.path.isfile(os.path.join(record_dir, "attack_result.pt")) else \
+        " (an unfinished record: no attack_result.pt)"
+    return FtsamError(f"record folder {record_dir} already exists{unfinished}; choose another --save_folder_name "
+                      f"or remove it")
+
+
+def _write_record(config, info, model, trigger, raw_train, raw_test, data_dir, record_root, name) -> list:
+    """Poison, train and save into the (new, locked) record folder; returns the per-epoch metric rows."""
+    record_dir = os.path.join(record_root, name)
+    seed = config["random_seed"]
     handler = logging.FileHandler(os.path.join(record_dir, time.strftime("%Y_%m_%d_%H_%M_%S") + ".log"))
     handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
     handler.setLevel(logging.INFO)
@@ -184,8 +216,6 @@ def run(args: argparse.Namespace) -> int:
         atomic_save({k: v for k, v in config.items() if isinstance(v, (str, int, float, bool))},
                     os.path.join(record_dir, "info.pickle"))
         root = os.path.dirname(os.path.abspath(record_root))
-        trigger = create_trigger(attack, info.img_size, blended_alpha=float(config["blended_alpha"]),
-                                 patch_size=int(config["patch_size"]))
         stored_prefix = f"./{os.path.basename(os.path.abspath(record_root))}/{name}"
         bd_train, bd_test = make_backdoor_datasets(
             raw_train, raw_test, trigger, int(config["attack_target"]), float(config["pratio"]), info.img_size,
@@ -220,7 +250,4 @@ def run(args: argparse.Namespace) -> int:
         package_logger.removeHandler(handler)
         package_logger.setLevel(old_level)
         handler.close()
-    last = rows[-1]
-    print(f"record written to {record_dir}: test_acc {last['test_acc']:.4f}, test_asr {last['test_asr']:.4f}, "
-          f"test_ra {last['test_ra']:.4f}")
-    return 0
+    return rows

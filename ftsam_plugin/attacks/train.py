@@ -6,6 +6,7 @@ Each epoch yields a row with BackdoorBench's attack_df.csv columns.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional
 
 import torch
@@ -13,7 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.metrics import evaluate_backdoor
+from ftsam_plugin.signals import ignore_in_worker
 
 __all__ = ["train_backdoored_model"]
 
@@ -21,6 +24,18 @@ __all__ = ["train_backdoored_model"]
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _check_finite(model: nn.Module, losses: List[float], epoch: int) -> None:
+    """Stop a diverged run: a record with NaN/inf weights is never written."""
+    if not all(math.isfinite(v) for v in losses):
+        what = "the training loss"
+    elif not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        what = "the weights"
+    else:
+        return
+    raise FtsamError(f"training diverged in epoch {epoch}: {what} became NaN or infinite; lower --lr (no "
+                     f"attack_result.pt was written)")
 
 
 def train_backdoored_model(model: nn.Module, bd_train, clean_test, bd_test, *, epochs: int, batch_size: int = 128,
@@ -52,11 +67,13 @@ def train_backdoored_model(model: nn.Module, bd_train, clean_test, bd_test, *, e
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(epochs), 1))
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(int(seed))
+    worker_init = ignore_in_worker if num_workers > 0 else None
     train_loader = DataLoader(bd_train, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                               drop_last=len(bd_train) >= batch_size, generator=generator,
-                              pin_memory=device.type == "cuda")
+                              pin_memory=device.type == "cuda", worker_init_fn=worker_init)
     test_loaders = {
-        name: DataLoader(ds, batch_size=max(batch_size, 256), shuffle=False, num_workers=num_workers)
+        name: DataLoader(ds, batch_size=max(batch_size, 256), shuffle=False, num_workers=num_workers,
+                         worker_init_fn=worker_init)
         for name, ds in (("clean", clean_test), ("bd", bd_test))
     }
     rows: List[dict] = []
@@ -78,6 +95,7 @@ def train_backdoored_model(model: nn.Module, bd_train, clean_test, bd_test, *, e
             origs.append(orig)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         scheduler.step()
+        _check_finite(model, losses, epoch + 1)
         pred, lab, flag, orig = (torch.cat(t) if t else torch.zeros(0, dtype=torch.long)
                                  for t in (preds, labels, flags, origs))
         bd, clean = flag == 1, flag == 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -22,16 +22,19 @@ from torch.utils.data import Dataset
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_write_bytes
 
-__all__ = ["BackdoorDataset", "TransformDataset", "resolve_image_folder", "stored_image_path", "original_label_view"]
+__all__ = ["BackdoorDataset", "TransformDataset", "resolve_image_folder", "is_inside", "stored_image_path",
+           "original_label_view"]
 
 SAVE_FILE_FORMAT = ".png"
 
 
-def resolve_image_folder(stored: Optional[str], bases: Sequence[str], fallback: Optional[str] = None) -> Optional[str]:
+def resolve_image_folder(stored: Optional[str], bases: Sequence[str], fallback: Optional[str] = None,
+                         inside: Sequence[str] = ()) -> Optional[str]:
     """Where a stored (possibly relative) poisoned-image folder is on this machine.
 
     Tries `stored` if absolute, then `stored` joined to each of `bases`, then `fallback`; returns the first
-    existing folder, or None.
+    existing folder that lies in one of the `inside` folders (any, when empty), or None. The test is on the path
+    as given, symlinks not followed: a record folder made of symlinks to another record's files is still valid.
     """
     if stored is None:
         return None
@@ -39,9 +42,19 @@ def resolve_image_folder(stored: Optional[str], bases: Sequence[str], fallback: 
     if fallback is not None:
         candidates.append(fallback)
     for candidate in candidates:
-        if os.path.isdir(candidate):
+        if os.path.isdir(candidate) and (not inside or is_inside(candidate, inside)):
             return os.path.normpath(candidate)
     return None
+
+
+def is_inside(path: str, folders: Sequence[str]) -> bool:
+    """Whether `path` (made absolute and normalised, symlinks not followed) is one of `folders` or below one."""
+    target = os.path.normpath(os.path.abspath(path))
+    for folder in folders:
+        root = os.path.normpath(os.path.abspath(folder))
+        if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def stored_image_path(folder: str, stored: str) -> str:
@@ -110,6 +123,12 @@ class BackdoorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.original_index_array)
 
+    def image_files(self) -> List[str]:
+        """The files of the poisoned images (none when they are kept in memory)."""
+        if self._folder is None:
+            return []
+        return [stored_image_path(self._folder, e["path"]) for e in self.data_dict.values() if isinstance(e, Mapping)]
+
     def _poisoned(self, index: int):
         entry = self.data_dict[index]
         if isinstance(entry, tuple):
@@ -117,9 +136,12 @@ class BackdoorDataset(Dataset):
         path = stored_image_path(self._folder, entry["path"])
         try:
             with Image.open(path) as handle:
-                img = handle.copy()
+                img = handle.convert("RGB")  # as clean images are (a grayscale or RGBA PNG works too)
         except FileNotFoundError:
             raise FtsamError(f"poisoned image {path} is missing; the record folder is incomplete") from None
+        except Exception as exc:  # PIL's many types; the pre-flight check catches these before a run starts
+            raise FtsamError(f"poisoned image {path} cannot be read ({type(exc).__name__}: {exc}); re-create the "
+                             f"attack record") from None
         bd_label, orig_label = entry["other_info"][:2]
         return img, int(bd_label), int(orig_label)
 
@@ -159,9 +181,10 @@ class BackdoorDataset(Dataset):
             "save_folder_path": self.save_folder_path,
         }
 
-    def set_state(self, state: dict, bases: Sequence[str] = (".",),
-                  fallback: Optional[str] = None) -> "BackdoorDataset":
-        """Load a BackdoorBench state; the image folder is resolved with `resolve_image_folder(.., bases, fallback)`."""
+    def set_state(self, state: dict, bases: Sequence[str] = (".",), fallback: Optional[str] = None,
+                  inside: Sequence[str] = ()) -> "BackdoorDataset":
+        """Load a BackdoorBench state; the image folder is resolved with `resolve_image_folder(.., bases, fallback,
+        inside)`: a folder outside `inside` (the record folder) is never read."""
         try:
             container = state["bd_data_container"]
             self.data_dict = {int(k): v for k, v in container["data_dict"].items()}
@@ -181,11 +204,12 @@ class BackdoorDataset(Dataset):
             )
         self._folder = None
         if self.save_folder_path is not None and self.data_dict:
-            self._folder = resolve_image_folder(self.save_folder_path, bases, fallback)
+            self._folder = resolve_image_folder(self.save_folder_path, bases, fallback, inside)
             if self._folder is None:
+                where = f" inside the record folder {inside[0]}" if inside else ""
                 raise FtsamError(
-                    f"poisoned-image folder {self.save_folder_path} not found (looked under {list(bases)} and "
-                    f"{fallback}); keep the bd_*_dataset folders inside the record folder"
+                    f"poisoned-image folder {self.save_folder_path} not found{where} (looked under {list(bases)} "
+                    f"and {fallback}); keep the bd_*_dataset folders inside the record folder"
                 )
         return self
 

@@ -67,8 +67,11 @@ def get_dataset_info(name: str) -> DatasetInfo:
 
 
 def _open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as handle:
-        return handle.convert("RGB")  # convert() loads the pixels and returns a new image
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")  # convert() loads the pixels and returns a new image
+    except Exception as exc:  # PIL's many types; the pre-flight check catches these before a run starts
+        raise FtsamError(f"image {path} cannot be read ({type(exc).__name__}: {exc}); replace it") from None
 
 
 class ImageListDataset(Dataset):

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.io import atomic_save, atomic_write_text, safe_load
+from ftsam_plugin.io import atomic_save, atomic_write_text, check_finite_state, safe_load
 
-from .backdoor import BackdoorDataset, TransformDataset, stored_image_path
+from .backdoor import BackdoorDataset, TransformDataset, is_inside
 from .datasets import DATASETS, build_clean_datasets, find_dataset_dir, get_dataset_info, resolve_dataset_dir
 from .transforms import get_transform
 
@@ -132,21 +132,25 @@ def _check_record(raw, pt: str) -> None:
                          f"fix num_classes (or clean_data) in the record")
 
 
-def build_model(raw: Mapping, state: Mapping, device="cpu") -> nn.Module:
+def build_model(raw: Mapping, state: Mapping, device="cpu", what: str = "the record's model") -> nn.Module:
     """The record's model with `state` loaded (BackdoorBench's positional key renaming when names differ).
 
     Args:
         raw: a mapping with model_name, num_classes, img_size (H, W, C) and optionally width (default 1.0).
         state: the state dict (a `module.` prefix is dropped).
         device: where to put the model.
+        what: how to call the weights in error messages (e.g. the file they come from).
 
     Returns:
         The nn.Module in eval mode on `device`.
 
     Raises:
-        FtsamError: unknown model, or weights that do not fit it (the message names the first mismatch).
+        FtsamError: unknown model, weights that do not fit it (the message names the first mismatch), or weights
+            holding NaN/inf.
     """
     from ftsam_plugin.models import create_model
+
+    check_finite_state(state, what)
 
     img_size = raw["img_size"]
     width = float(raw.get("width", 1.0) or 1.0)
@@ -188,37 +192,28 @@ def _state_mismatch(state: Mapping, expected: Mapping) -> Optional[str]:
     return None
 
 
-def _check_poisoned_files(dataset: BackdoorDataset) -> None:
-    """Fail at load time, not mid-run, when poisoned images the record references are missing."""
-    folder = getattr(dataset, "_folder", None)
-    if folder is None:
-        return
-    missing = []
-    for entry in dataset.data_dict.values():
-        if isinstance(entry, Mapping):
-            path = stored_image_path(folder, entry["path"])
-            if not os.path.isfile(path):
-                missing.append(path)
-    if missing:
-        raise FtsamError(f"{len(missing)} poisoned image(s) referenced by the record are missing (first: {missing[0]});"
-                         f" restore the record's {os.path.basename(folder)} folder or re-create the attack record")
+def _record_folders(record_dir: str) -> List[str]:
+    # the record folder as given and as resolved: what its poisoned images may be read from
+    return list(dict.fromkeys((os.path.abspath(record_dir), os.path.realpath(record_dir))))
 
 
 def _backdoor_dataset(state, raw_set, bases: Sequence[str], record_dir: str) -> BackdoorDataset:
-    """Our BackdoorDataset from a saved state: poisoned images under `bases`, else the record's own bd_* folder."""
+    """Our BackdoorDataset from a saved state: poisoned images under `bases`, else the record's own bd_* folder;
+    only a folder inside the record folder is ever read (an absolute or '../' path in the record is not)."""
     stored = state.get("save_folder_path") or ""
     fallback = os.path.join(record_dir, os.path.basename(stored.replace("\\", "/").rstrip("/")))
-    dataset = BackdoorDataset(raw_set).set_state(state, bases, fallback)
-    _check_poisoned_files(dataset)
-    return dataset
+    return BackdoorDataset(raw_set).set_state(state, bases, fallback, inside=_record_folders(record_dir))
 
 
-def _images_at_stored_paths(bb_dataset) -> bool:
-    """Whether every poisoned image of a BackdoorBench dataset is where BackdoorBench opens it (stored path, cwd)."""
+def _images_at_stored_paths(bb_dataset, record_dir: str) -> bool:
+    """Whether every poisoned image of a BackdoorBench dataset is where BackdoorBench opens it (stored path, cwd),
+    inside the record folder."""
     container = bb_dataset.retrieve_state()["bd_data_container"]
     if container.get("save_folder_path") is None:
         return True  # images kept in memory
-    return all(os.path.isfile(entry["path"]) for entry in container["data_dict"].values())
+    folders = _record_folders(record_dir)
+    return all(os.path.isfile(entry["path"]) and is_inside(entry["path"], folders)
+               for entry in container["data_dict"].values())
 
 
 def _result_dict(raw, model, clean_train, clean_test, bd_train, bd_test, data_dir, record_dir, loader) -> dict:
@@ -312,7 +307,7 @@ def _load_with_ftsam(raw, record_dir, bases, dataset_path, device) -> dict:
 
     return _result_dict(
         raw,
-        build_model(raw, raw["model"], device),
+        build_model(raw, raw["model"], device, what=f"attack result {os.path.join(record_dir, 'attack_result.pt')}"),
         TransformDataset(raw_train, train_tf),
         TransformDataset(raw_test, test_tf),
         bd(raw["bd_train"], raw_train, train_tf),
@@ -332,7 +327,7 @@ def _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device) -> dic
         if wrapper is None:
             return None
         dataset = wrapper.wrapped_dataset  # BackdoorBench's prepro_cls_DatasetBD_v2: same 5-tuple items as ours
-        if not _images_at_stored_paths(dataset):
+        if not _images_at_stored_paths(dataset, record_dir):
             # BackdoorBench opens the stored paths relative to the current folder, so a record kept elsewhere or
             # moved would fail mid-run; only then rebuild it from its state with our folder lookup
             dataset = _backdoor_dataset(dataset.retrieve_state(), raw_set, [bb_root, *bases], record_dir)
@@ -343,7 +338,7 @@ def _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device) -> dic
     data_dir = getattr(raw_train, "root", None) or os.path.dirname(getattr(raw_train, "data_folder", "") or "")
     return _result_dict(
         raw,
-        build_model(raw, result["model"], device),
+        build_model(raw, result["model"], device, what=f"attack result {pt}"),
         TransformDataset(raw_train, clean_train.wrap_img_transform, clean_train.wrap_label_transform),
         TransformDataset(raw_test, clean_test.wrap_img_transform, clean_test.wrap_label_transform),
         bd(result.get("bd_train"), raw_train),
@@ -374,10 +369,12 @@ def save_attack_result(model_name: str, num_classes: int, model, data_path: str,
     reserved = set(ATTACK_RESULT_KEYS) & set(kwargs)
     if reserved:
         raise ValueError(f"extra keys {sorted(reserved)} clash with the attack-result keys")
+    state = cpu_state_dict(model)
+    check_finite_state(state, f"the model for {save_path}")  # a diverged model never becomes a record
     payload = {
         "model_name": model_name,
         "num_classes": int(num_classes),
-        "model": cpu_state_dict(model),
+        "model": state,
         "data_path": data_path,
         "img_size": tuple(int(v) for v in img_size),
         "clean_data": clean_data,
@@ -393,7 +390,9 @@ def save_attack_result(model_name: str, num_classes: int, model, data_path: str,
 def save_defense_result(model_name: str, num_classes: int, model, save_path: str) -> str:
     """Write `<save_path>/defense_result.pt` = {model_name, num_classes, model (CPU state dict, no `module.`)}."""
     target = os.path.join(os.fspath(save_path), "defense_result.pt")
-    atomic_save({"model_name": model_name, "num_classes": int(num_classes), "model": cpu_state_dict(model)}, target)
+    state = cpu_state_dict(model)
+    check_finite_state(state, f"the defended model for {target}")
+    atomic_save({"model_name": model_name, "num_classes": int(num_classes), "model": state}, target)
     return target
 
 

@@ -1,8 +1,9 @@
 """Per-epoch checkpoints that load with `ftsam_plugin.io.safe_load` (tensors, numbers, strings, lists, dicts only).
 
 `save_checkpoint` writes `last.pt` (weights, optimizer, scheduler, GradScaler, every rank's RNG states, the clean
-subset, the CSV history, the settings of `RESUME_KEYS`); `load_checkpoint` restores them after checking that the
-run is the same (settings, subset, number of processes).
+subset, the CSV history, the settings of `RESUME_KEYS`, the data's fingerprint `data.identity`); `load_checkpoint`
+restores them after checking that the run is the same (settings, subset, data, number of processes) and that the
+checkpoint is sound (an epoch of this run, finite weights).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ftsam_plugin.data.identity import identity_change
 from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.io import check_finite_state
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUME_KEYS", "resume_config", "save_checkpoint", "load_checkpoint", "rng_state",
            "set_rng_state", "plain"]
@@ -45,13 +48,15 @@ def resume_config(cfg: dict, uses_sam: bool) -> dict:
 
 
 def save_checkpoint(path: str, *, defense: str, epoch: int, model_state: dict, optimizer, scheduler, scaler,
-                    indices: Sequence[int], history: List[dict], config: dict, rngs: Optional[list] = None) -> None:
+                    indices: Sequence[int], history: List[dict], config: dict, rngs: Optional[list] = None,
+                    data: Optional[dict] = None) -> None:
     """Write the checkpoint `path` atomically. `rngs`: every rank's `rng_state()` in rank order (default: this
-    process's only); resume restores each rank's own state (a fresh run seeds rank r with random_seed + r)."""
+    process's only); resume restores each rank's own state (a fresh run seeds rank r with random_seed + r).
+    `data`: the fingerprint of the data the run trains on (`data.identity.data_identity`)."""
     from ftsam_plugin.io import atomic_save
 
     state = {
-        "format": CHECKPOINT_FORMAT, "version": 1, "defense": defense, "epoch": int(epoch),
+        "format": CHECKPOINT_FORMAT, "version": 2, "defense": defense, "epoch": int(epoch),
         "model": model_state,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -61,16 +66,19 @@ def save_checkpoint(path: str, *, defense: str, epoch: int, model_state: dict, o
         "subset": torch.tensor(list(indices), dtype=torch.int64),
         "history": plain(history),
         "config": config,
+        "data": plain(data),
     }
     atomic_save(state, path)
 
 
 def load_checkpoint(path: str, *, defense: str, model: torch.nn.Module, optimizer, scheduler, scaler,
-                    indices: Sequence[int], config: dict, world_size: int = 1, rank: int = 0) -> Tuple[int, list]:
+                    indices: Sequence[int], config: dict, world_size: int = 1, rank: int = 0,
+                    data: Optional[dict] = None) -> Tuple[int, list]:
     """Restore `path` into model, optimizer, scheduler, scaler and this rank's RNGs; returns (next epoch, history).
 
     FtsamError (naming the fix) when it is missing, another defense's, made with other `config` settings, on
-    another clean subset or by another number of processes, or does not fit the model.
+    another clean subset or other `data` (a fingerprint; what changed is named) or by another number of processes,
+    holds an epoch outside the run or non-finite weights, or does not fit the model.
     """
     from ftsam_plugin.io import safe_load
 
@@ -89,7 +97,12 @@ def load_checkpoint(path: str, *, defense: str, model: torch.nn.Module, optimize
         if state["subset"].tolist() != list(indices):
             raise FtsamError(f"checkpoint {path} used another clean subset; use the same data or run without "
                              f"--resume")
+        _check_data(path, state.get("data"), data)
         epoch = int(state["epoch"])
+        if not 1 <= epoch <= int(config["epochs"]):
+            raise FtsamError(f"checkpoint {path} says it holds epoch {epoch}, not one of this run's "
+                             f"1..{config['epochs']}; delete it or run without --resume")
+        check_finite_state(state["model"], f"defense checkpoint {path}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
@@ -107,6 +120,19 @@ def load_checkpoint(path: str, *, defense: str, model: torch.nn.Module, optimize
                          f"--resume") from None
     logger.info("resumed from %s after epoch %d", path, epoch)
     return epoch + 1, list(state["history"])
+
+
+def _check_data(path: str, old: Optional[dict], new: Optional[dict]) -> None:
+    if new is None:
+        return
+    if not old:
+        logger.warning("checkpoint %s has no data fingerprint (an older version); the data cannot be checked to be "
+                       "the same", path)
+        return
+    change = identity_change(old, new)
+    if change is not None:
+        raise FtsamError(f"checkpoint {path} was made on other data: {change}; use the same data (--dataset_path) or "
+                         f"run without --resume")
 
 
 def rng_state() -> dict:

@@ -13,7 +13,8 @@ from importlib import resources
 from typing import Dict
 
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.settings import read_yaml, str2bool  # str2bool re-exported for compatibility
+from ftsam_plugin.settings import TRAINING_RULES, Number, check_numbers, quote, read_yaml
+from ftsam_plugin.settings import str2bool  # re-exported for compatibility
 
 from .factories import BASE_OPTIMIZERS, SCHEDULERS
 from .protocols import PROTOCOLS, get_recipe
@@ -189,13 +190,16 @@ def _resolve_yaml(yaml_path, dataset, folder):
 def load_yaml(yaml_path=None, dataset=None, folder: str = DEFAULT_CONFIG_FOLDER) -> Dict:
     """Read a YAML config (a path, a packaged name, or the packaged config of `dataset`) into a dict.
 
-    Unknown keys are kept but logged as a warning; a file that is missing or does not parse is an FtsamError.
+    Unknown keys are dropped with a warning naming them; a file that is missing or does not parse is an FtsamError.
     """
     source = _resolve_yaml(yaml_path, dataset, folder)
     data = read_yaml(source)
-    unknown = sorted(set(data) - KNOWN_KEYS)
+    unknown = sorted((k for k in data if k not in KNOWN_KEYS), key=str)
     if unknown:
-        logger.warning("config %s: unknown keys ignored: %s", source, ", ".join(map(str, unknown)))
+        shown = ", ".join(quote(k) if not isinstance(k, str) or len(k) > 40 else k for k in unknown[:10])
+        logger.warning("config %s: unknown keys ignored: %s%s", source, shown,
+                       f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+    data = {k: v for k, v in data.items() if k in KNOWN_KEYS}  # ignored means not kept (nor logged) either
     data["yaml_path"] = str(source)
     return data
 
@@ -224,37 +228,68 @@ DEFAULTS = {
     "rho": 2.0, "adaptive": True, "eta": 0.0, "alpha": 0.0, "label_smoothing": 0.1, "eval_every": 1,
     "protocol": "fixed", "resume": False, "steplr_gamma": 0.1, "steplr_stepsize": 30,
 }
+BOOL_KEYS = ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "prefetch")
+LIST_KEYS = {"steplr_milestones", "rho_auto_grid"}  # every other key holds one value
+MAX_MILESTONES = 100
+# what each numeric setting may be (unused BackdoorBench keys such as frequency_save are not checked)
+RULES = {
+    **TRAINING_RULES,
+    "eval_every": Number(integer=True, low=1),
+    "steplr_stepsize": Number(integer=True, low=1),
+    "cos_t_max": Number(integer=True, low=1),
+    "ratio": Number(low=0, high=1, low_open=True),
+    "label_smoothing": Number(low=0, high=1, high_open=True),
+    "steplr_gamma": Number(low=0, high=1, low_open=True),
+    "ReduceLROnPlateau_factor": Number(low=0, high=1, low_open=True, high_open=True),
+}
+SAM_RULES = {  # checked for SAM defenses only (plain fine-tuning ignores them)
+    "rho": Number(low=0, low_open=True),
+    "rho_max": Number(low=0, low_open=True),
+    "rho_min": Number(low=0, low_open=True),
+    "eta": Number(low=0),
+    "alpha": Number(),
+}
+FIX = "fix --{key} (or {key} in the YAML)"
 
 
-def _num(cfg, key, kind):
-    value = cfg.get(key)
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise FtsamError(f"{key} must be a number, got {value!r}; fix --{key} or the YAML") from None
+def _milestones(value) -> list:
+    """steplr_milestones as a strictly increasing list of epochs (a YAML list, or text like '50,75')."""
+    items = str(value).strip().strip("[]").replace(",", " ").split() if isinstance(value, str) else value
+    if isinstance(items, (int, float)) and not isinstance(items, bool):
+        items = [items]
+    if not isinstance(items, list) or len(items) > MAX_MILESTONES:
+        items = None
+    rule = Number(integer=True, low=1)
+    parsed = [rule.parse(v) for v in items] if items is not None else [None]
+    if None in parsed or parsed != sorted(set(parsed)):
+        raise FtsamError(f"steplr_milestones must be increasing epoch numbers like 50,75 (at most {MAX_MILESTONES}), "
+                         f"got {quote(value)}; {FIX.format(key='steplr_milestones')}")
+    return parsed
 
 
 def _rho_auto_settings(cfg: Dict):
+    """`--rho auto`'s settings (rho_auto.AutoRhoSettings) from the rho_auto_* keys, checked."""
     from .rho_auto import AutoRhoSettings
 
     default = AutoRhoSettings()
+    check_numbers(cfg, {"rho_auto_budget": Number(low=0, high=100), "rho_auto_epochs": Number(integer=True, low=1),
+                        "rho_auto_holdout": Number(low=0, high=1, low_open=True, high_open=True)}, FIX)
     grid = cfg.get("rho_auto_grid")
-    if grid is not None and not isinstance(grid, (list, tuple)):
-        try:
-            grid = _float_list(grid)
-        except argparse.ArgumentTypeError as exc:
-            raise FtsamError(f"rho_auto_grid: {exc}; fix --rho_auto_grid or the YAML") from None
-    try:
-        grid = tuple(float(r) for r in grid) if grid is not None else default.grid
-    except (TypeError, ValueError):
-        raise FtsamError(f"rho_auto_grid must be a list of numbers, got {grid!r}; fix the YAML") from None
-    values = {k: cfg.get(f"rho_auto_{k}") for k in ("budget", "holdout")}
-    settings = AutoRhoSettings(
-        budget=default.budget if values["budget"] is None else _num(cfg, "rho_auto_budget", float),
-        grid=grid,
-        probe_epochs=default.probe_epochs if cfg.get("rho_auto_epochs") is None else _num(cfg, "rho_auto_epochs", int),
-        holdout=default.holdout if values["holdout"] is None else _num(cfg, "rho_auto_holdout", float))
-    return settings.check()
+    if grid is not None:
+        items = str(grid).strip().strip("[]").replace(",", " ").split() if isinstance(grid, str) else grid
+        rule = Number(low=0, low_open=True)
+        parsed = [rule.parse(v) for v in items] if isinstance(items, (list, tuple)) else []
+        if len(parsed) < 2 or None in parsed or len(parsed) > 64:
+            raise FtsamError(f"rho_auto_grid must be two or more positive numbers like 0.5,1,2,4, got {quote(grid)}; "
+                             f"{FIX.format(key='rho_auto_grid')}")
+        grid = tuple(parsed)
+
+    def given(key, fallback):
+        return fallback if cfg.get(key) is None else cfg[key]
+
+    return AutoRhoSettings(budget=float(given("rho_auto_budget", default.budget)), grid=grid or default.grid,
+                           probe_epochs=int(given("rho_auto_epochs", default.probe_epochs)),
+                           holdout=float(given("rho_auto_holdout", default.holdout))).check()
 
 
 def apply_protocol(cfg: Dict, uses_sam: bool, given=()) -> Dict[str, tuple]:
@@ -267,8 +302,9 @@ def apply_protocol(cfg: Dict, uses_sam: bool, given=()) -> Dict[str, tuple]:
 
 
 def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
-    """Fill defaults for missing keys, apply the protocol (`given`: keys set on the command line), coerce types,
-    and raise FtsamError one-liners on bad values. What the protocol changed is in cfg['protocol_overrides']."""
+    """Fill defaults for missing keys, apply the protocol (`given`: keys set on the command line), check and parse
+    every value, and raise FtsamError one-liners on bad ones (quoting the value as given). What the protocol changed
+    is in cfg['protocol_overrides']."""
     for key in KNOWN_KEYS:
         cfg.setdefault(key, None)
     for key, value in DEFAULTS.items():
@@ -277,64 +313,40 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
     if cfg.get("adaptive") is BARE_FLAG:
         raise FtsamError("--adaptive needs a value: --adaptive true (ASAM, the default) or --adaptive false (SAM); "
                          "BackdoorBench's bare --adaptive meant false")
-    for key in ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "prefetch"):
+    for key in sorted(KNOWN_KEYS - LIST_KEYS):
+        value = cfg[key]
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise FtsamError(f"{key} must be a single value, got {quote(value)}; {FIX.format(key=key)}")
+    for key in BOOL_KEYS:
         if cfg.get(key) is not None:
             try:
                 cfg[key] = str2bool(cfg[key])
             except argparse.ArgumentTypeError:
-                raise FtsamError(f"{key} must be true or false, got {cfg[key]!r}; fix the YAML") from None
-    for key in ("epochs", "batch_size", "num_workers", "random_seed", "eval_every"):
-        cfg[key] = _num(cfg, key, int)
+                raise FtsamError(f"{key} must be true or false, got {quote(cfg[key])}; {FIX.format(key=key)}") from None
     cfg["rho_auto"] = uses_sam and str(cfg.get("rho")).strip().lower() == RHO_AUTO
-    for key in ("lr", "sgd_momentum", "wd", "ratio", "rho", "eta", "alpha", "label_smoothing"):
-        if not (key == "rho" and cfg["rho_auto"]):
-            cfg[key] = _num(cfg, key, float)
+    sam_rules = {k: r for k, r in SAM_RULES.items() if not (k == "rho" and cfg["rho_auto"])} if uses_sam else {}
+    check_numbers(cfg, {**RULES, **sam_rules}, FIX)
     if cfg["rho_auto"]:
         cfg["rho"] = RHO_AUTO
         cfg["rho_auto_settings"] = _rho_auto_settings(cfg)
+    if cfg["steplr_milestones"] is not None:
+        cfg["steplr_milestones"] = _milestones(cfg["steplr_milestones"])
     if not isinstance(cfg["protocol"], str) or cfg["protocol"] not in PROTOCOLS:
-        raise FtsamError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg['protocol']!r}")
+        raise FtsamError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {quote(cfg['protocol'])}")
     cfg["protocol_overrides"] = apply_protocol(cfg, uses_sam, given)
-    if cfg["epochs"] < 1:
-        raise FtsamError(f"epochs must be >= 1, got {cfg['epochs']}; fix --epochs")
-    if cfg["batch_size"] < 1:
-        raise FtsamError(f"batch_size must be >= 1, got {cfg['batch_size']}; fix --batch_size")
-    if cfg["eval_every"] < 1:
-        raise FtsamError(f"eval_every must be >= 1, got {cfg['eval_every']}; fix --eval_every")
-    if cfg["num_workers"] < 0:
-        raise FtsamError(f"num_workers must be >= 0, got {cfg['num_workers']}; fix --num_workers")
-    if cfg["lr"] <= 0:
-        raise FtsamError(f"lr must be > 0, got {cfg['lr']}; fix --lr")
-    if cfg["sgd_momentum"] < 0:
-        raise FtsamError(f"sgd_momentum must be >= 0, got {cfg['sgd_momentum']}; fix --sgd_momentum")
-    if cfg["wd"] < 0:
-        raise FtsamError(f"wd (weight decay) must be >= 0, got {cfg['wd']}; fix --wd")
     schedulers = {name.lower(): name for name in SCHEDULER_NAMES}
     key = str(cfg["lr_scheduler"]).lower()
     if key not in schedulers:
-        raise FtsamError(f"unknown lr_scheduler {cfg['lr_scheduler']!r}; use one of {', '.join(SCHEDULER_NAMES)}")
+        raise FtsamError(f"unknown lr_scheduler {quote(cfg['lr_scheduler'])}; use one of {', '.join(SCHEDULER_NAMES)}")
     cfg["lr_scheduler"] = schedulers[key]
     key = str(cfg["client_optimizer"]).lower()
     if key not in OPTIMIZER_NAMES:
-        raise FtsamError(f"unknown client_optimizer {cfg['client_optimizer']!r}; use one of "
+        raise FtsamError(f"unknown client_optimizer {quote(cfg['client_optimizer'])}; use one of "
                          f"{', '.join(OPTIMIZER_NAMES)}")
     cfg["client_optimizer"] = key
-    if cfg["lr_scheduler"] in ("StepLR", "MultiStepLR"):
-        if _num(cfg, "steplr_gamma", float) <= 0:
-            raise FtsamError(f"steplr_gamma must be > 0, got {cfg['steplr_gamma']}; fix --steplr_gamma")
-        if cfg["lr_scheduler"] == "StepLR" and _num(cfg, "steplr_stepsize", int) < 1:
-            raise FtsamError(f"steplr_stepsize must be >= 1, got {cfg['steplr_stepsize']}; fix --steplr_stepsize")
-    if not 0.0 < cfg["ratio"] <= 1.0:
-        raise FtsamError(f"ratio must be in (0, 1], got {cfg['ratio']}; fix --ratio")
-    if not 0.0 <= cfg["label_smoothing"] < 1.0:
-        raise FtsamError(f"label_smoothing must be in [0, 1), got {cfg['label_smoothing']}; fix --label_smoothing")
     if str(cfg["amp_dtype"]) not in AMP_DTYPES:
-        raise FtsamError(f"amp_dtype must be bf16 or fp16, got {cfg['amp_dtype']!r}; fix --amp_dtype")
+        raise FtsamError(f"amp_dtype must be bf16 or fp16, got {quote(cfg['amp_dtype'])}; fix --amp_dtype")
     if uses_sam:
-        if not cfg["rho_auto"] and cfg["rho"] <= 0:
-            raise FtsamError(f"rho must be > 0, got {cfg['rho']}; fix --rho")
-        if cfg["eta"] < 0:
-            raise FtsamError(f"eta must be >= 0, got {cfg['eta']}; fix --eta")
         if cfg["alpha"] != 0.0:
             raise FtsamError(f"alpha (GSAM) = {cfg['alpha']} is not supported; set alpha to 0")
         rmin, rmax = cfg.get("rho_min"), cfg.get("rho_max")
@@ -344,4 +356,3 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
     if cfg.get("restore") is None:
         cfg["restore"] = get_recipe(cfg["protocol"], uses_sam).restore
     return cfg
-

@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.settings import seed_everything
+from ftsam_plugin.lock import FolderLock
+from ftsam_plugin.settings import quote, seed_everything
 
 from . import ddp
 from .checkpoint import load_checkpoint, resume_config, rng_state, save_checkpoint
@@ -84,6 +85,10 @@ class FineTune:
         self.recipe = get_recipe(self.args.protocol, self.uses_sam)  # the protocol, chosen once
         self.result = None
         self._record_dir = None
+        self._lock: Optional[FolderLock] = None  # the defense folder's: one writer per result folder
+        self._started = time.time()
+        self._image_digests: Dict[str, str] = {}  # of the clean subset's files, from the pre-flight image check
+        self._data: Optional[dict] = None  # the fingerprint of the data this run trains on (checked on --resume)
         self._handlers: List[logging.Handler] = []
         self.dist = ddp.DistInfo()
         ddp.resolve_device(self.args.device, int(os.environ.get("LOCAL_RANK", "0")))  # fail before loading data
@@ -101,18 +106,24 @@ class FineTune:
             args.save_path = save_path
             args.checkpoint_save = args.checkpoint_save or os.path.join(save_path, "checkpoint") + os.sep
             args.log = args.log or os.path.join(save_path, "log") + os.sep
+        if self._lock is None or self._lock.folder != args.save_path:
+            self._lock = FolderLock(args.save_path, what="defense folder")
+        self._lock.check()  # another run writing there: fail at once, before loading anything
         if self.result is None or self._record_dir != record_dir:  # BackdoorBench loads it twice; once is enough
+            from ftsam_plugin.data.image_check import check_record_images
             from ftsam_plugin.data.records import load_attack_result
 
             self.result = load_attack_result(record_dir, dataset_path=self._data_path())
             self._record_dir = record_dir
             self._adopt_record()
-            self.choose_subset()  # an impossible subset fails here, before anything is written
+            subset = self.choose_subset()  # an impossible subset fails here, before anything is written
+            self._image_digests = check_record_images(self.result, subset)  # so does an unreadable image
         for folder in (args.save_path, args.checkpoint_save, args.log):  # only once the inputs are known good
             make_output_folder(folder)
 
     def set_logger(self) -> None:
         """Log to `<log>/<YYYY_mm_dd_HH_MM_SS>.log` and the console (handlers removed when `defense` ends)."""
+        removed = self._claim_output()
         self._close_logger()
         pkg_logger = logging.getLogger("ftsam_plugin")
         pkg_logger.setLevel(logging.INFO)
@@ -132,6 +143,8 @@ class FineTune:
             pkg_logger.addHandler(handler)
         self._handlers = handlers
         logger.info("%s defense, config:\n%s", self.name, pformat(vars(self.args)))
+        for path in removed:
+            logger.info("removed %s, a temp file left by a killed run", path)
         overrides = getattr(self.args, "protocol_overrides", None)
         if overrides:
             logger.info("protocol %s: using %s (the config said %s; pass the flag to choose)", self.args.protocol,
@@ -153,23 +166,35 @@ class FineTune:
             return self.mitigation()
         finally:
             self._close_logger()
+            self._release_output()
 
     # ------------------------------------------------------------------ pipeline
     def mitigation(self) -> Dict[str, torch.nn.Module]:
-        """Fine-tune on the clean subset with per-epoch evaluation and checkpoints; save defense_result.pt."""
-        from ftsam_plugin.data.records import save_defense_result, write_metrics_summary_csv
-
+        """Fine-tune on the clean subset with per-epoch evaluation and checkpoints; save defense_result.pt (holding
+        the defense folder's lock meanwhile)."""
         if self.result is None:
             raise FtsamError("no attack record loaded; pass --result_file")
         if not hasattr(self, "device"):
             self.set_devices()
-        args, cfg, dev = self.args, vars(self.args), self.device
+        self._claim_output()
+        try:
+            return self._mitigate()
+        finally:
+            self._release_output()
+
+    def _mitigate(self) -> Dict[str, torch.nn.Module]:
+        """`mitigation`'s body, run while the defense folder is held."""
+        from ftsam_plugin.data.identity import data_identity
+        from ftsam_plugin.data.records import save_defense_result, write_metrics_summary_csv
+
+        args, dev = self.args, self.device
         seed_everything(args.random_seed + self.dist.rank)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = False
 
         model = self.result["model"].to(dev)
         indices = self.choose_subset()
+        self._data = data_identity(self.result, indices, self._image_digests)
         train_set = self.build_train_set(indices)
         self.setup_training(model)
         history: List[dict] = []
@@ -243,7 +268,7 @@ class FineTune:
             # (after the last epoch there is nothing left to save: the run finishes normally)
             if epoch < args.epochs and self._stop_requested():
                 raise Interrupted(f"stopped after epoch {epoch} of {args.epochs}; its checkpoint is {ckpt_path}; "
-                                  f"continue with the same command plus --resume")
+                                  f"continue with the same command plus --resume", self._stop.signum)
 
     def end_epoch_schedule(self, train_loss: float) -> None:
         """The lr scheduler's once-per-epoch step (ReduceLROnPlateau: with the epoch's train loss), unless the
@@ -252,7 +277,7 @@ class FineTune:
             self.scheduler.step(train_loss) if self.plateau else self.scheduler.step()
 
     def _stop_requested(self) -> bool:
-        """Whether a SIGINT arrived on any rank."""
+        """Whether a SIGINT or SIGTERM arrived on any rank."""
         flag = torch.tensor([1.0 if self._stop.requested else 0.0])
         return ddp.all_reduce_sum(flag, self.dist).item() > 0
 
@@ -414,7 +439,7 @@ class FineTune:
 
         save_checkpoint(path, defense=self.name, epoch=epoch, model_state=cpu_state_dict(ddp.unwrap(model)),
                         optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, indices=indices,
-                        history=history, config=self._resume_config(), rngs=rngs)
+                        history=history, config=self._resume_config(), rngs=rngs, data=self._data)
 
     def _resume_config(self) -> dict:
         """The settings a checkpoint stores and a resumed run must share (checkpoint.RESUME_KEYS)."""
@@ -423,9 +448,26 @@ class FineTune:
     def _load_checkpoint(self, path, model, indices):
         return load_checkpoint(path, defense=self.name, model=model, optimizer=self.optimizer,
                                scheduler=self.scheduler, scaler=self.scaler, indices=indices,
-                               config=self._resume_config(), world_size=self.dist.world_size, rank=self.dist.rank)
+                               config=self._resume_config(), world_size=self.dist.world_size, rank=self.dist.rank,
+                               data=self._data)
 
     # ------------------------------------------------------------------ helpers
+    def _claim_output(self) -> List[str]:
+        """Hold the defense folder's lock for this run (the main process of a torchrun job only) and remove the temp
+        files that killed runs left in its folders; returns what was removed."""
+        if self._lock is None or self._lock.held or int(os.environ.get("RANK", "0")) != 0:
+            return []
+        from ftsam_plugin.io import remove_stale_temp_files
+
+        self._lock.acquire()
+        args = self.args
+        return [p for folder in dict.fromkeys((args.save_path, args.checkpoint_save, args.log))
+                for p in remove_stale_temp_files(folder, before=self._started)]
+
+    def _release_output(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
     def _data_path(self) -> Optional[str]:
         path = self.cli_dataset_path
         if path is None:
@@ -439,7 +481,8 @@ class FineTune:
         for key, value in (("dataset", res["clean_data"]), ("model", res["model_name"])):
             mine = getattr(args, key, None)
             if mine is not None and str(mine).lower() != str(value).lower():
-                logger.warning("config says %s=%s but the record was made with %s; using %s", key, mine, value, value)
+                logger.warning("config says %s=%s but the record was made with %s; using %s", key, quote(mine), value,
+                               value)
             setattr(args, key, value)
         args.num_classes = int(res["num_classes"])
         args.img_size = tuple(int(v) for v in res["img_size"])

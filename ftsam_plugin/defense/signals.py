@@ -1,4 +1,5 @@
-"""Ctrl-C during a defense run: stop cleanly after the current epoch's checkpoint (and a test-only pause hook)."""
+"""Ctrl-C or SIGTERM during a defense run: stop cleanly after the current epoch's checkpoint (and a test-only pause
+hook). SIGTERM is what Slurm and Kubernetes send before they kill a job; both signals are handled alike."""
 
 from __future__ import annotations
 
@@ -8,46 +9,51 @@ import signal
 import threading
 import time
 
+from ftsam_plugin.signals import STOP_SIGNALS, Stopped, ignore_in_worker
+
 __all__ = ["Interrupted", "StopOnSigint", "ignore_sigint", "test_pause"]
 
 logger = logging.getLogger("ftsam_plugin.defense")
 
+ignore_sigint = ignore_in_worker  # DataLoader worker_init_fn (the name it had before SIGTERM was handled too)
 
-class Interrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT after an epoch's checkpoint; the message names it and `--resume` (exit code 130)."""
+
+class Interrupted(Stopped):
+    """A run stopped by SIGINT/SIGTERM after an epoch's checkpoint; the message names it and `--resume` (exit code
+    128 + the signal: 130, 143)."""
 
 
 class StopOnSigint:
-    """While active, the first SIGINT only sets `requested`: the run finishes the current epoch (training, its
-    evaluation if due, CSV row, checkpoint) and then stops; a second SIGINT interrupts at once (the last written
-    checkpoint stays). A no-op outside the main thread; only the process that installed it prints (forked
-    DataLoader workers inherit the handler)."""
+    """While active, the first SIGINT or SIGTERM only sets `requested` (and `signum`): the run finishes the current
+    epoch (training, its evaluation if due, CSV row, checkpoint) and then stops; a second one interrupts at once
+    (the last written checkpoint stays). A no-op outside the main thread; only the process that installed it prints
+    (forked DataLoader workers inherit the handler)."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum = signal.SIGINT
+        self._previous = {}
         self._pid = os.getpid()
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.requested:  # the second signal: at once
+            raise Interrupted(f"stopped at once by a second {signal.Signals(signum).name}; the last written "
+                              f"checkpoint is kept; continue with the same command plus --resume", signum)
+        self.requested, self.signum = True, signum
         if os.getpid() == self._pid:
-            logger.warning("SIGINT: stopping after this epoch's checkpoint (press Ctrl-C again to abort at once)")
+            logger.warning("%s: stopping after this epoch's checkpoint (send it again to abort at once)",
+                           signal.Signals(signum).name)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
         return False
-
-
-def ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C goes to the whole process group; only the main process handles it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def test_pause(epoch: int, step: int, stop) -> None:

@@ -83,18 +83,31 @@ def choose_index(n: int, ratio: float, seed: int) -> List[int]:
 
 
 def read_index_file(path: str, n: int) -> List[int]:
-    """Indices (one integer per line) from an --index file, checked against the dataset size `n`."""
+    """Indices (one integer per line, `#` starts a comment) from an --index file, checked against the dataset
+    size `n`; each index at most once."""
     try:
-        idx = np.loadtxt(path, dtype=np.int64, ndmin=1)
-    except OSError:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
         raise FtsamError(f"index file {path} not found; fix --index") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FtsamError(f"cannot read index file {path} ({getattr(exc, 'strerror', None) or 'not UTF-8 text'}); "
+                         f"fix --index") from None
+    tokens = [token for line in lines for token in line.split("#", 1)[0].split()]
+    if not tokens:
+        raise FtsamError(f"index file {path} is empty; fix --index")
+    try:
+        idx = [int(token) for token in tokens]
     except ValueError:
         raise FtsamError(f"index file {path} must hold one integer per line; fix --index") from None
-    if idx.size == 0:
-        raise FtsamError(f"index file {path} is empty; fix --index")
-    if idx.min() < 0 or idx.max() >= n:
+    if min(idx) < 0 or max(idx) >= n:
         raise FtsamError(f"index file {path} holds indices outside 0..{n - 1}; it belongs to another dataset")
-    return [int(i) for i in idx]
+    seen = set()
+    for i in idx:
+        if i in seen:
+            raise FtsamError(f"index file {path} lists index {i} more than once; list each sample once")
+        seen.add(i)
+    return idx
 
 
 def _by_labels(draw):
