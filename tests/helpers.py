@@ -12,6 +12,7 @@
         Synthesizes root/data/<dataset> (image folder for cifar10/cifar100/tiny, BB layout for gtsrb) unless it exists,
         runs `ftsam attack` through ftsam_plugin.cli.main, returns root/record/<name>. Raises if the CLI fails.
     run_cli(argv) -> (exit_code, stdout, stderr)
+    Evil(marker): an object whose unpickling creates the file `marker` (stands in for code in an untrusted file).
     one_torch_thread: module-scoped autouse fixture (torch.set_num_threads(1)); a test module opts in by importing it.
 """
 
@@ -27,7 +28,7 @@ import pytest
 from PIL import Image
 
 __all__ = ["make_image_folder", "make_gtsrb_folder", "make_attack_record", "run_cli", "synthetic_image",
-           "one_torch_thread"]
+           "one_torch_thread", "Evil"]
 
 
 def synthetic_image(rng: np.random.Generator, label: int, num_classes: int, size: Union[int, Tuple[int, int]]):
@@ -101,6 +102,16 @@ def run_cli(argv: Iterable[str]) -> Tuple[int, str, str]:
         except SystemExit as exc:  # argparse errors
             code = exc.code if isinstance(exc.code, int) else 1
     return int(code or 0), out.getvalue(), err.getvalue()
+
+
+class Evil:
+    """Unpickling this creates `marker`: the stand-in for arbitrary code in an untrusted file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
 
 
 def make_attack_record(root, name: str = "rec", attack: str = "badnet", dataset: str = "cifar10",
