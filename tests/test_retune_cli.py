@@ -122,6 +122,9 @@ def test_control_and_backdoorbench_defense_result(record):
     assert code == 0, err
     attacked = json.loads((record / "defense" / "ft-sam" / "retune" / TAG / "summary.json").read_text())
     assert got["p_asr"] == attacked["after"]["asr"] and got["p_ra"] == attacked["after"]["ra"]
+    quick = measure_pasr(model, loaded, RetuneSettings(split_ratio=0.5, epochs=2), control=False,
+                         evaluate_before=False, eval_batch_size=64)
+    assert set(quick) == {"p_acc", "p_asr", "p_ra", "seconds"} and quick["p_asr"] == got["p_asr"]
 
 
 def check_error(result, needle):

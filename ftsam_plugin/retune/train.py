@@ -49,7 +49,8 @@ def evaluate_row(model: nn.Module, record: dict, device, batch_size: int = 256, 
     m = evaluate_backdoor(model, record["clean_test"], record["bd_test"], device=device, batch_size=batch_size,
                           num_workers=num_workers, with_loss=True)
     return {"clean_test_loss_avg_over_batch": float(m["clean_loss"]),
-            "bd_test_loss_avg_over_batch": float(m["bd_loss"]), "test_acc": float(m["acc"]), "test_asr": float(m["asr"]), "test_ra": float(m["ra"])}
+            "bd_test_loss_avg_over_batch": float(m["bd_loss"]),
+            "test_acc": float(m["acc"]), "test_asr": float(m["asr"]), "test_ra": float(m["ra"])}
 
 
 def _metrics(row: dict) -> Dict[str, float]:
@@ -129,7 +130,8 @@ def _train_epoch(model, loader, optimizer, device, epoch: int):
 
 
 def measure_pasr(model: nn.Module, record: dict, settings: Optional[RetuneSettings] = None, device="cpu",
-                 control: bool = True, eval_batch_size: int = 256, num_workers: int = 0) -> Dict[str, float]:
+                 control: bool = True, evaluate_before: bool = True, eval_batch_size: int = 256,
+                 num_workers: int = 0) -> Dict[str, float]:
     """O-ASR, P-ASR and the control's ASR of `model` in-process (no files written; `model` is not modified).
 
     Args:
@@ -138,16 +140,18 @@ def measure_pasr(model: nn.Module, record: dict, settings: Optional[RetuneSettin
         settings: the attack's settings (default: the reference's, RetuneSettings()).
         device: where to run.
         control: also run the `poison_num` 0 control on the same clean data.
+        evaluate_before: also evaluate `model` itself (O-ACC/O-ASR/O-RA; skip it when they are known).
 
     Returns:
-        {o_acc, o_asr, o_ra (before), p_acc, p_asr, p_ra (after the attack), c_acc, c_asr, c_ra (after the control,
-        when `control`), seconds}; fractions. Only the before and final models are evaluated.
+        {o_acc, o_asr, o_ra (before, when `evaluate_before`), p_acc, p_asr, p_ra (after the attack), c_acc, c_asr,
+        c_ra (after the control, when `control`), seconds}; fractions. Only the before and final models are
+        evaluated.
     """
     settings = settings or RetuneSettings()
     start = time.perf_counter()
-    attacked = retune_model(model, record, settings, device, eval_every=settings.epochs,
-                            eval_batch_size=eval_batch_size, num_workers=num_workers)
-    out = {f"o_{k}": v for k, v in attacked.before.items()}
+    attacked = retune_model(model, record, settings, device, evaluate_before=evaluate_before,
+                            eval_every=settings.epochs, eval_batch_size=eval_batch_size, num_workers=num_workers)
+    out = {f"o_{k}": v for k, v in (attacked.before or {}).items()}
     out.update({f"p_{k}": v for k, v in attacked.after.items()})
     if control:
         clean = retune_model(model, record, settings.control(), device, evaluate_before=False,
