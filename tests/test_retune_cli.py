@@ -168,3 +168,25 @@ def test_missing_record_and_unsafe_result(record, tmp_path):
         for path in evil.iterdir():
             path.unlink()
         evil.rmdir()
+
+
+def test_interrupted_run_is_unfinished_and_runs_again(record, monkeypatch):
+    from ftsam_plugin.retune import runs
+
+    folder = record / "retune" / "p5_r0.5_e1_lr0.01_m0.9_wd0_b128_s42"
+    real = runs.retune_model
+
+    def interrupted(*args, on_epoch=None, **kwargs):
+        on_epoch([{"epoch": 0, "test_acc": 0.5}])  # one CSV row written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "retune_model", interrupted)
+    code, _, err = run_cli(["retune", "--result_file", str(record), "--defense", "none", *FLAGS[:2], "--epochs", "1",
+                            "--device", "cpu"])
+    assert code == 130 and "has no summary.json (unfinished)" in err and "Traceback" not in err, err
+    assert (folder / "retune_df.csv").exists() and not (folder / "summary.json").exists()
+    monkeypatch.setattr(runs, "retune_model", real)
+    code, out, err = run_cli(["retune", "--result_file", str(record), "--defense", "none", *FLAGS[:2], "--epochs",
+                              "1", "--device", "cpu"])
+    assert code == 0 and "finished earlier" not in out, err
+    assert json.loads((folder / "summary.json").read_text())["settings"]["epochs"] == 1

@@ -84,8 +84,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
     record = load_attack_result(record_dir, dataset_path=args.dataset_path, device=device)
     model = load_result_model(result, record, device)
-    summary = retune_and_save(model, record, result, settings, args.defense, args.dataset_path, device,
-                              args.eval_every, args.eval_batch_size, args.num_workers, args.save_model,
-                              args.eval_before, console=True, given=given_names(args))
+    try:
+        summary = retune_and_save(model, record, result, settings, args.defense, args.dataset_path, device,
+                                  args.eval_every, args.eval_batch_size, args.num_workers, args.save_model,
+                                  args.eval_before, console=True, given=given_names(args))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped; {folder} has no summary.json (unfinished): the same command runs it "
+                                f"again from the start") from None
     _report(summary, folder, cached=False)
     return 0
