@@ -524,6 +524,11 @@ def _legend(shown: List[str]) -> str:
     return f"cells: {text}, percent"
 
 
+def _best_rule(shown: List[str]) -> str:
+    lowest = "lowest ASR/P-ASR/control ASR" if any(m in shown for m in RETUNE_METRICS) else "lowest ASR"
+    return f"highest ACC/RA/DER, {lowest}"
+
+
 def _table_rows(table: Table):
     for r in table.rows:
         yield r.label, r.attack or ""
@@ -534,7 +539,7 @@ def render_markdown(tables: List[Table], opts) -> str:
     shown = _metrics_shown(opts)
     lines = ["# Backdoor defense leaderboard", "",
              f"{_legend(shown)}; DER against the undefended model; best per {opts.best_axis} in bold "
-             f"(highest ACC/RA/DER, lowest ASR); summary row `{opts.summary_row}` where a summary exists.", ""]
+             f"({_best_rule(shown)}); summary row `{opts.summary_row}` where a summary exists.", ""]
     for table in tables:
         lines += [f"## {table.dataset} / {table.model}", ""]
         lines.append("| record | attack | " + " | ".join(table.defenses) + " |")
@@ -578,7 +583,7 @@ def render_html(tables: List[Table], opts, images: Dict[str, List[Tuple[str, byt
     parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>Backdoor defense leaderboard</title>",
              f"<style>{_CSS}</style></head><body>", "<h1>Backdoor defense leaderboard</h1>",
              f"<p class='note'>{esc(_legend(shown))}; DER against the undefended model; best per "
-             f"{esc(opts.best_axis)} in bold (highest ACC/RA/DER, lowest ASR); summary row "
+             f"{esc(opts.best_axis)} in bold ({esc(_best_rule(shown))}); summary row "
              f"<code>{esc(opts.summary_row)}</code> where a summary exists.</p>"]
     for table in tables:
         parts.append(f"<h2>{esc(table.dataset)} / {esc(table.model)}</h2><table><tr><th>record</th><th>attack</th>"
