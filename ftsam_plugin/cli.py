@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": ("ftsam_plugin.demo", "make a backdoored model and defend it with FT and FT-SAM, side by side"),
     "leaderboard": ("ftsam_plugin.leaderboard", "tabulate every attack record and defense result under record roots"),
     "norms": ("ftsam_plugin.norms", "per-neuron weight norm vs trigger-activated change, for several models"),
+    "retune": ("ftsam_plugin.retune.cli", "retuning attack: does the backdoor of a defended model come back (P-ASR)?"),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import os
 import pickle
@@ -27,7 +28,7 @@ import torch
 from ftsam_plugin.errors import FtsamError
 
 __all__ = ["safe_load", "check_finite_state", "atomic_save", "atomic_write_text", "atomic_write_bytes", "write_csv",
-           "numpy_safe_globals", "remove_stale_temp_files"]
+           "numpy_safe_globals", "remove_stale_temp_files", "file_fingerprint"]
 
 # Fixed-size numeric and bool dtypes only: no object, string, void or datetime dtypes.
 _DTYPE_CLASS_NAMES = (
@@ -174,6 +175,19 @@ def _first_line(text: str) -> str:
         if line:
             return line.split(". ")[0].rstrip(".")[:160]
     return ""
+
+
+def file_fingerprint(path: "str | os.PathLike[str]", with_hash: bool = True) -> dict:
+    """{size, mtime_ns[, sha256]} of a file: what caches key on to notice that the file was replaced."""
+    st = os.stat(path)
+    out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if with_hash:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        out["sha256"] = digest.hexdigest()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -17,16 +17,22 @@ Metrics (fractions; tables show percent). For each model, in this order:
 3. an evaluation (ACC on clean_test; ASR and RA on bd_test; `ftsam_plugin.metrics.evaluate_backdoor`), written to
    the cache atomically. A record's datasets are loaded once and reused for all its models.
 
+Retuning (`--retune`). Each cell also gets P-ASR, the ASR after the retuning attack of Min et al. (NeurIPS 2024;
+`ftsam retune`, settings from `--retune_args`), and the ASR after its `poison_num` 0 control: read from the run's
+`<result folder>/retune/<tag>/summary.json` when its key (result file, record, `--dataset_path`, settings) matches,
+else the attack is run there (as `ftsam retune` would, evaluated after the last epoch only, the attack also
+before it) and cached that way.
+
 Tables. Rows are attack records (name, plus the attack type from `info.pickle` when readable), then an average row
 (mean of each column over the attacks, DER averaged per attack); columns are `no defense`, then the defenses.
 DER = BackdoorBench's [max(0, ASR_bd - ASR_def) - max(0, ACC_bd - ACC_def) + 1] / 2 against the record's own
 undefended model. Best values are marked (bold in Markdown/HTML, the `best` column in CSV): by default per row
 among the defenses (the best defense for each attack and on average; `no defense` is not a candidate), with
-`--best_axis column` per column among the attacks. Best = highest ACC, RA, DER and lowest ASR.
+`--best_axis column` per column among the attacks. Best = highest ACC, RA, DER and lowest ASR, P-ASR, control ASR.
 
 Outputs in `--out`: leaderboard.md, leaderboard.csv (long format: one line per table cell, fractions at full
 precision), leaderboard.html (self-contained: inline CSS, heatmaps embedded as data URIs) and per table
-heatmap_<dataset>_<model>_{asr,der}.png.
+heatmap_<dataset>_<model>_{asr,der}.png (and _pasr.png with --retune).
 """
 
 from __future__ import annotations
@@ -35,7 +41,6 @@ import argparse
 import base64
 import csv
 import fnmatch
-import hashlib
 import html
 import io
 import json
@@ -49,7 +54,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ftsam_plugin import metrics
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.io import atomic_write_bytes, atomic_write_text, remove_stale_temp_files, safe_load, write_csv
+from ftsam_plugin.data.records import find_defenses, load_defense_model
+from ftsam_plugin.io import (atomic_write_bytes, atomic_write_text, file_fingerprint, remove_stale_temp_files, safe_load,
+                             write_csv)
 from ftsam_plugin.lock import FolderLock
 
 __all__ = [
@@ -66,9 +73,13 @@ __all__ = [
 
 NO_DEFENSE = "no defense"
 METRICS = ("acc", "asr", "ra", "der")
-HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
+RETUNE_METRICS = ("pasr", "casr")  # with --retune: P-ASR after the retuning attack, ASR after its clean control
+HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True, "pasr": False, "casr": False}
+LABELS = {"pasr": "P-ASR", "casr": "control ASR"}
 SUMMARY_COLUMNS = {"acc": "test_acc", "asr": "test_asr", "ra": "test_ra"}
 CSV_COLUMNS = {"acc": "test_acc", "asr": "test_asr", "ra": "test_ra", "der": "der"}
+RETUNE_CSV_COLUMNS = {"pasr": "p_asr", "casr": "control_asr"}
+COLUMN_NAMES = {**CSV_COLUMNS, **RETUNE_CSV_COLUMNS}
 CACHE_NAME = "ftsam_eval.json"
 CACHE_VERSION = 1
 SUMMARY_MAX_AGE_S = 3600  # a summary this much older than its result file belongs to an earlier run
@@ -100,19 +111,6 @@ def find_records(roots: Iterable[str]) -> List[str]:
                 continue
             dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
     return sorted(found.values())
-
-
-def find_defenses(record_dir: str) -> Dict[str, str]:
-    """{defense name: path of `<record>/defense/<name>/defense_result.pt`}, sorted by name."""
-    base = os.path.join(record_dir, "defense")
-    if not os.path.isdir(base):
-        return {}
-    out = {}
-    for name in sorted(os.listdir(base)):
-        pt = os.path.join(base, name, "defense_result.pt")
-        if os.path.isfile(pt):
-            out[name] = pt
-    return out
 
 
 def _attack_type(record_dir: str) -> Optional[str]:
@@ -180,23 +178,11 @@ def _find_summary(folder: str, name: str, result_path: str, row: str, only_named
 # ---------------------------------------------------------------------------------------------- cache
 
 
-def _fingerprint(path: str, with_hash: bool = True) -> dict:
-    st = os.stat(path)
-    out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if with_hash:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        out["sha256"] = digest.hexdigest()
-    return out
-
-
 def _cache_key(result_path: str, record_dir: str, dataset_path: Optional[str]) -> dict:
     return {
         "version": CACHE_VERSION,
-        "result": _fingerprint(result_path),
-        "attack_result": _fingerprint(os.path.join(record_dir, "attack_result.pt"), with_hash=False),
+        "result": file_fingerprint(result_path),
+        "attack_result": file_fingerprint(os.path.join(record_dir, "attack_result.pt"), with_hash=False),
         "dataset_path": os.path.abspath(dataset_path) if dataset_path else None,
     }
 
@@ -229,28 +215,6 @@ def _write_cache(folder: str, key: dict, values: Dict[str, float]) -> None:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def load_defense_model(path: str, record: dict, device="cpu"):
-    """The model of a `defense_result.pt` ({model_name, num_classes, model}), built like the record's model.
-
-    Args:
-        path: the defense_result.pt.
-        record: a `load_attack_result` dict (gives img_size and width, which defense results do not store).
-        device: where to put the model.
-    """
-    from ftsam_plugin.data.records import build_model
-
-    raw = safe_load(path, what="defense result")
-    if not isinstance(raw, dict) or "model" not in raw:
-        raise FtsamError(f"{path} is not a defense result (no 'model' key); pass a defense_result.pt")
-    spec = {
-        "model_name": raw.get("model_name") or record["model_name"],
-        "num_classes": raw.get("num_classes") or record["num_classes"],
-        "img_size": record["img_size"],
-        "width": record.get("width", 1.0),
-    }
-    return build_model(spec, raw["model"], device, what=f"defense result {path}")
-
-
 @dataclass
 class RecordInfo:
     path: str
@@ -275,7 +239,10 @@ class Entry:
     asr: Optional[float] = None
     ra: Optional[float] = None
     der: Optional[float] = None
+    pasr: Optional[float] = None
+    casr: Optional[float] = None
     source: str = ""
+    retune_source: str = ""
 
     def get(self, metric: str) -> Optional[float]:
         return getattr(self, metric)
@@ -343,6 +310,29 @@ def _fill_metrics(entry: Entry, opts) -> None:
     entry.acc, entry.asr, entry.ra = values["acc"], values["asr"], values["ra"]
 
 
+def _fill_retune(entry: Entry, opts) -> None:
+    """P-ASR and the control's ASR: the `retune/` summaries beside the result when their key matches, else the
+    attack is run (written there like `ftsam retune`, evaluated after the last epoch, the attack also before)."""
+    from ftsam_plugin.retune import runs
+
+    defense = runs.NO_DEFENSE if entry.defense == NO_DEFENSE else entry.defense
+    sources = []
+    for metric, settings in (("pasr", opts.retune_settings), ("casr", opts.retune_settings.control())):
+        summary = None
+        if not opts.no_cache:
+            summary = runs.find_summary(entry.result_path, entry.record.path, settings, opts.dataset_path)
+        sources.append("summary" if summary is not None else "run")
+        if summary is None:
+            record = _load_record(entry.record, opts)
+            print(f"retuning {entry.record.label} / {entry.defense} ({settings.tag})", file=sys.stderr)
+            model = runs.load_result_model(entry.result_path, record, opts.device)
+            summary = runs.retune_and_save(model, record, entry.result_path, settings, defense, opts.dataset_path,
+                                           opts.device, eval_every=settings.epochs, eval_batch_size=opts.batch_size,
+                                           num_workers=opts.num_workers, evaluate_before=metric == "pasr")
+        setattr(entry, metric, float(summary["after"]["asr"]))
+    entry.retune_source = ";".join(sources)
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
@@ -355,6 +345,7 @@ class Table:
     rows: List[RecordInfo]
     defenses: List[str]  # NO_DEFENSE first
     cells: Dict[Tuple[str, str], Entry]
+    metrics: Tuple[str, ...] = METRICS  # plus RETUNE_METRICS with --retune
     average: Dict[str, Dict[str, Optional[float]]] = field(default_factory=dict)  # defense -> metric -> mean
     best: Dict[Tuple[str, str], set] = field(default_factory=dict)  # (row label or AVERAGE, defense) -> metrics
 
@@ -395,8 +386,9 @@ def _sort_key(spec: str, table: Table):
     if spec == "attack":
         return lambda r: ((r.attack or "").lower(), r.label.lower()), False
     metric, _, defense = spec.partition(":")
-    if metric not in METRICS:
-        raise FtsamError(f"--sort {spec!r}: use name, attack or <metric>[:<defense>] with metric in {METRICS}")
+    if metric not in table.metrics:
+        raise FtsamError(f"--sort {spec!r}: use name, attack or <metric>[:<defense>] with metric in {table.metrics}"
+                         + (" (pasr/casr need --retune)" if metric in RETUNE_METRICS else ""))
     if defense and defense not in table.defenses:
         raise FtsamError(f"--sort {spec!r}: no defense {defense!r} in the table; choose one of {table.defenses}")
 
@@ -417,7 +409,7 @@ def _sort_key(spec: str, table: Table):
 def _mark_best(table: Table, axis: str) -> None:
     table.best = {}
     labels = [r.label for r in table.rows] + [AVERAGE]
-    for metric in METRICS:
+    for metric in table.metrics:
         sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
         if axis == "row":
             groups = [[(label, d) for d in table.defenses[1:]] for label in labels]
@@ -462,7 +454,7 @@ def build_leaderboard(roots: Sequence[str], opts) -> List[Table]:
     for (dataset, model), rows in sorted(groups.items()):
         _label_rows(rows)
         names = sorted({n for r in rows for n in r.defenses})
-        table = Table(dataset, model, rows, [NO_DEFENSE, *names], {})
+        table = Table(dataset, model, rows, [NO_DEFENSE, *names], {}, metrics=table_metrics(opts))
         for r in rows:
             cells = [Entry(r, NO_DEFENSE, os.path.join(r.path, "attack_result.pt"))]
             cells += [Entry(r, n, p) for n, p in r.defenses.items()]
@@ -472,13 +464,19 @@ def build_leaderboard(roots: Sequence[str], opts) -> List[Table]:
                 except FtsamError as exc:
                     entry.source = "error"
                     print(f"warning: {r.label}/{entry.defense}: {exc}", file=sys.stderr)
+                if getattr(opts, "retune", False):
+                    try:
+                        _fill_retune(entry, opts)
+                    except FtsamError as exc:
+                        entry.retune_source = "error"
+                        print(f"warning: {r.label}/{entry.defense}: retune: {exc}", file=sys.stderr)
                 table.cells[(r.label, entry.defense)] = entry
             base = table.cells[(r.label, NO_DEFENSE)]
             for entry in cells[1:]:
                 if None not in (base.acc, base.asr, entry.acc, entry.asr):
                     entry.der = metrics.der(base.acc, entry.acc, base.asr, entry.asr)
             r._loaded = None  # free the datasets and models of this record
-        table.average = {d: {m: _mean(table.value(r.label, d, m) for r in rows) for m in METRICS}
+        table.average = {d: {m: _mean(table.value(r.label, d, m) for r in rows) for m in table.metrics}
                          for d in table.defenses}
         key, reverse = _sort_key(opts.sort, table)
         table.rows.sort(key=key, reverse=reverse ^ bool(opts.reverse))
@@ -499,8 +497,13 @@ def _label_rows(rows: List[RecordInfo]) -> None:
 # ---------------------------------------------------------------------------------------------- rendering
 
 
-def _metrics_shown(choice: str) -> List[str]:
-    return list(METRICS) if choice == "all" else [choice]
+def table_metrics(opts) -> Tuple[str, ...]:
+    """The metrics every table holds: METRICS, plus RETUNE_METRICS with --retune."""
+    return METRICS + RETUNE_METRICS if getattr(opts, "retune", False) else METRICS
+
+
+def _metrics_shown(opts) -> List[str]:
+    return list(table_metrics(opts)) if opts.metric == "all" else [opts.metric]
 
 
 def _pct(value: Optional[float]) -> str:
@@ -520,16 +523,27 @@ def _cell_text(parts, bold) -> str:
     texts = {m: bold(t) if b else t for m, t, b in parts}
     main = " / ".join(texts[m] for m in ("acc", "asr", "ra") if m in texts)
     if "der" in texts:
-        return f"{main} ({texts['der']})" if main else texts["der"]
+        main = f"{main} ({texts['der']})" if main else texts["der"]
+    retuned = " / ".join(texts[m] for m in RETUNE_METRICS if m in texts)
+    if retuned:
+        main = f"{main} → {retuned}" if main else retuned
     return main
 
 
 def _legend(shown: List[str]) -> str:
-    names = [m.upper() for m in shown if m != "der"]
+    names = [m.upper() for m in shown if m not in ("der", *RETUNE_METRICS)]
     text = " / ".join(names)
     if "der" in shown:
         text = f"{text} (DER)" if text else "DER"
+    retuned = " / ".join(LABELS[m] for m in RETUNE_METRICS if m in shown)
+    if retuned:
+        text = f"{text} → {retuned} after the retuning attack" if text else f"{retuned} after the retuning attack"
     return f"cells: {text}, percent"
+
+
+def _best_rule(shown: List[str]) -> str:
+    lowest = "lowest ASR/P-ASR/control ASR" if any(m in shown for m in RETUNE_METRICS) else "lowest ASR"
+    return f"highest ACC/RA/DER, {lowest}"
 
 
 def _table_rows(table: Table):
@@ -539,10 +553,10 @@ def _table_rows(table: Table):
 
 
 def render_markdown(tables: List[Table], opts) -> str:
-    shown = _metrics_shown(opts.metric)
+    shown = _metrics_shown(opts)
     lines = ["# Backdoor defense leaderboard", "",
              f"{_legend(shown)}; DER against the undefended model; best per {opts.best_axis} in bold "
-             f"(highest ACC/RA/DER, lowest ASR); summary row `{opts.summary_row}` where a summary exists.", ""]
+             f"({_best_rule(shown)}); summary row `{opts.summary_row}` where a summary exists.", ""]
     for table in tables:
         lines += [f"## {table.dataset} / {table.model}", ""]
         lines.append("| record | attack | " + " | ".join(table.defenses) + " |")
@@ -563,11 +577,13 @@ def csv_rows(tables: List[Table]) -> List[dict]:
             for d in table.defenses:
                 entry = table.cells.get((label, d))
                 row = {"dataset": table.dataset, "model": table.model, "record": label, "attack": attack, "defense": d}
-                for m in METRICS:
+                for m in table.metrics:
                     v = table.value(label, d, m)
-                    row[CSV_COLUMNS[m]] = "" if v is None else repr(v)
-                row["best"] = ";".join(m for m in METRICS if m in table.best.get((label, d), set()))
+                    row[COLUMN_NAMES[m]] = "" if v is None else repr(v)
+                row["best"] = ";".join(m for m in table.metrics if m in table.best.get((label, d), set()))
                 row["source"] = entry.source if entry is not None else ("mean" if label == AVERAGE else "missing")
+                if RETUNE_METRICS[0] in table.metrics:
+                    row["retune_source"] = entry.retune_source if entry is not None else row["source"]
                 rows.append(row)
     return rows
 
@@ -579,12 +595,12 @@ b{color:#0a5}img{max-width:48%;margin-right:1%}.note{color:#555}"""
 
 
 def render_html(tables: List[Table], opts, images: Dict[str, List[Tuple[str, bytes]]]) -> str:
-    shown = _metrics_shown(opts.metric)
+    shown = _metrics_shown(opts)
     esc = html.escape
     parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>Backdoor defense leaderboard</title>",
              f"<style>{_CSS}</style></head><body>", "<h1>Backdoor defense leaderboard</h1>",
              f"<p class='note'>{esc(_legend(shown))}; DER against the undefended model; best per "
-             f"{esc(opts.best_axis)} in bold (highest ACC/RA/DER, lowest ASR); summary row "
+             f"{esc(opts.best_axis)} in bold ({esc(_best_rule(shown))}); summary row "
              f"<code>{esc(opts.summary_row)}</code> where a summary exists.</p>"]
     for table in tables:
         parts.append(f"<h2>{esc(table.dataset)} / {esc(table.model)}</h2><table><tr><th>record</th><th>attack</th>"
@@ -619,7 +635,7 @@ def render_heatmap(table: Table, metric: str) -> Optional[bytes]:
         return None
     fig = Figure(figsize=(1.4 + 1.2 * len(defenses), 1.0 + 0.45 * len(labels)), layout="constrained")
     ax = fig.subplots()
-    cmap = "RdYlGn_r" if metric == "asr" else "RdYlGn"
+    cmap = "RdYlGn" if HIGHER_IS_BETTER[metric] else "RdYlGn_r"
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
     ax.set_yticks(range(len(labels)), labels)
@@ -627,7 +643,7 @@ def render_heatmap(table: Table, metric: str) -> Optional[bytes]:
         for j in range(grid.shape[1]):
             if not np.isnan(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
-    ax.set_title(f"{metric.upper()} (%): {table.dataset} / {table.model}")
+    ax.set_title(f"{LABELS.get(metric, metric.upper())} (%): {table.dataset} / {table.model}")
     fig.colorbar(image, ax=ax)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -640,8 +656,9 @@ def write_outputs(tables: List[Table], opts) -> Dict[str, str]:
     paths = {"markdown": os.path.join(out, "leaderboard.md"), "csv": os.path.join(out, "leaderboard.csv"),
              "html": os.path.join(out, "leaderboard.html")}
     images: Dict[str, List[Tuple[str, bytes]]] = {}
+    heatmaps = ("asr", "der", "pasr") if getattr(opts, "retune", False) else ("asr", "der")
     for table in tables:
-        for metric in ("asr", "der"):
+        for metric in heatmaps:
             png = render_heatmap(table, metric)
             if png is None:
                 continue
@@ -650,7 +667,9 @@ def write_outputs(tables: List[Table], opts) -> Dict[str, str]:
             paths[f"heatmap_{table.slug}_{metric}"] = path
             images.setdefault(table.slug, []).append((f"{metric} heatmap", png))
     atomic_write_text(paths["markdown"], render_markdown(tables, opts))
-    columns = ["dataset", "model", "record", "attack", "defense", *CSV_COLUMNS.values(), "best", "source"]
+    metrics = table_metrics(opts)
+    columns = ["dataset", "model", "record", "attack", "defense", *(COLUMN_NAMES[m] for m in metrics), "best",
+               "source", *(["retune_source"] if RETUNE_METRICS[0] in metrics else [])]
     write_csv(paths["csv"], csv_rows(tables), columns=columns)
     atomic_write_text(paths["html"], render_html(tables, opts, images))
     return paths
@@ -662,7 +681,8 @@ def write_outputs(tables: List[Table], opts) -> Dict[str, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("roots", nargs="+", help="record/ folders (searched recursively for attack_result.pt)")
     parser.add_argument("--out", default="leaderboard", help="output folder (default ./leaderboard)")
-    parser.add_argument("--metric", choices=[*METRICS, "all"], default="all", help="what the cells show")
+    parser.add_argument("--metric", choices=[*METRICS, *RETUNE_METRICS, "all"], default="all",
+                        help="what the cells show (pasr, casr: with --retune)")
     parser.add_argument("--sort", default="name",
                         help="row order: name (default), attack, or <metric>[:<defense>], best first; without a "
                              "defense acc/asr/ra sort by the undefended model, der by the mean DER of the row")
@@ -677,7 +697,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="auto: summary CSVs where present, else evaluate; eval: always evaluate")
     parser.add_argument("--summary_row", choices=["last", "valid_max"], default="last",
                         help="row of *_df_summary.csv to read (default last: the final evaluation)")
-    parser.add_argument("--no_cache", action="store_true", help="ignore ftsam_eval.json caches (they are rewritten)")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="ignore ftsam_eval.json caches and retune/ summaries (they are rewritten)")
+    parser.add_argument("--retune", action="store_true",
+                        help="add P-ASR (the retuning attack, `ftsam retune`) and the ASR after its poison_num 0 "
+                             "control to every cell: read from <result folder>/retune/<tag>/summary.json, run where "
+                             "missing")
+    parser.add_argument("--retune_args", default="", metavar="FLAGS",
+                        help="the retuning attack's settings as `ftsam retune` flags, e.g. '--poison_num 10 "
+                             "--random_seed 1' (default: the reference's)")
     parser.add_argument("--dataset_path", default=None, help="dataset folder override passed to load_attack_result")
     parser.add_argument("--device", default=None, help="evaluation device (default: cuda if available, else cpu)")
     parser.add_argument("--batch_size", type=int, default=256, help="evaluation batch size")
@@ -696,9 +724,19 @@ def _resolve_device(device: Optional[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise FtsamError(f"--batch_size {args.batch_size} must be >= 1")
+    metrics = table_metrics(args)
     metric = args.sort.partition(":")[0]
-    if args.sort not in ("name", "record", "attack") and metric not in METRICS:
-        raise FtsamError(f"--sort {args.sort!r}: use name, attack or <metric>[:<defense>] with metric in {METRICS}")
+    if args.sort not in ("name", "record", "attack") and metric not in metrics:
+        raise FtsamError(f"--sort {args.sort!r}: use name, attack or <metric>[:<defense>] with metric in {metrics}"
+                         + (" (pasr/casr need --retune)" if metric in RETUNE_METRICS else ""))
+    if args.metric not in (*metrics, "all"):
+        raise FtsamError(f"--metric {args.metric} needs --retune")
+    if args.retune:
+        from ftsam_plugin.retune.settings import parse_settings
+
+        args.retune_settings = parse_settings(args.retune_args)
+    elif args.retune_args:
+        raise FtsamError("--retune_args without --retune; add --retune")
     args.device = _resolve_device(args.device)
     tables = build_leaderboard(args.roots, args)
     paths = write_outputs(tables, args)

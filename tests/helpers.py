@@ -18,6 +18,7 @@
     clone_record(record, name, mutate=None) -> Path
         A copy of a record next to it (so its data resolves the same way) whose poisoned images are its own;
         `mutate(raw)` edits its attack_result.pt dict first.
+    Evil(marker): an object whose unpickling creates the file `marker` (stands in for code in an untrusted file).
     one_torch_thread: module-scoped autouse fixture (torch.set_num_threads(1)); a test module opts in by importing it.
 """
 
@@ -33,7 +34,7 @@ import pytest
 from PIL import Image
 
 __all__ = ["make_image_folder", "make_gtsrb_folder", "make_attack_record", "run_cli", "check_error", "clone_record",
-           "synthetic_image", "one_torch_thread"]
+           "synthetic_image", "one_torch_thread", "Evil"]
 
 
 def synthetic_image(rng: np.random.Generator, label: int, num_classes: int, size: Union[int, Tuple[int, int]]):
@@ -142,6 +143,16 @@ def clone_record(record, name: str, mutate=None) -> Path:
         mutate(raw)
     torch.save(raw, target / "attack_result.pt")
     return target
+
+
+class Evil:
+    """Unpickling this creates `marker`: the stand-in for arbitrary code in an untrusted file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
 
 
 def make_attack_record(root, name: str = "rec", attack: str = "badnet", dataset: str = "cifar10",

@@ -231,3 +231,59 @@ def test_filters_sort_and_metric(tree, tmp_path):
     assert code == 2 and "match the filters" in err
     code, _, err = run_cli(["leaderboard", str(tmp_path / "nothing"), "--out", str(out)])
     assert code == 2 and "not a folder" in err
+
+
+RETUNE = "--split_ratio 0.5 --epochs 1 --poison_num 2"
+TAGS = {"p_asr": "p2_r0.5_e1_lr0.01_m0.9_wd0_b128_s42", "control_asr": "p0_r0.5_e1_lr0.01_m0.9_wd0_b128_s42"}
+
+
+def test_retune_columns_equal_the_retune_summaries(tree, tmp_path, monkeypatch):
+    from ftsam_plugin.retune import runs
+
+    root = tree / "record"
+    out = tmp_path / "retune"
+    argv = ["leaderboard", str(root), "--out", str(out), "--device", "cpu", "--retune", "--retune_args", RETUNE]
+    code, stdout, err = run_cli(argv)
+    assert code == 0, err
+    rows = read_csv(out / "leaderboard.csv")
+    cells = {(r["record"], r["defense"]): r for r in rows}
+    checked = 0
+    for (rec, defense), row in cells.items():
+        if rec == "average" or row["source"] == "missing":
+            continue
+        folder = root / rec if defense == "no defense" else root / rec / "defense" / defense
+        for column, tag in TAGS.items():
+            summary = json.loads((folder / "retune" / tag / "summary.json").read_text())
+            assert float(row[column]) == summary["after"]["asr"]
+            assert summary["retune_set"]["poisoned"] == (2 if column == "p_asr" else 0)
+            checked += 1
+        assert row["retune_source"] == "run;run"
+    assert checked == 2 * 6
+    want = (float(cells[("rec_bad", "noisy")]["p_asr"]) + float(cells[("rec_blend", "noisy")]["p_asr"])) / 2
+    assert float(cells[("average", "noisy")]["p_asr"]) == pytest.approx(want)
+    assert "P-ASR / control ASR after the retuning attack" in (out / "leaderboard.md").read_text()
+    assert (out / "heatmap_cifar10_preactresnet18_pasr.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the same number as `ftsam retune` run by hand on that cell
+    code, _, err = run_cli(["retune", "--result_file", str(root / "rec_bad"), "--defense", "noisy", "--device", "cpu",
+                            *RETUNE.split(), "--force"])
+    assert code == 0, err
+    by_hand = json.loads((root / "rec_bad/defense/noisy/retune" / TAGS["p_asr"] / "summary.json").read_text())
+    assert by_hand["after"]["asr"] == float(cells[("rec_bad", "noisy")]["p_asr"])
+
+    # a second leaderboard reads the summaries (no attack run); a replaced result file is attacked again
+    calls = []
+    real = runs.retune_model
+    monkeypatch.setattr(runs, "retune_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    assert calls == [] and {r["retune_source"] for r in read_csv(out / "leaderboard.csv")
+                            if r["source"] not in ("missing", "mean")} == {"summary;summary"}
+    _save_noisy(root / "rec_blend", "noisy", 0.05, 12)
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    assert len(calls) == 2
+    code, _, err = run_cli(["leaderboard", str(root), "--out", str(out), "--metric", "pasr"])
+    assert code == 2 and "--metric pasr needs --retune" in err
+    code, _, err = run_cli([*argv[:-1], "--poison_num x"])
+    assert code == 2 and "--retune_args" in err and "invalid int value" in err

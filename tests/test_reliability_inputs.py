@@ -17,19 +17,9 @@ from ftsam_plugin.defense.config import packaged_config
 from ftsam_plugin.defense.ftsam import FTSAM
 from ftsam_plugin.io import safe_load
 
-from helpers import check_error, clone_record, make_attack_record, make_image_folder, run_cli
+from helpers import Evil, check_error, clone_record, make_attack_record, make_image_folder, run_cli
 
 FLAGS = ["--yaml_path", "cpu", "--device", "cpu", "--ratio", "0.6", "--batch_size", "8", "--num_workers", "0"]
-
-
-class Evil:
-    """Unpickling this creates `marker`: the stand-in for arbitrary code in an untrusted file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ __all__ = [
     "ATTACK_RESULT_KEYS",
     "build_model",
     "find_backdoorbench_root",
+    "find_defenses",
+    "load_defense_model",
     "load_attack_result",
     "save_attack_result",
     "save_defense_result",
@@ -349,6 +351,41 @@ def _load_with_backdoorbench(raw, pt, record_dir, bases, bb_root, device) -> dic
     )
 
 
+def find_defenses(record_dir: str) -> Dict[str, str]:
+    """{defense name: path of `<record>/defense/<name>/defense_result.pt`}, sorted by name (ours and BackdoorBench's:
+    any folder holding one)."""
+    base = os.path.join(record_dir, "defense")
+    if not os.path.isdir(base):
+        return {}
+    out = {}
+    for name in sorted(os.listdir(base)):
+        pt = os.path.join(base, name, "defense_result.pt")
+        if os.path.isfile(pt):
+            out[name] = pt
+    return out
+
+
+def load_defense_model(path: str, record: dict, device="cpu") -> nn.Module:
+    """The model of a `defense_result.pt` ({model_name, num_classes, model}: ours and BackdoorBench's), built like
+    the record's model.
+
+    Args:
+        path: the defense_result.pt.
+        record: a `load_attack_result` dict (gives img_size and width, which defense results do not store).
+        device: where to put the model.
+    """
+    raw = safe_load(path, what="defense result")
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise FtsamError(f"{path} is not a defense result (no 'model' key); pass a defense_result.pt")
+    spec = {
+        "model_name": raw.get("model_name") or record["model_name"],
+        "num_classes": raw.get("num_classes") or record["num_classes"],
+        "img_size": record["img_size"],
+        "width": record.get("width", 1.0),
+    }
+    return build_model(spec, raw["model"], device, what=f"defense result {path}")
+
+
 # ---------------------------------------------------------------------------------------------- saving
 
 
@@ -387,9 +424,10 @@ def save_attack_result(model_name: str, num_classes: int, model, data_path: str,
     return target
 
 
-def save_defense_result(model_name: str, num_classes: int, model, save_path: str) -> str:
-    """Write `<save_path>/defense_result.pt` = {model_name, num_classes, model (CPU state dict, no `module.`)}."""
-    target = os.path.join(os.fspath(save_path), "defense_result.pt")
+def save_defense_result(model_name: str, num_classes: int, model, save_path: str,
+                        file_name: str = "defense_result.pt") -> str:
+    """Write `<save_path>/<file_name>` = {model_name, num_classes, model (CPU state dict, no `module.`)}."""
+    target = os.path.join(os.fspath(save_path), file_name)
     state = cpu_state_dict(model)
     check_finite_state(state, f"the defended model for {target}")
     atomic_save({"model_name": model_name, "num_classes": int(num_classes), "model": state}, target)
