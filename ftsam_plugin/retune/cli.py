@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ftsam_plugin.data.records import load_attack_result
     from ftsam_plugin.defense.ddp import resolve_device
-    from ftsam_plugin.defense.finetune import _resolve_record
+    from ftsam_plugin.defense.locations import resolve_record
 
     settings = settings_from_args(args)
     for flag in ("eval_every", "eval_batch_size"):
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_workers < 0:
         raise FtsamError(f"--num_workers {args.num_workers} must be >= 0")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    record_dir = os.path.abspath(_resolve_record(args.result_file))
+    record_dir = os.path.abspath(resolve_record(args.result_file))
     result = result_path(record_dir, args.defense)
     folder = output_dir(result, settings)
     if not args.force:

@@ -128,9 +128,9 @@ def _logging_to(path: str, console: bool):
 
 
 def _make_folder(folder: str) -> None:
-    from ftsam_plugin.defense.finetune import _make_output_folder
+    from ftsam_plugin.defense.locations import make_output_folder
 
-    _make_output_folder(folder)
+    make_output_folder(folder)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(folder, SUMMARY_NAME))  # an earlier run's: this folder is unfinished until the end
 
