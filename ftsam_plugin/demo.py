@@ -82,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--ratio", type=float, help=f"clean fraction of the demo's train set the defenses get (default {DEFAULTS['ratio']:g})")
     add("--rho", type=float, help=f"FT-SAM neighbourhood size (default {DEFAULTS['rho']:g}, from the demo sweep)")
     add("--threads", type=int, help="torch CPU threads (default: torch's; results depend on it)")
+    add("--no_retune", action="store_true", help="skip the retuning attack (the P-ASR column)")
     add("--batch_size", type=int, help=f"FT and FT-SAM batch size (default {DEFAULTS['batch_size']})")
     add("--train_per_class", type=int, help="train images per class copied from CIFAR-10 (default 500)")
     add("--test_per_class", type=int, help="test images per class copied from CIFAR-10 (default 100)")
@@ -373,17 +374,37 @@ def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optio
             "probes": [asdict(p) for p in getattr(obj, "rho_probes", [])]}
 
 
+def retune_rows(record: str, device: str, rows: Sequence[dict], tiny: bool = False) -> None:
+    """Add `p_asr` (the ASR after `ftsam retune`'s attack, its reference defaults; `tiny`: a 2-poison, 1-epoch
+    attack on half the data, for the seconds-long pipeline check) to each row's metrics."""
+    import torch
+
+    from ftsam_plugin.data.records import load_attack_result, load_defense_model
+    from ftsam_plugin.retune import RetuneSettings, measure_pasr
+
+    settings = RetuneSettings(split_ratio=0.5, poison_num=2, epochs=1) if tiny else RetuneSettings()
+    loaded = load_attack_result(os.path.join(record, "attack_result.pt"))
+    for m in rows:
+        model = loaded["model"] if "result" not in m else load_defense_model(m["result"], loaded, device)
+        with torch.no_grad():
+            model = model.to(device)
+        m["p_asr"] = measure_pasr(model, loaded, settings, device=device, control=False,
+                                 evaluate_before=False)["p_asr"]
+
+
 def format_table(rows: Sequence[Tuple[str, dict]], baseline: dict) -> str:
-    """ACC / ASR / RA / DER (percent) and time per row; DER against `baseline` (the backdoored model)."""
+    """ACC / ASR / RA / DER (percent), P-ASR when measured, and time per row; DER against `baseline`."""
     from ftsam_plugin.metrics import der
 
-    lines = [f"{'defense':<12}{'ACC':>8}{'ASR':>8}{'RA':>8}{'DER':>8}{'time':>9}"]
+    pasr = all("p_asr" in m for _, m in rows)
+    lines = [f"{'defense':<12}{'ACC':>8}{'ASR':>8}{'RA':>8}{'DER':>8}" + (f"{'P-ASR':>8}" if pasr else "")
+             + f"{'time':>9}"]
     for label, m in rows:
         d = "-"
         if m is not baseline:
             d = f"{100 * der(baseline['test_acc'], m['test_acc'], baseline['test_asr'], m['test_asr']):.1f}"
         lines.append(f"{label:<12}{100 * m['test_acc']:>8.1f}{100 * m['test_asr']:>8.1f}{100 * m['test_ra']:>8.1f}"
-                     f"{d:>8}{m['seconds']:>8.0f}s")
+                     f"{d:>8}" + (f"{100 * m['p_asr']:>8.1f}" if pasr else "") + f"{m['seconds']:>8.0f}s")
     return "\n".join(lines)
 
 
@@ -477,13 +498,20 @@ def run(args: argparse.Namespace) -> int:
     sam = run_defense("ftsam", record, defense_epochs, ratio, str(rho), device, args.seed, eval_every, batch)
     stage(f"      done in {sam['seconds']:.0f} s: ACC {100 * sam['test_acc']:.1f}, "
           f"ASR {100 * sam['test_asr']:.1f}")
+    if not args.no_retune:
+        stage("[+] retuning attack on each model (Min et al., NeurIPS 2024; `ftsam retune`'s defaults: 2% clean "
+              "data holding 5 poisoned samples, 5 epochs" + ("; --tiny: 50%, 2, 1 epoch" if tiny else "") + ") -> P-ASR ...")
+        start = time.perf_counter()
+        retune_rows(record, device, (backdoored, ft, sam), tiny)
+        stage(f"      done in {time.perf_counter() - start:.0f} s")
     rows = [("no defense", backdoored), ("FT", ft), ("FT-SAM", sam)]
     label = {"folder": "CIFAR-10", "cifar10-download": "CIFAR-10"}.get(data.source, data.source)
     png = plot_curves(os.path.join(record, "demo_curves.png"), f"{args.attack} on {label}, seed {args.seed}",
                       [("FT", ft), ("FT-SAM", sam)], backdoored)
     print()
-    print(f"{args.attack} on {label} data, seed {args.seed}, FT-SAM rho {sam['rho']:g} "
-          f"(percent; time = wall seconds for the stage)")
+    print(f"{args.attack} on {label} data, seed {args.seed}, FT-SAM rho {sam['rho']:g} (percent; time = wall seconds "
+          f"for the stage" + ("; P-ASR = ASR after the retuning attack, `ftsam retune`'s defaults)"
+                              if not args.no_retune else ")"))
     print(format_table(rows, backdoored))
     print()
     setting = (ratio, defense_epochs, batch, f"{float(rho):g}") if (epochs, width) == (15, 0.25) else None

@@ -20,8 +20,14 @@ def test_demo_tiny_runs_attack_and_both_defenses(tmp_path):
     assert "scikit-learn digits" in stdout
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["defense", "ACC", "ASR", "RA", "DER"])
-    table = {" ".join(line.split()[:-5]): line.split()[-5:] for line in lines[header + 1:header + 4]}
+    assert lines[header].split() == ["defense", "ACC", "ASR", "RA", "DER", "P-ASR", "time"]
+    table = {" ".join(line.split()[:-6]): line.split()[-6:] for line in lines[header + 1:header + 4]}
     assert list(table) == ["no defense", "FT", "FT-SAM"]
+    assert all(0.0 <= float(cells[4]) <= 100.0 for cells in table.values())  # P-ASR
+    assert "seed 0" in stdout and "it/s" not in stdout + stderr  # piped: no progress bars, one line per stage
+    assert [line[:5] for line in lines if line.startswith("[")] == ["[1/3]", "[2/3]", "[3/3]", "[+] r"]
+    png = next(line.split(": ", 1)[1] for line in lines if line.startswith("per-epoch ACC and ASR: "))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     for label, cells in table.items():
         acc, asr, ra = (float(c) for c in cells[:3])
         assert all(0.0 <= v <= 100.0 for v in (acc, asr, ra)), (label, cells)
