@@ -97,6 +97,8 @@ def create_plan(params, adaptive=False, eta=0.0, weights_only=False, restore="co
     if restore not in RESTORE_MODES:
         raise ValueError(f"restore must be 'copy' or 'subtract', got {restore!r}")
     params = list(params)
+    if not params:
+        raise ValueError("create_plan needs at least one parameter (the one-call forms accept empty lists)")
     check_params(params, saved)
     name = resolve_backend(backend, params)
     args = (params, adaptive, eta, weights_only, restore, saved)
@@ -150,5 +152,5 @@ def restore(params, saved, mode="copy", backend="auto"):
         create_plan(params, restore=mode, backend=backend, saved=saved).restore()
 
 
-__all__ = ["BACKENDS", "DTYPES", "RESTORE_MODES", "STORES", "TorchPlan", "check_params", "create_plan", "grad_norm", "perturb",
-           "resolve_backend", "restore", "triton_available", "with_grad"]
+__all__ = ["BACKENDS", "DTYPES", "RESTORE_MODES", "STORES", "TorchPlan", "check_params", "create_plan", "grad_norm",
+           "perturb", "resolve_backend", "restore", "triton_available", "with_grad"]

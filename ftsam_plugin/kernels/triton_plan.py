@@ -108,7 +108,7 @@ class TritonPlan:
 
     def __init__(self, params, adaptive=False, eta=0.0, weights_only=False, restore="copy", saved=None):
         self.params = list(params)
-        self.device = self.params[0].device if self.params else torch.device("cuda")
+        self.device = self.params[0].device
         check_device(self.device)
         # subtract-restore needs e kept (store_e), copy-restore the old w: one flag for both kernels
         self.eta, self.subtract = float(eta), int(restore == "subtract")
@@ -178,7 +178,7 @@ class TritonPlan:
         return self._out
 
     def _allocate_saved(self):
-        self.saved = flat_like(self.params) if self.params else []
+        self.saved = flat_like(self.params)
         for g in self._groups:
             self._write_row(g, st.ROW_S, self._saved_ptrs(g.idx))
 

@@ -1,6 +1,6 @@
 """The SAM optimizer's kernel plans: built once, reused while the params' and grads' storage stays put.
 
-Checking that costs a few microseconds per step: one list of grads and two C++ comparisons of data pointers
+Checking that costs a few microseconds per step: one list of grads and one C++ comparison of data pointers
 (`torch._C._tensors_data_ptrs_at_indices_equal`, what CUDA-graph trees use; a Python comparison where a torch
 lacks it). When only the grads moved (set to None and reallocated elsewhere), their new addresses are written
 into the plans' tables (one small copy per plan). Anything else (a param's storage, a group's rho/adaptive/eta
@@ -43,30 +43,30 @@ class StepPlans:
         self.plans = [(kernels.create_plan(ps, adaptive, eta, weights_only, restore, backend), rho)
                       for (rho, adaptive, eta), ps in buckets.items()]
         self._params = [p for ps in buckets.values() for p in ps]
-        self._index = list(range(len(self._params)))
-        self._param_ptrs = [p.data_ptr() for p in self._params]
-        self._grad_ptrs = [p.grad.data_ptr() for p in self._params]
+        n = len(self._params)
+        self._ptrs = [p.data_ptr() for p in self._params] + [p.grad.data_ptr() for p in self._params]
+        self._index, self._first = list(range(2 * n)), list(range(n))
 
     def refresh(self, param_groups):
         """SAME (nothing moved), MOVED (grads had moved: the plans now point at them) or STALE (build new plans).
 
-        Called every step, so the common case costs two pointer comparisons.
+        Called every step: the common case is one comparison of all params' and grads' data pointers.
         """
         if _settings(param_groups) != self._settings:
             return STALE
+        if self._gradless and any(p.grad is not None for p in self._gradless):
+            return STALE
         grads = [p.grad for p in self._params]
         try:
-            grads_same = _ptrs_equal(grads, self._grad_ptrs, self._index)
-            params_same = _ptrs_equal(self._params, self._param_ptrs, self._index)
+            if _ptrs_equal(self._params + grads, self._ptrs, self._index):
+                return SAME
+            if not _ptrs_equal(self._params, self._ptrs, self._first):
+                return STALE
         except (RuntimeError, TypeError, AttributeError):  # a grad went away (None is not a tensor)
             return STALE
-        if not params_same or any(p.grad is not None for p in self._gradless):
-            return STALE
-        if grads_same:
-            return SAME
         if not all(plan.update_grads() for plan, _ in self.plans):
             return STALE
-        self._grad_ptrs = [g.data_ptr() for g in grads]
+        self._ptrs[len(grads):] = [g.data_ptr() for g in grads]
         return MOVED
 
     def grad_norm(self):
