@@ -13,7 +13,8 @@ Steps (each cached under --cache, default benchmarks/.cache/vs_reference):
      process with the same record, seed, --ratio, --epochs, batch 256, evaluation after every epoch (both sides'
      schedule); then our default protocol once. Every run times each training epoch and each evaluation
      separately (perf_counter around the epoch's training call and the evaluation call), and keeps the metrics;
-  4. one more epoch of each side under cProfile (training and evaluation profiled apart), summarised;
+  4. the last round's two runs under cProfile (training and evaluation profiled apart, both sides alike),
+     summarised: where each side spends an epoch;
   5. benchmarks/results/vs_reference.md, rewritten after every run.
 
 The reference runs through `reference` below, in a subprocess with BackdoorBench's root on PYTHONPATH and that
@@ -269,7 +270,7 @@ def profile_rows(prefix: str) -> List[tuple]:
 
 
 def write_report(opts, name: str, runs: List[dict]) -> None:
-    timed = [r for r in runs if not r["profile"]]
+    timed = runs
     lines = [
         "# FT-SAM vs BackdoorBench's own defense/ft-sam.py on CPU",
         "",
@@ -313,7 +314,7 @@ def write_report(opts, name: str, runs: List[dict]) -> None:
         acc["eval"] += rest_ev
         acc["acc"].append(last["test_acc"])
         acc["asr"].append(last["test_asr"])
-        lines.append(f"| {r['tag']} ({r['arm']}) | {len(tr)} | {mean(rest_tr):.1f} | {mean(rest_ev):.1f} | "
+        lines.append(f"| {r['tag']} ({r['arm']}{', profiled' if r['profile'] else ''}) | {len(tr)} | {mean(rest_tr):.1f} | {mean(rest_ev):.1f} | "
                      f"{mean(rest_tr) + mean(rest_ev):.1f} | {tr[0]:.1f} / {ev[0]:.1f} | {r['wall']:.0f} | "
                      f"{last['test_acc']:.4f} | {last['test_asr']:.4f} | {last['test_ra']:.4f} |")
     lines += ["", "## Side by side (means over all timed runs, epochs 2..)", "",
@@ -336,8 +337,9 @@ def write_report(opts, name: str, runs: List[dict]) -> None:
                       f"({len(subsets['reference'])} indices)."]
     profiled = [r for r in runs if r["profile"]]
     if profiled:
-        lines += ["", "## Profile of one epoch (cProfile; training and evaluation profiled separately, cumulative "
-                      "seconds, parts overlap where nested)", "", "| run | phase | what | s |", "|---|---|---|---|"]
+        lines += ["", "## Profile (cProfile over a whole run, all its epochs; training and evaluation profiled "
+                      "separately; cumulative seconds, nested parts overlap)", "", "| run | phase | what | s |",
+                  "|---|---|---|---|"]
         for r in profiled:
             for phase, what, sec in profile_rows(os.path.join(opts.cache, "runs", r["tag"], "times.json")):
                 lines.append(f"| {r['arm']} | {phase} | {what} | {sec:.1f} |")
@@ -387,14 +389,11 @@ def main(argv=None) -> int:
     runs: List[dict] = []
     for k in range(1, opts.rounds + 1):
         for arm in ARMS[:2]:
-            runs.append(run_arm(opts, arm, name, f"r{k}-{arm}", opts.epochs, profile=False))
+            profile = k == opts.rounds and not opts.no_profile
+            runs.append(run_arm(opts, arm, name, f"r{k}-{arm}", opts.epochs, profile=profile))
             write_report(opts, name, runs)
     runs.append(run_arm(opts, "ours-default", name, "ours-default", opts.epochs, profile=False))
     write_report(opts, name, runs)
-    if not opts.no_profile:
-        for arm in ARMS[:2]:
-            runs.append(run_arm(opts, arm, name, f"profile-{arm}", 1, profile=True))
-            write_report(opts, name, runs)
     log(f"wrote {RESULTS}")
     return 0
 
