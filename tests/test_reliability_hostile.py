@@ -96,6 +96,8 @@ def test_small_aliases_still_work_and_long_values_are_quoted_short(record, tmp_p
 @pytest.mark.parametrize("name,text,needle", [
     ("dup", "epochs: 3\nlr: 0.01\nepochs: 1\n", "gives key 'epochs' twice (lines 1 and 3); keep one"),
     ("utf8", b"epochs: 1\n# caf\xe9\n", "is not UTF-8 text (byte 0xe9 at offset 15); save it as UTF-8"),
+    ("recursive", "lr: &a [1, *a]\n", "expands to more than"),
+    ("toplist", "- epochs: 1\n", "must be a mapping of key: value"),
 ])
 def test_yaml_file_problems(record, tmp_path, name, text, needle):
     folder = clone_record(record, f"yaml_{name}")

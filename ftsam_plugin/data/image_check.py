@@ -5,14 +5,16 @@ junk, truncated or unreadable file used to crash a run after its first epoch. `c
 file once and fails with one line naming the first bad file and how many are bad.
 
 Cost. A run reads tens of thousands of small images (CIFAR-10: 14,000 poisoned PNGs and 10,000 test JPEGs) and
-the check must stay a small fraction of one epoch, so each file gets a structural check of its bytes: a PNG's
-signature, header (size, colour type) and final IEND chunk, a JPEG's start marker, frame header (size, components)
-and end marker, which is what a junk or truncated file breaks. A file that does not pass (another format, an
-unusual PNG or JPEG, a broken file) is decoded in full and converted to RGB, as the data pipeline does, and is
-refused only if that fails. Images of any PIL mode that converts to RGB are accepted (grayscale, palette, RGBA:
-converted as BackdoorBench's loaders do); sizes are not checked (the transforms resize). Images held in memory
-(torchvision's CIFAR arrays, poisoned images kept in RAM) have no file and need no check. The bytes of the clean
-training images also give the resume fingerprint (`digest`).
+the check must stay a small fraction of one epoch, so each file gets a structural check of its bytes (what a junk
+or truncated file breaks): a PNG's signature, header (size, colour type) and final IEND chunk; a JPEG's start
+marker, frame header (size, components) and end marker; a binary PPM's header and exact pixel count. A file that
+does not pass (another format, an unusual PNG or JPEG, a broken file) is decoded in full and converted to RGB, as
+the data pipeline does, and is refused only if that fails. Corruption inside intact structure (a flipped bit in
+the compressed pixels) is not looked for: the data pipeline reports such a file in one line when it reads it.
+Images of any PIL mode that converts to RGB are accepted (grayscale, palette, RGBA: converted as BackdoorBench's
+loaders do); sizes are not checked (the transforms resize). Images held in memory (torchvision's CIFAR arrays,
+poisoned images kept in RAM) have no file and need no check. The bytes of the clean training images also give
+the resume fingerprint (`digest`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import struct
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -77,6 +80,23 @@ def _jpeg_mode(data: bytes) -> Optional[str]:
     return None
 
 
+_PPM_HEADER = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+(\d+)\s")  # binary RGB PPM (GTSRB's format), no comments
+
+
+def _ppm_mode(data: bytes) -> Optional[str]:
+    header = _PPM_HEADER.match(data)
+    if header is None:
+        return None
+    width, height, maxval = (int(v) for v in header.groups())
+    if width == 0 or height == 0 or not 0 < maxval < 256:
+        return None
+    return "RGB" if len(data) - header.end() == width * height * 3 else None  # all pixels there, nothing more
+
+
+# structural checks, tried in order (a file none of them accepts is decoded in full)
+QUICK_CHECKS = (_png_mode, _jpeg_mode, _ppm_mode)
+
+
 def _decode(data: bytes) -> str:
     """Decode in full and convert to RGB (what the data pipeline does); returns the file's mode."""
     with Image.open(io.BytesIO(data)) as img:
@@ -111,7 +131,7 @@ def inspect_image(path: str) -> Tuple[Optional[str], Optional[bytes]]:
         return "a folder, not an image", None
     except OSError as exc:
         return exc.strerror or type(exc).__name__, None
-    if _png_mode(data) or _jpeg_mode(data):
+    if any(check(data) for check in QUICK_CHECKS):
         return None, data
     try:
         _decode(data)
