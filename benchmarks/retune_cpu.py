@@ -24,6 +24,7 @@ The attack is evaluated before and after retuning only (`--eval_every 5`); the c
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import json
 import os
@@ -43,7 +44,7 @@ POISON_NUM = 5
 NO_DEFENSE = "none"
 # models attacked first (then any other finished run of the study, by name): the undefended model, FT over 100
 # epochs, FT-SAM at the CPU study's recommended setting (rho 4, 20 epochs) and at the paper's (rho 2, 100 epochs)
-PRIORITY = (NO_DEFENSE, "ft_e100_s0", "ftsam_rho4_e20_s0", "ftsam_rho2_e100_s0")
+PRIORITY = (NO_DEFENSE, "ft_e100_s0", "ftsam_rho4_e20_s0", "ftsam_rho2_e100_s0", "ft-baseline", "ftsam")
 LINKED_FILES = ("attack_result.pt", "bd_train_dataset", "bd_test_dataset", "info.pickle", "attack_df.csv",
                 "attack_df_summary.csv")
 
@@ -53,7 +54,18 @@ def log(msg: str) -> None:
 
 
 def attack_of(record: str) -> str:
-    return record.rsplit("_", 2)[-2]  # cifar10_preactresnet18_w0.25_<attack>_e15
+    """The attack in a record's name (cifar10_preactresnet18_w0.25_<attack>_e15, demo_<attack>)."""
+    m = re.search(r"(badnet|blended)", record)
+    return m.group(1) if m else record
+
+
+def is_study(record: str) -> bool:
+    return not record.startswith("demo_")
+
+
+def record_order(found) -> List[str]:
+    """The CPU study's records first (blended, then badnet), then extra ones (--records)."""
+    return sorted(found, key=lambda r: (not is_study(r), attack_of(r) != "blended", r))
 
 
 def link(src: str, dst: str) -> None:
@@ -86,7 +98,33 @@ def mirror(source: str, source_results: str, cache: str) -> Dict[str, List[str]]
             for summary in glob.glob(os.path.join(os.path.dirname(results[0]), "*_df_summary.csv")):
                 link(summary, os.path.join(folder, os.path.basename(summary)))
             models.append(tag)
-        found[record] = sorted(models, key=lambda m: (PRIORITY.index(m) if m in PRIORITY else len(PRIORITY), m))
+        found[record] = by_priority(models)
+    return found
+
+
+def by_priority(models: List[str]) -> List[str]:
+    return sorted(models, key=lambda m: (PRIORITY.index(m) if m in PRIORITY else len(PRIORITY), m))
+
+
+def mirror_records(paths: Sequence[str], cache: str) -> Dict[str, List[str]]:
+    """{record: [models]} for extra record folders in BackdoorBench's layout (e.g. `ftsam demo`'s): no defense and
+    every `defense/<name>/defense_result.pt`, linked into `cache` like the study's."""
+    found: Dict[str, List[str]] = {}
+    for path in paths:
+        record = os.path.basename(os.path.normpath(path))
+        mine = os.path.join(cache, "record", record)
+        os.makedirs(os.path.join(mine, "defense"), exist_ok=True)
+        for name in os.listdir(path):
+            if name not in ("defense", "retune"):
+                link(os.path.join(path, name), os.path.join(mine, name))
+        models = [NO_DEFENSE]
+        for result in sorted(glob.glob(os.path.join(path, "defense", "*", "defense_result.pt"))):
+            name = os.path.basename(os.path.dirname(result))
+            os.makedirs(os.path.join(mine, "defense", name), exist_ok=True)
+            for item in glob.glob(os.path.join(os.path.dirname(result), "*_df*.csv")) + [result]:
+                link(item, os.path.join(mine, "defense", name, os.path.basename(item)))
+            models.append(name)
+        found[record] = by_priority(models)
     return found
 
 
@@ -113,7 +151,7 @@ def run_json_path(results: str, record: str, model: str, poison_num: int, seed: 
 def pending(found: Dict[str, List[str]], results: str, seeds: Sequence[int]) -> List[Tuple[str, str, int, int]]:
     """(record, model, poison_num, seed) still to run: seed by seed (every model's first seed comes first), blended
     before badnet, models in PRIORITY order, the attack before its control."""
-    order = sorted(found, key=lambda r: (attack_of(r) != "blended", r))
+    order = record_order(found)
     todo = []
     for seed in seeds:
         for record in order:
@@ -183,8 +221,9 @@ TAG = re.compile(r"^(?:ft|ftsam_rho(?P<rho>[\w.]+))_e(?P<epochs>\d+)_s(?P<seed>\
 
 def describe_model(model: str) -> str:
     """'ft_e100_s0' -> 'FT, 100 epochs'; 'ftsam_rho4_e20_s1_bb' -> 'FT-SAM ρ=4, 20 epochs, defense seed 1, ...'."""
-    if model == NO_DEFENSE:
-        return "no defense"
+    names = {NO_DEFENSE: "no defense", "ft-baseline": "FT", "ftsam": "FT-SAM"}
+    if model in names:
+        return names[model]
     m = TAG.match(model)
     if m is None:
         return model
@@ -195,6 +234,25 @@ def describe_model(model: str) -> str:
 
 def pct(value: float) -> str:
     return f"{100 * value:.2f}"
+
+
+def demo_note(record: str, cache: str) -> str:
+    """What an extra record is (its demo_info.txt) and how its defenses ran (from their CSVs and subsets)."""
+    folder = os.path.join(cache, "record", record)
+    info = ""
+    if os.path.isfile(os.path.join(folder, "demo_info.txt")):
+        info = open(os.path.join(folder, "demo_info.txt")).read().strip()
+    parts = []
+    for csv_path in sorted(glob.glob(os.path.join(folder, "defense", "*", "*_df.csv"))):
+        with open(csv_path) as handle:
+            rows = list(csv.DictReader(handle))
+        name = os.path.basename(os.path.dirname(csv_path))
+        rho = rows[-1].get("rho") if rows else None
+        index = os.path.join(os.path.realpath(csv_path).rsplit(os.sep, 1)[0], "log", "index.txt")
+        subset = sum(1 for _ in open(index)) if os.path.isfile(index) else None
+        parts.append(f"`{name}` {rows[-1]['epoch'] if rows else '?'} epochs" + (f", ρ={float(rho):g}" if rho else "")
+                     + (f", {subset} clean images" if subset else ""))
+    return f"Record: {info or record}. Defenses as that run made them: {'; '.join(parts) or 'none'}."
 
 
 def unfinished_source_runs(source: str, found: Dict[str, List[str]]) -> List[str]:
@@ -208,26 +266,30 @@ def unfinished_source_runs(source: str, found: Dict[str, List[str]]) -> List[str
     return out
 
 
-def report(runs: List[dict], found: Dict[str, List[str]], seeds: Sequence[int], source: str) -> str:
+def report(runs: List[dict], found: Dict[str, List[str]], seeds: Sequence[int], source: str, cache: str) -> str:
     lines = ["# P-ASR on the CPU records: the retuning attack on no defense, FT and FT-SAM", "",
              "Generated by `benchmarks/retune_cpu.py` from the per-run summaries in "
              "[`retune_cpu_runs/`](retune_cpu_runs/) (one JSON per record × model × run × seed).", "",
              "The retuning attack of Min et al. (NeurIPS 2024), `ftsam retune` with the reference's defaults: a "
-             "uniform 2% of the clean CIFAR-10 training set (1,000 images), the first 5 replaced by poisoned "
-             "training images of the record (target label, no augmentation), 5 epochs of SGD (lr 0.01, momentum "
-             "0.9, no weight decay, batch 128). **Control**: `--poison_num 0`, the same 1,000 images without the 5 "
-             "poisoned ones, same augmentation and batch order. Seeds of the retuning data: "
-             f"{', '.join(map(str, seeds))}. ACC and ASR on the full CIFAR-10 test set (10,000 clean, 9,000 "
+             "uniform 2% of the record's clean training set (1,000 images of CIFAR-10's 50,000), the first 5 "
+             "replaced by poisoned training images of the record (target label, no augmentation), 5 epochs of SGD "
+             "(lr 0.01, momentum 0.9, no weight decay, batch 128). **Control**: `--poison_num 0`, the same images "
+             "without the 5 poisoned ones, same augmentation and batch order. Seeds of the retuning data: "
+             f"{', '.join(map(str, seeds))}. ACC and ASR on the record's test sets (CIFAR-10: 10,000 clean, 9,000 "
              "triggered non-target images). O-ACC/O-ASR: the model before retuning; P-: after the attack; "
              "control: after the control. Percent, mean ± sample std over the seeds.", "",
              "Models: the CPU study's records (PreAct-ResNet18 width 0.25, 15 epochs, 10% poison, target 0) and its "
              "defense results (`benchmarks/defense_cpu.py`, 5% class-balanced clean data, defense seed 0), "
-             "attacked where they had finished.", ""]
+             "attacked where they had finished; then any extra record (`--records`, e.g. one made by `ftsam demo`, "
+             "described in its section).", ""]
     by_cell: Dict[Tuple[str, str], Dict[int, List[dict]]] = {}
     for r in runs:
         by_cell.setdefault((r["record"], r["model"]), {}).setdefault(r["poison_num"], []).append(r)
-    for record in sorted(found, key=lambda r: (attack_of(r) != "blended", r)):
-        lines += [f"## {attack_of(record)} (`{record}`)", "",
+    for record in record_order(found):
+        lines += [f"## {attack_of(record)} (`{record}`)", ""]
+        if not is_study(record):
+            lines += [demo_note(record, cache), ""]
+        lines += [
                   "| model | O-ACC | O-ASR | P-ACC | **P-ASR** | control ACC | control ASR "
                   "| seeds (attack / control) |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -289,10 +351,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "retune_cpu.md"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--max_runs", type=int, default=None, help="stop after this many runs")
+    parser.add_argument("--records", nargs="*", default=[],
+                        help="extra record folders (BackdoorBench layout, e.g. `ftsam demo`'s) to attack after the "
+                             "study's, with no defense and each defense result in them")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
 
-    found = mirror(args.source, args.source_results, args.cache)
+    found = {**mirror(args.source, args.source_results, args.cache), **mirror_records(args.records, args.cache)}
     done = 0
     while not args.report_only and (args.max_runs is None or done < args.max_runs):
         todo = pending(found, args.results, args.seeds)
@@ -301,11 +366,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         execute(args.cache, args.results, *todo[0], dataset_path=args.dataset_path)
         done += 1
         with open(args.out + ".tmp", "w") as handle:
-            handle.write(report(load_runs(args.results), found, args.seeds, args.source))
+            handle.write(report(load_runs(args.results), found, args.seeds, args.source, args.cache))
         os.replace(args.out + ".tmp", args.out)
-        found = mirror(args.source, args.source_results, args.cache)
+        found = {**mirror(args.source, args.source_results, args.cache), **mirror_records(args.records, args.cache)}
     with open(args.out + ".tmp", "w") as handle:
-        handle.write(report(load_runs(args.results), found, args.seeds, args.source))
+        handle.write(report(load_runs(args.results), found, args.seeds, args.source, args.cache))
     os.replace(args.out + ".tmp", args.out)
     log(f"wrote {args.out}")
     return 0
