@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -280,8 +281,6 @@ def claim(folder: str) -> bool:
 
 
 def sha256_file(path: str) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -302,8 +301,6 @@ def execute(mode: Mode, run: Run, record: str, data: str, cache: str, results: s
     wall = run_logged(cmd, os.path.join(cache, "logs", f"{os.path.basename(record)}_{run.tag}.log"), env=env)
     rows = read_rows(os.path.join(work, f"{run.defense}_df.csv"))
     index = open(os.path.join(work, "log", "index.txt")).read().split()
-    import hashlib
-
     summary = {
         "tag": run.tag, "run": asdict(run), "record": os.path.basename(record),
         "record_sha256": sha256_file(os.path.join(record, "attack_result.pt")),
@@ -331,14 +328,18 @@ def rho_log_lines(work: str) -> List[str]:
     return out
 
 
-def machine_short() -> str:
+def cpu_name() -> str:
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as handle:
             cpu = next((l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs"
+    return cpu
+
+
+def machine_short() -> str:
+    return f"{cpu_name()}, {os.cpu_count()} logical CPUs"
 
 
 def load_results(results: str) -> Dict[Tuple[str, str], dict]:
@@ -503,12 +504,7 @@ def profile_epoch(mode: Mode, record: str, data: str, cache: str) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     import torch
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3

@@ -379,17 +379,13 @@ def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optio
 def retune_rows(record: str, device: str, rows: Sequence[dict], tiny: bool = False) -> None:
     """Add `p_asr` (the ASR after `ftsam retune`'s attack, its reference defaults; `tiny`: a 2-poison, 1-epoch
     attack on half the data, for the seconds-long pipeline check) to each row's metrics."""
-    import torch
-
     from ftsam_plugin.data.records import load_attack_result, load_defense_model
     from ftsam_plugin.retune import RetuneSettings, measure_pasr
 
     settings = RetuneSettings(split_ratio=0.5, poison_num=2, epochs=1) if tiny else RetuneSettings()
     loaded = load_attack_result(os.path.join(record, "attack_result.pt"))
     for m in rows:
-        model = loaded["model"] if "result" not in m else load_defense_model(m["result"], loaded, device)
-        with torch.no_grad():
-            model = model.to(device)
+        model = loaded["model"].to(device) if "result" not in m else load_defense_model(m["result"], loaded, device)
         m["p_asr"] = measure_pasr(model, loaded, settings, device=device, control=False,
                                  evaluate_before=False)["p_asr"]
 

@@ -68,12 +68,19 @@ RHO_AUTO = "auto"  # `--rho auto`: chosen from the clean subset (rho_auto.py)
 KNOWN_KEYS = BB_KEYS | OUR_KEYS
 
 
-def _int_list(value):
-    text = str(value).strip().strip("[]")
-    try:
-        return [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a list of integers like '50,75', got '{value}'") from None
+def _number_list(kind, what: str, example: str):
+    """An argparse type: text like '50,75' or '[50, 75]' as a list of `kind`."""
+    def parse(value):
+        text = str(value).strip().strip("[]")
+        try:
+            return [kind(v) for v in text.replace(",", " ").split()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a list of {what} like '{example}', got '{value}'") from None
+    return parse
+
+
+_int_list = _number_list(int, "integers", "50,75")
+_float_list = _number_list(float, "numbers", "1,2,4,8")
 
 
 def _rho(value):
@@ -83,14 +90,6 @@ def _rho(value):
         return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{value}'") from None
-
-
-def _float_list(value):
-    text = str(value).strip().strip("[]")
-    try:
-        return [float(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a list of numbers like '1,2,4,8', got '{value}'") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
