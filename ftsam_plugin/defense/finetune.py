@@ -108,7 +108,8 @@ class FineTune:
             args.log = args.log or os.path.join(save_path, "log") + os.sep
         if self._lock is None or self._lock.folder != args.save_path:
             self._lock = FolderLock(args.save_path, what="defense folder")
-        self._lock.check()  # another run writing there: fail at once, before loading anything
+        if _holds_output_lock():
+            self._lock.check()  # another run writing there: fail at once, before loading anything
         if self.result is None or self._record_dir != record_dir:  # BackdoorBench loads it twice; once is enough
             from ftsam_plugin.data.image_check import check_record_images
             from ftsam_plugin.data.records import load_attack_result
@@ -455,7 +456,7 @@ class FineTune:
     def _claim_output(self) -> List[str]:
         """Hold the defense folder's lock for this run (the main process of a torchrun job only) and remove the temp
         files that killed runs left in its folders; returns what was removed."""
-        if self._lock is None or self._lock.held or int(os.environ.get("RANK", "0")) != 0:
+        if self._lock is None or self._lock.held or not _holds_output_lock():
             return []
         from ftsam_plugin.io import remove_stale_temp_files
 
@@ -493,6 +494,13 @@ class FineTune:
             pkg_logger.removeHandler(handler)
             handler.close()
         self._handlers = []
+
+
+def _holds_output_lock() -> bool:
+    """Whether this process owns the defense folder's lock: the main process of a torchrun job (its rank 0) or a
+    single process. The other ranks neither take nor check it: they follow rank 0, and checking would see rank 0
+    of this same job still finishing its previous run in that folder."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _tqdm(iterable, **kw):
