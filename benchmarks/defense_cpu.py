@@ -212,6 +212,7 @@ def full_plan() -> List[Run]:
             plan += [Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho=RECOMMENDED["rho"], eval_every=5,
                          group="seeds"),
                      Run(attack, "ft-baseline", 100, seed, eval_every=10, group="seeds"),
+                     Run(attack, "ft-baseline", RECOMMENDED["epochs"], seed, eval_every=5, group="seeds"),
                      Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho="auto", eval_every=5, group="seeds")]
     for rho in ("2", "8", "4", "1"):  # the full-length rho sweep, where the relapse shows
         plan.append(Run("blended", "ftsam", 100, 0, rho=rho, eval_every=10, group="sweep"))
