@@ -26,6 +26,13 @@ class LayoutError(ValueError):
     """The Triton kernels cannot take these tensors (dtype pair or memory layout); foreach can."""
 
 
+def same_layout(shape, stride, other_shape, other_stride):
+    """Whether two tensors put every element at the same offset: equal shapes, and equal strides wherever the
+    size is > 1 (PyTorch's own rule: a size-1 dimension's stride is never used, and an empty tensor has none)."""
+    return shape == other_shape and (0 in shape or all(a == b for n, a, b in zip(shape, stride, other_stride)
+                                                       if n > 1))
+
+
 def _dense(t):
     fmt = _STRIDE_FORMATS.get(t.ndim)
     return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
@@ -41,7 +48,7 @@ def _layout_problem(p, g, s):
         return f"a non-dense parameter (strides {p.stride()})"
     stride, shape = p.stride(), p.shape
     for name, t in (("grad", g), ("saved", s)):
-        if t is not None and (t.stride() != stride or t.shape != shape):
+        if t is not None and not same_layout(t.shape, t.stride(), shape, stride):
             return f"{name} shape/strides {tuple(t.shape)}/{t.stride()} differ from the parameter's {stride}"
     if s is not None and s.dtype != p.dtype:
         return f"saved dtype {_short(s.dtype)} differs from the parameter's {_short(p.dtype)}"
@@ -127,6 +134,7 @@ class TritonPlan:
         f32 = dict(dtype=torch.float32, device=self.device)
         self._partials = torch.empty(max(self._n_total, 1), **f32)
         self._counter = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._norm_open = False  # True from a norm's first launch to its last: a norm that never finished
         self._out = torch.zeros((), **f32)  # stays 0 when there is nothing to sum
         self._guard = device_guard(self.device)
 
@@ -172,9 +180,13 @@ class TritonPlan:
 
     def grad_norm(self):
         with self._guard:
+            if self._norm_open:  # the last norm stopped between two launches (an exception, Ctrl-C): its
+                self._counter.zero_()  # tickets were taken and never reset by a last program; start again at 0
+            self._norm_open = True
             for g in self._groups:
                 st.launch("sumsq", g.grid, (g.table, g.work, self._partials, self._counter, self._out, g.n,
                                             g.n_work, g.pid_offset, self._n_total, self.eta), g.options["sumsq"])
+            self._norm_open = False
         return self._out
 
     def _allocate_saved(self):
@@ -193,7 +205,8 @@ class TritonPlan:
             ptrs = []
             for i in g.idx:
                 p, grad = self.params[i], self.params[i].grad
-                if (grad is None or grad.dtype != g.g_dtype or grad.shape != p.shape or grad.stride() != p.stride()
+                if (grad is None or grad.dtype != g.g_dtype or not same_layout(grad.shape, grad.stride(), p.shape,
+                                                                                p.stride())
                         or (g.aligned and grad.data_ptr() % 16)):
                     return False
                 ptrs.append(grad.data_ptr())
@@ -222,4 +235,4 @@ class TritonPlan:
                 st.launch("restore", g.grid, (g.table, g.work, g.n, g.n_work, self.subtract), g.options["restore"])
 
 
-__all__ = ["LayoutError", "TritonPlan", "check_device", "device_guard", "flat_like", "work_list"]
+__all__ = ["LayoutError", "TritonPlan", "check_device", "device_guard", "flat_like", "same_layout", "work_list"]
