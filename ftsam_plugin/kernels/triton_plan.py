@@ -128,6 +128,7 @@ class TritonPlan:
             if problem:
                 raise LayoutError(f"backend='triton' cannot take parameter {i} (shape {tuple(p.shape)}): {problem}; "
                                   "use backend='foreach'")
+        self._layouts = [(p.shape, p.stride()) for p in self.params]  # what the table's NUMEL row was built for
         flags = scaled_flags(self.params, adaptive, weights_only)
         self._groups = self._build_groups(grads, flags)
         self._n_total = sum(g.n_work for g in self._groups)
@@ -197,16 +198,17 @@ class TritonPlan:
     def update_grads(self):
         """Write the grads' new addresses into the tables (grads reallocated, e.g. after zero_grad(None)).
 
-        False, changing nothing, when a grad no longer fits its group (None, another dtype, shape or strides, or
-        no longer 16-byte aligned in an aligned group): then build a new plan.
+        False, changing nothing, when a grad no longer fits its group (None, another dtype, or a shape or strides
+        other than its parameter's when the plan was built, or no longer 16-byte aligned in an aligned group):
+        then build a new plan.
         """
         rows = []
         for g in self._groups:
             ptrs = []
             for i in g.idx:
-                p, grad = self.params[i], self.params[i].grad
-                if (grad is None or grad.dtype != g.g_dtype or not same_layout(grad.shape, grad.stride(), p.shape,
-                                                                                p.stride())
+                grad = self.params[i].grad
+                if (grad is None or grad.dtype != g.g_dtype or not same_layout(grad.shape, grad.stride(),
+                                                                                *self._layouts[i])
                         or (g.aligned and grad.data_ptr() % 16)):
                     return False
                 ptrs.append(grad.data_ptr())
