@@ -115,7 +115,7 @@ def check_backend(factory, backend, adaptive, eta, weights_only, rho=0.5):
         ps = factory()
         before = [p.detach().clone(memory_format=torch.preserve_format) for p in ps]
         plan = kernels.create_plan(ps, adaptive, eta, weights_only, restore=mode, backend=backend)
-        norm = plan.grad_norm()
+        norm = plan.grad_norm().clone()  # grad_norm returns the plan's own buffer, overwritten by the next call
         errs["norm rel err"] = abs(norm.double().item() - ref_norm.item()) / max(ref_norm.item(), 1e-30)
         if errs["norm rel err"] > NORM_RTOL:
             problems.append(f"norm off by {errs['norm rel err']:.1e}")

@@ -31,3 +31,35 @@ def test_gpu_check_smoke_mode_writes_a_passing_report(tmp_path):
         assert float(norm_err) < 1e-5 and float(pert_err) <= 1.0
     for section in ("## 2. Kernel-only timings", "whole SAM extra work", "## 3. End to end", "FT-SAM (triton)"):
         assert section in text
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # gpu_check imports gpu_timing as a sibling
+    import gpu_check
+
+    return gpu_check
+
+
+def test_repeatability_checks_can_fail(gpu_check, monkeypatch):
+    # a plan whose grads double before every norm: the norm and the perturbation change from call to call
+    real = gpu_check.kernels.create_plan
+
+    def drifting(*args, **kw):
+        plan = real(*args, **kw)
+        norm = plan.grad_norm
+
+        def grad_norm():
+            for p in plan.params:
+                p.grad.mul_(2)
+            return norm()
+
+        plan.grad_norm = grad_norm
+        return plan
+
+    monkeypatch.setattr(gpu_check.kernels, "create_plan", drifting)
+    cpu = gpu_check.torch.device("cpu")
+    problems, _ = gpu_check.check_backend(lambda: gpu_check.make([(5,), (3, 4)], cpu), "triton", True, 0.0, False)
+    assert "norm not bitwise repeatable" in problems
+    assert "perturbation not bitwise repeatable" in problems

@@ -195,7 +195,7 @@ def test_triton_plan_reused_over_steps_matches_foreach(mode):
         for p, q in zip(ps, ref):
             p.grad.copy_(torch.randn(p.shape))
             q.grad.copy_(p.grad)
-        norm = plan.grad_norm()
+        norm = plan.grad_norm().clone()  # the plan's own buffer: the next call overwrites it
         torch.testing.assert_close(norm.double(), oracle_norm(ps, **MODES[mode]), rtol=1e-6, atol=0)
         assert torch.equal(plan.grad_norm(), norm)  # the ticket counter was reset: a second call agrees bitwise
         saved = plan.perturb(norm, 0.5)
