@@ -19,7 +19,7 @@ import contextlib
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import sam_triton
+from ftsam_plugin.kernels import sam_triton  # absolute: benchmarks/sam_host_cost.py loads this file by path
 
 LaunchRecord = collections.namedtuple("LaunchRecord", "grid stream function metadata hooks args")
 _PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
@@ -73,21 +73,27 @@ class NullDriver:
         return self.target
 
 
-@contextlib.contextmanager
-def installed(arch=90, record=False):
-    """Make a NullDriver Triton's active driver (and let the plans take CPU tensors) inside the block; yields it."""
+def install(arch=90, record=False):
+    """Make a NullDriver Triton's active driver, and let the plans take CPU tensors, from now on; returns it."""
     if sam_triton.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 is set: kernels are interpreted, nothing would be compiled")
     driver = NullDriver(arch, record)
+    triton.runtime.driver.set_active(driver)
+    sam_triton.LAUNCH_ON_CPU = True
+    return driver
+
+
+@contextlib.contextmanager
+def installed(arch=90, record=False):
+    """`install` inside the block (yields the driver); the previous driver and CPU rule after it."""
     config = triton.runtime.driver
     previous = getattr(config, "_active", None)  # not `.active`: without a GPU, making the default one fails
-    config.set_active(driver)
-    cpu_ok, sam_triton.LAUNCH_ON_CPU = sam_triton.LAUNCH_ON_CPU, True
+    cpu_ok = getattr(sam_triton, "LAUNCH_ON_CPU", False)
     try:
-        yield driver
+        yield install(arch, record)
     finally:
         config.set_active(previous)
         sam_triton.LAUNCH_ON_CPU = cpu_ok
 
 
-__all__ = ["LaunchRecord", "NullDriver", "installed"]
+__all__ = ["LaunchRecord", "NullDriver", "install", "installed"]

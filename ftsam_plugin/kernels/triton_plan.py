@@ -31,8 +31,10 @@ class LayoutError(ValueError):
 def same_layout(shape, stride, other_shape, other_stride):
     """Whether two tensors put every element at the same offset: equal shapes, and equal strides wherever the
     size is > 1 (PyTorch's own rule: a size-1 dimension's stride is never used, and an empty tensor has none)."""
-    return shape == other_shape and (0 in shape or all(a == b for n, a, b in zip(shape, stride, other_stride)
-                                                       if n > 1))
+    if shape != other_shape:
+        return False
+    return stride == other_stride or 0 in shape or all(a == b for n, a, b in zip(shape, stride, other_stride)
+                                                         if n > 1)
 
 
 def _dense(t):
@@ -223,11 +225,13 @@ class TritonPlan:
             ptrs = []
             for i in g.idx:
                 grad = self.params[i].grad
-                if (grad is None or grad.dtype != g.g_dtype or not same_layout(grad.shape, grad.stride(),
-                                                                                *self._layouts[i])
-                        or (g.aligned and grad.data_ptr() % 16)):
+                if grad is None or grad.dtype != g.g_dtype or not same_layout(grad.shape, grad.stride(),
+                                                                              *self._layouts[i]):
                     return False
-                ptrs.append(grad.data_ptr())
+                ptr = grad.data_ptr()
+                if g.aligned and ptr % 16:
+                    return False
+                ptrs.append(ptr)
             rows.append(ptrs)
         for g, ptrs in zip(self._groups, rows):
             self._write_row(g, st.ROW_G, ptrs)

@@ -55,7 +55,8 @@ class _Layouts:
         return self._guard.check(*tensors)
 
     def same(self, tensors):
-        return [_key(t) for t in tensors] == self._keys
+        """Whether nothing changed (the quick check first, then a Python comparison of the three)."""
+        return (self._guard is not None and self._guard.check(*tensors)) or [_key(t) for t in tensors] == self._keys
 
 
 def _settings(param_groups):
@@ -108,12 +109,13 @@ class StepPlans:
         params, grads = tensors[:n], tensors[n:]
         if not (_ptrs_equal(params, self._ptrs, self._first) and self._param_layouts.same(params)):
             return STALE
-        if _ptrs_equal(tensors, self._ptrs, self._index) and self._layouts.same(tensors):
+        same_layouts = self._layouts.same(tensors)
+        if same_layouts and _ptrs_equal(grads, self._ptrs[n:], self._first):
             return SAME  # the quick check's false alarm (e.g. a step under autocast: other dispatch keys)
         if not all(plan.update_grads() for plan, _ in self.plans):
             return STALE
         self._ptrs[n:] = [g.data_ptr() for g in grads]
-        if not self._layouts.same(tensors):  # grads with other strides in size-1 dims only
+        if not same_layouts:  # grads with other strides in size-1 dims only (update_grads took them)
             self._layouts = _Layouts(tensors)
         return MOVED
 
