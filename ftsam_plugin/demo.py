@@ -345,7 +345,7 @@ def run_attack(data: DemoData, out: str, name: str, attack: str, epochs: int, wi
 
 
 def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optional[str], device: str,
-                seed: int, eval_every: int = 1, batch_size: Optional[int] = None) -> dict:
+                seed: int, eval_every: int = 1, batch_size: Optional[int] = None, lr: Optional[float] = None) -> dict:
     """Run `ftsam defend --defense <defense>` (console log quiet); returns its last-epoch metrics, timing and the
     per-epoch history (`curve`: epoch, test_acc, test_asr of every evaluated epoch)."""
     from ftsam_plugin.defense import cli as defense_cli
@@ -357,6 +357,8 @@ def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optio
             "--eval_every", str(eval_every)]  # the last epoch is always evaluated
     if batch_size is not None:
         argv += ["--batch_size", str(batch_size)]
+    if lr is not None:
+        argv += ["--lr", str(lr)]
     if rho is not None:
         argv += ["--rho", str(rho)]
     opts = vars(parser.parse_args(argv))
