@@ -42,7 +42,10 @@ EXPLORE: Dict[Setting, Tuple[str, ...]] = {
     (0.2, 20, 32, 0.01): ("2",), (0.2, 20, 32, 0.005): ("2", "4"), (0.2, 20, 32, 0.003): ("1", "2", "4", "8"),
     (0.2, 20, 32, 0.002): ("2", "4", "8"), (0.2, 20, 32, 0.001): ("2", "4", "8"), (0.1, 20, 32, 0.003): ("2",),
 }
-CANDIDATES: Dict[Setting, Tuple[str, ...]] = {(0.2, 20, 32, 0.003): ("1", "2"), (0.2, 20, 32, 0.002): ("2",)}
+# round 1 (from the exploration), then round 2 (from round 1 on seeds 0-4: no setting passed; FT-SAM lost > 3
+# points of ACC on some seeds at lr 0.002, and FT removed the backdoor itself on some seeds at lr 0.003)
+CANDIDATES: Dict[Setting, Tuple[str, ...]] = {(0.2, 20, 32, 0.003): ("1", "2"), (0.2, 20, 32, 0.002): ("1", "2"),
+                                              (0.2, 40, 32, 0.002): ("1", "2"), (0.3, 20, 32, 0.002): ("2",)}
 
 
 def chosen() -> Tuple[Setting, str]:
@@ -206,7 +209,22 @@ def report(results: str, out: str) -> None:
               f"batch {batch}, lr {lr:g}, ρ {rho}. These seeds never took part in the choice.", ""]
     held = held_out_summary(runs)
     lines += table([held], HELD_OUT_SEEDS) if held else ["(not run yet)"]
-    lines += [""]
+    if held:
+        lines += ["", f"Verdict on the held-out seeds: **{'passes' if held['passes'] else 'does not pass' if held['n'] == len(HELD_OUT_SEEDS) else 'pending (not all seeds ran)'}** the acceptance "
+                      f"rule (FT-SAM ASR below FT's with ACC within 3 points on {held['wins']} of {held['n']}; FT's "
+                      f"mean ASR {mean_std(held['ft_asr'])}%)."]
+    lines += ["", "## 3. Why not the packaged `cpu` config's lr 0.01", "",
+              "The demo used to run the defenses at lr 0.01 (ratio 0.1, batch 32). There both defenses first destroy "
+              "the model and then relearn it from the clean subset (clean ACC 93% → 15–19% after one or two epochs, "
+              "back to ~90% by the end); what removed the backdoor was that forgetting, not FT-SAM's mechanism, and "
+              "FT removed it as well. [`demo_collapse.md`](demo_collapse.md) measures why: the evaluation is not at "
+              "fault (the defense evaluates the backdoored model exactly as the attack reported; a test pins it), "
+              "the backdoored model's BatchNorm running statistics were accumulated on batches with 10% blended "
+              "images, and ten steps of lr 0.01 with momentum 0.9 move the weights ~2% while the running "
+              "statistics lag behind: re-estimating BN on the clean subset brings the collapsed model from ~15% "
+              "back to ~81%. At lr 0.002–0.003 the dip is small and FT keeps the backdoor, as in the paper. The "
+              "earlier lr-0.01 runs are kept in [`demo_sweep_runs_lr0.01/`](demo_sweep_runs_lr0.01/) (made with "
+              "an older attack record; not comparable digit for digit).", ""]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -133,3 +133,23 @@ def test_defense_evaluates_the_backdoored_model_as_the_attack_reported(tmp_path)
     assert 0.15 < float(reported["test_acc"]) < 1.0  # a model that learned something, not a degenerate one
     for key in ("test_acc", "test_asr", "test_ra"):
         assert measured[key] == pytest.approx(float(reported[key]), abs=1e-9), key
+
+
+def test_demo_quotes_the_sweeps_held_out_result_for_its_defaults():
+    """The demo's closing sentence quotes HELD_OUT; it must be what the committed sweep runs give for DEFAULTS on
+    the held-out seeds (so changing DEFAULTS without running the sweep's held-out stage fails here)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("demo_sweep", root / "benchmarks" / "demo_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    held = sweep.held_out_summary(sweep.load(str(root / "benchmarks" / "results" / "demo_sweep_runs")))
+    assert held is not None and held["n"] == len(sweep.HELD_OUT_SEEDS)
+    setting, rho = sweep.chosen()
+    quoted = demo.HELD_OUT[("digits", "blended", setting + (rho,))]
+    assert (quoted["wins"], quoted["n"]) == (held["wins"], held["n"])
+    for key in ("ft_asr", "sam_asr", "ft_acc", "sam_acc"):
+        assert quoted[key] == sweep.mean_std(held[key]), key
+    assert held["passes"]  # the demo's claim holds on seeds the choice never saw
