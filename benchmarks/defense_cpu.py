@@ -780,8 +780,10 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
               f"- The recommended CPU setting (FT-SAM ρ={RECOMMENDED['rho']} over {RECOMMENDED['epochs']} epochs, "
               "cosine over the run) was chosen from single-seed Blended runs (issue 10's table, ASR read off): it "
               "was tuned on the Blended record reported here; BadNets was not used to choose it.",
-              "- At a fixed thread count, CPU runs reproduced to the digit across the 2-core machines used here "
-              "(see Provenance); across thread counts or CPU types they differ slightly.",
+              "- At a fixed thread count, CPU runs reproduce to the digit on machines with the same CPU (the "
+              "`../shared/runs` README reports it for the AMD EPYC machines); across CPU types (AMD EPYC vs Intel "
+              "Xeon with AVX-512) or thread counts they differ slightly: see the rerun under Provenance. The column "
+              "`machine` says where each run was made.",
               "- DER uses the backdoored model's numbers from the record's `attack_df.csv` (its last epoch).", ""]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as handle:
@@ -820,8 +822,12 @@ def provenance(plan: List[Run], done: Dict[Tuple[str, str], dict], results: str)
                       f"_repro/`), compared epoch by epoch with the summary above:", ""]
         for (attack, tag), i in sorted(repros.items()):
             r = i["reproduces"]
-            lines.append(f"- {attack} `{tag}` at {i['commit']}, {i['threads']} thread(s): ACC/ASR/RA of every evaluated "
-                         f"epoch **{'identical' if r['identical'] else 'different'}** to the run made at {r['commit']}")
+            last, ref = evals_of(i)[-1], evals_of(done[(attack, tag)])[-1] if (attack, tag) in done else None
+            diff = (f" (last epoch {pct(last['test_acc'])} / {pct(last['test_asr'])} / {pct(last['test_ra'])} vs "
+                    f"{pct(ref['test_acc'])} / {pct(ref['test_asr'])} / {pct(ref['test_ra'])})" if ref else "")
+            lines.append(f"- {attack} `{tag}` at {i['commit']} on {i['machine']}, {i['threads']} thread(s): ACC/ASR/RA "
+                         f"of every evaluated epoch **{'identical' if r['identical'] else 'different'}** to the run "
+                         f"made at {r['commit']} on {r['machine']}{diff}")
     return lines + [""]
 
 
