@@ -15,6 +15,8 @@ behind it), in three launch modes, each a column:
 Rows:
 - SAM step: `first_step()` + `second_step()` of ftsam_plugin.optim.SAM (FT-SAM's ASAM, rho 2) with a base
   optimizer whose step does nothing, grads kept between steps (the base step's own cost is its own row);
+- its pieces one by one: the checks that the plans still fit (settings, grads, data pointers, layouts) and the
+  three plan calls (the launches);
 - the same step when all grads moved, and when the plans must be rebuilt (storage moved);
 - the functional kernels.grad_norm / perturb / restore, which build what they need on every call.
 With --baseline REV the same measurement also runs on the package as of git revision REV (taken with git archive
@@ -40,8 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_US = 20.0  # issue 20: SAM's own host work per step with the fast path, launch path included
 MODES = {"stubbed": "launches stubbed", "triton": "Triton's launch path", "fast": "fast path"}
+PARTS = ("  in it: the groups' settings compared", "  in it: the 54 grads gathered",
+         "  in it: 108 data pointers compared", "  in it: 108 dtypes, shapes and strides compared",
+         "  in it: the norm launch(es)", "  in it: the perturb launch(es)", "  in it: the restore launch(es)")
 ROWS = ("SAM step: first_step + second_step", "  of which the base optimizer's no-op step",
-        "SAM's own host work per step (the two rows above subtracted)",
+        "SAM's own host work per step (the two rows above subtracted)", *PARTS,
         "SAM step after all 54 grads moved (incl. the 54 assignments)", "  54 grad assignments alone",
         "SAM step with a plan rebuild (storage moved)", "grad_norm (functional)", "perturb (functional)",
         "restore (functional)")
@@ -150,13 +155,35 @@ def measure(reps, mode):
     saved = kernels.perturb(params, norm, 2.0, True, backend="triton")
     out = {ROWS[0]: _per_call_us(step, reps), ROWS[1]: _per_call_us(opt.base_optimizer.step, reps)}
     out[ROWS[2]] = [a - b for a, b in zip(out[ROWS[0]], out[ROWS[1]])]
-    out[ROWS[3]] = _per_call_us(moved_step, reps // 4)
-    out[ROWS[4]] = _per_call_us(swap_grads, reps // 4)
-    out[ROWS[5]] = _per_call_us(rebuild_step, reps // 10) if hasattr(opt, "_plans") else None
-    out[ROWS[6]] = _per_call_us(lambda: kernels.grad_norm(params, True, backend="triton"), reps // 4)
-    out[ROWS[7]] = _per_call_us(lambda: kernels.perturb(params, norm, 2.0, True, backend="triton"), reps // 4)
-    out[ROWS[8]] = _per_call_us(lambda: kernels.restore(params, saved, backend="triton"), reps // 4)
+    out.update(zip(PARTS, _parts(opt, reps)))
+    out["SAM step after all 54 grads moved (incl. the 54 assignments)"] = _per_call_us(moved_step, reps // 4)
+    out["  54 grad assignments alone"] = _per_call_us(swap_grads, reps // 4)
+    out["SAM step with a plan rebuild (storage moved)"] = (_per_call_us(rebuild_step, reps // 10)
+                                                           if hasattr(opt, "_plans") else None)
+    out["grad_norm (functional)"] = _per_call_us(lambda: kernels.grad_norm(params, True, backend="triton"),
+                                                 reps // 4)
+    out["perturb (functional)"] = _per_call_us(lambda: kernels.perturb(params, norm, 2.0, True, backend="triton"),
+                                               reps // 4)
+    out["restore (functional)"] = _per_call_us(lambda: kernels.restore(params, saved, backend="triton"), reps // 4)
     return out
+
+
+def _parts(opt, reps):
+    """The pieces of a step with unchanged storage, timed one by one (None where this package has no such piece:
+    the parts read the optimizer's plans, `ftsam_plugin.optim.step_plans`)."""
+    plans = getattr(opt, "_plans", None)
+    if plans is None or not hasattr(plans, "_ptrs"):
+        return [None] * len(PARTS)
+    from ftsam_plugin.optim import step_plans
+
+    tensors = plans._params + [p.grad for p in plans._params]
+    layouts = getattr(plans, "_layouts", None)
+    norm = plans.grad_norm()
+    pieces = [lambda: step_plans._settings(opt.param_groups), lambda: [p.grad for p in plans._params],
+              lambda: step_plans._ptrs_equal(tensors, plans._ptrs, plans._index),
+              None if layouts is None else lambda: layouts.quick(tensors),
+              plans.grad_norm, lambda: plans.perturb(norm), plans.restore]  # nothing runs: launches do nothing
+    return [None if fn is None else _per_call_us(fn, reps) for fn in pieces]
 
 
 def _git(*args):
