@@ -361,6 +361,38 @@ def execute(mode: Mode, run: Run, record: str, data: str, cache: str, results: s
     log(f"{run.attack} {run.tag}: done in {wall / 60:.1f} min -> {path}")
 
 
+def reproduce(mode: Mode, plan: List[Run], which: str, data: str, cache: str, results: str, threads: int) -> int:
+    """Run `which` (attack/tag) again into its run folder; its summary goes to `<results>_repro/`, with a verdict on
+    whether every evaluated epoch's ACC/ASR/RA equals the committed summary's."""
+    run = next((r for r in plan if f"{r.attack}/{r.tag}" == which), None)
+    committed = os.path.join(results, which + ".json")
+    if run is None or not os.path.isfile(committed):
+        sys.exit(f"error: {which} is not a finished run of the plan; pick one of {results}/<attack>/<tag>.json")
+    record = os.path.join(cache, "record", record_name(mode, run.attack))
+    repro = results.rstrip(os.sep) + "_repro"
+    if not claim(run_folder(cache, record, run)):
+        sys.exit(f"error: {which} is being run by another process")
+    try:
+        execute(mode, run, record, data, cache, repro, threads)
+    finally:
+        os.unlink(os.path.join(run_folder(cache, record, run), "claim.pid"))
+    path = os.path.join(repro, which + ".json")
+    with open(path) as handle:
+        mine = json.load(handle)
+    with open(committed) as handle:
+        theirs = json.load(handle)
+    keys = ("epoch", "test_acc", "test_asr", "test_ra")
+    pick = lambda item: [[r.get(k) for k in keys] for r in evals_of(item)]
+    mine["reproduces"] = {"summary": os.path.relpath(committed, REPO), "commit": theirs.get("commit"),
+                          "machine": theirs.get("machine"), "identical": pick(mine) == pick(theirs)}
+    with open(path + ".tmp", "w") as handle:
+        json.dump(mine, handle, indent=1)
+    os.replace(path + ".tmp", path)
+    log(f"{which}: per-epoch ACC/ASR/RA {'identical to' if mine['reproduces']['identical'] else 'DIFFERENT from'} "
+        f"{committed}")
+    return 0
+
+
 def rho_log_lines(work: str) -> List[str]:
     """The defense log's lines about choosing rho (the `--rho auto` probe table), if any."""
     out = []
@@ -796,10 +828,12 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         # the 3-seed table at the recommended setting
         rec_tag = lambda seed: Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho=RECOMMENDED["rho"]).tag
         ft_tag = lambda seed: Run(attack, "ft-baseline", 100, seed).tag
+        ft_short_tag = lambda seed: Run(attack, "ft-baseline", RECOMMENDED["epochs"], seed).tag
         auto_tag = lambda seed: Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho="auto").tag
         rows = []
         for label, tagf in (("FT, 100 epochs", ft_tag),
                             (f"FT-SAM ρ={RECOMMENDED['rho']}, {RECOMMENDED['epochs']} epochs", rec_tag),
+                            (f"FT, {RECOMMENDED['epochs']} epochs", ft_short_tag),
                             (f"FT-SAM `--rho auto`, {RECOMMENDED['epochs']} epochs", auto_tag)):
             got = [runs[tagf(s)] for s in SEEDS if tagf(s) in runs and not runs[tagf(s)].get("partial")]
             lasts = [evals_of(i)[-1] for i in got]
@@ -817,7 +851,8 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         lines.append("")
         for seed in SEEDS:
             bits = []
-            for label, tagf in (("FT", ft_tag), (f"FT-SAM ρ={RECOMMENDED['rho']}", rec_tag), ("FT-SAM auto", auto_tag)):
+            for label, tagf in (("FT 100", ft_tag), (f"FT-SAM ρ={RECOMMENDED['rho']}", rec_tag),
+                                (f"FT {RECOMMENDED['epochs']}", ft_short_tag), ("FT-SAM auto", auto_tag)):
                 i = runs.get(tagf(seed))
                 if i:
                     m = evals_of(i)[-1]
@@ -828,7 +863,11 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
             if bits:
                 lines.append(f"- seed {seed}: " + "; ".join(bits))
         lines.append("")
-        (ft_label, ft_got, ft_lasts, _), (_, sam_got, sam_lasts, _), _auto = rows
+        (ft_label, ft_got, ft_lasts, _), (_, sam_got, sam_lasts, _), _short, (_, auto_got, auto_lasts, _) = rows
+        if auto_lasts:
+            auto_asr = sum(m["test_asr"] for m in auto_lasts) / len(auto_lasts)
+            checks.append(f"{attack}: `--rho auto` mean ASR ≤ 5%: **{'met' if auto_asr <= 0.05 else 'NOT met'}** "
+                          f"({100 * auto_asr:.2f}%, {len(auto_lasts)} of 3 seeds)")
         if ft_lasts and sam_lasts:
             mean = lambda xs: sum(xs) / len(xs)
             sam_asr, sam_acc = mean([m["test_asr"] for m in sam_lasts]), mean([m["test_acc"] for m in sam_lasts])
@@ -904,19 +943,56 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
                       f"within 2 points (fine-tuning alone costs {probe['undefended_holdout_acc'] - ref:.1f}), which "
                       f"is why the reference is the smallest ρ's probe.", ""]
     if checks:
-        lines += ["## Targets (issue 10; the cheaper schedules: issue 22), on the mean over the seeds done", ""]
+        lines += ["## Targets (issue 17; the cheaper schedules: issue 22), on the mean over the seeds done", ""]
         lines += [f"- {c}" for c in checks] + [""]
+    lines += provenance(plan, done, results)
     lines += ["## Notes", "",
               f"- The recommended CPU setting (FT-SAM ρ={RECOMMENDED['rho']} over {RECOMMENDED['epochs']} epochs, "
               "cosine over the run) was chosen from single-seed Blended runs (issue 10's table, ASR read off): it "
               "was tuned on the Blended record reported here; BadNets was not used to choose it.",
-              "- CPU training is not bit-reproducible across machines and thread counts: a rerun of a run on "
-              "another machine gives slightly different numbers.",
+              "- At a fixed thread count, CPU runs reproduced to the digit across the 2-core machines used here "
+              "(see Provenance); across thread counts or CPU types they differ slightly.",
               "- DER uses the backdoored model's numbers from the record's `attack_df.csv` (its last epoch).", ""]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as handle:
         handle.write("\n".join(lines))
     os.replace(out + ".tmp", out)
+
+
+SHARED_RUNS = os.path.join(REPO, "..", "shared", "runs", "defense_cpu_runs")
+
+
+def made_outside(item: dict) -> bool:
+    """Whether this summary is a copy of a run made outside the project (`../shared/runs`, same name and bytes)."""
+    path = os.path.join(SHARED_RUNS, item["run"]["attack"], item["tag"] + ".json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as handle:
+        return json.load(handle) == item
+
+
+def provenance(plan: List[Run], done: Dict[Tuple[str, str], dict], results: str) -> List[str]:
+    """Where, at which commit, on which machine and thread count each finished run was made."""
+    order = {(r.attack, r.tag): k for k, r in enumerate(plan)}
+    lines = ["## Provenance of each finished run", "",
+             "'outside': made outside the project with this script and copied from `../shared/runs/defense_cpu_runs/` "
+             "(its README: the project's code at the commit named, on a machine of the same kind); 'here': made by "
+             "a session of the project on its own machine.", "",
+             "| attack | run | made | commit | machine | threads | finished | wall min |", "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(done, key=lambda k: order.get(k, len(order))):
+        i = done[key]
+        lines.append(f"| {key[0]} | `{i['tag']}` | {'outside' if made_outside(i) else 'here'} | {i.get('commit', '?')} | "
+                     f"{i.get('machine', '?')} | {i.get('threads', '?')} | {i.get('finished', '?')} | "
+                     f"{i['wall_s'] / 60:.0f} |")
+    repros = load_results(results.rstrip(os.sep) + "_repro")
+    if repros:
+        lines += ["", f"Runs made again here (`--reproduce`, summaries in `{os.path.basename(results.rstrip(os.sep))}"
+                      f"_repro/`), compared epoch by epoch with the summary above:", ""]
+        for (attack, tag), i in sorted(repros.items()):
+            r = i["reproduces"]
+            lines.append(f"- {attack} `{tag}` at {i['commit']}, {i['threads']} thread(s): ACC/ASR/RA of every evaluated "
+                         f"epoch **{'identical' if r['identical'] else 'different'}** to the run made at {r['commit']}")
+    return lines + [""]
 
 
 def plot(attack: str, runs: Dict[str, dict], bd: dict, path: str) -> Optional[str]:
@@ -968,6 +1044,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="torch threads per defense (default 1: run one worker per core)")
     parser.add_argument("--profile", action="store_true", help="also profile one epoch of FT-SAM and FT")
     parser.add_argument("--report_only", action="store_true", help="rewrite the report from the summaries")
+    parser.add_argument("--reproduce", metavar="ATTACK/TAG",
+                        help="run a finished run of the plan again (e.g. one made outside the project, to have its "
+                             "model here) and compare its per-epoch numbers with the committed summary")
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
     suffix = "_quick" if args.quick else ""
@@ -975,6 +1054,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = args.results or os.path.join(REPO, "benchmarks", "results", f"defense_cpu_runs{suffix}")
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"defense_cpu{suffix}.md")
     plan = PLANS[mode.name]()
+    if args.reproduce:
+        data = unpack(cache)
+        return reproduce(mode, plan, args.reproduce, data, cache, results, args.threads)
     if not args.report_only:
         data = unpack(cache)
         if mode.train_per_class:
