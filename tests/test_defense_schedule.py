@@ -2,7 +2,6 @@
 "every step" rule, SAM step counts, resume, config errors, DDP, and the time-to-purify outputs."""
 
 import argparse
-import copy
 import csv
 import os
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from ftsam_plugin.defense.ftsam import FTSAM
 from ftsam_plugin.io import safe_load
@@ -18,7 +16,7 @@ from ftsam_plugin.optim import SAM, freeze_bn
 from ftsam_plugin.optim.schedule import step_uniform
 
 from helpers import make_attack_record, run_cli, without_clock_columns
-from test_defense_ddp import RHO, WORLD, _free_port, _join, batch, tiny_net
+from test_defense_ddp import RHO, WORLD, _free_port, _join, batch, simulate, tiny_net
 
 # 20-sample subset, batch 8: 3 steps per epoch
 FLAGS = ["--yaml_path", "cpu", "--device", "cpu", "--ratio", "0.2", "--batch_size", "8", "--num_workers", "0"]
@@ -192,31 +190,6 @@ def _schedule_worker(rank, port, outdir):
     dist.destroy_process_group()
 
 
-def simulate(sam_at):
-    """The DDP protocol in one process: SAM steps perturb each replica with its own gradient (no_sync) and average
-    the second-pass gradients; plain steps average the gradients at w."""
-    model = tiny_net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    params = list(model.parameters())
-    for step in range(DDP_STEPS):
-        grads = []
-        for rank in range(WORLD):
-            replica = copy.deepcopy(model)
-            x, y = batch(rank, step)
-            g = torch.autograd.grad(F.cross_entropy(replica(x), y), list(replica.parameters()))
-            if step in sam_at:
-                norm = torch.sqrt(sum(((p.detach() * gi) ** 2).sum() for p, gi in zip(params, g)))
-                with torch.no_grad():
-                    for p, gi in zip(replica.parameters(), g):
-                        p.add_(RHO * p * p * gi / (norm + 1e-12))
-                g = torch.autograd.grad(F.cross_entropy(replica(x), y), list(replica.parameters()))
-            grads.append(g)
-        for p, *gs in zip(params, *grads):
-            p.grad = sum(gs) / WORLD
-        opt.step()
-    return dict(model.named_parameters())
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_ddp_ranks_take_the_same_steps_and_follow_the_protocol(tmp_path):
     mp.start_processes(_schedule_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn",
@@ -225,7 +198,7 @@ def test_ddp_ranks_take_the_same_steps_and_follow_the_protocol(tmp_path):
     sam_at = {s for s in range(DDP_STEPS) if step_uniform(0, s) < 0.5}
     assert got[0]["decisions"] == got[1]["decisions"] == [s in sam_at for s in range(DDP_STEPS)]
     assert 0 < len(sam_at) < DDP_STEPS
-    expected = simulate(sam_at)
+    expected = simulate(DDP_STEPS, sam_at)
     for key, value in expected.items():
         assert torch.equal(got[0]["params"][key], got[1]["params"][key]), key
         torch.testing.assert_close(got[0]["params"][key], value.detach(), rtol=1e-5, atol=1e-6)
