@@ -11,7 +11,8 @@ Steps (each cached under --cache, default benchmarks/.cache, so a re-run skips w
      config (lr 0.01, batch 256, 100 epochs, rho 2, ASAM, label smoothing 0.1), the same class-balanced 5% clean
      subset and seed for every defense: ft-baseline, then ftsam; results moved to <cache>/runs/<record>/<tag>/;
      an interrupted defense resumes from its checkpoint;
-  4. a rho sweep of FT-SAM (--sweep_rhos, --sweep_epochs);
+  4. a rho sweep of FT-SAM (--sweep_rhos, --sweep_epochs); then the cheaper FT-SAM schedules (group `cheap`, issue
+     22: time to purify and total time as ratios to FT's 100-epoch run, see cheap_plan);
   5. a profile of one FT-SAM epoch (and one FT epoch) with manual timers: data loading, forward/backward,
      SAM/optimizer steps, evaluation;
   6. benchmarks/results/defense_cpu.md (+ defense_cpu.png), rewritten after every finished step.

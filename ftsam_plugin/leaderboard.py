@@ -598,7 +598,8 @@ def render_markdown(tables: List[Table], opts) -> str:
         lines.append("")
         purify = _purify_rows(table)
         if purify:
-            lines += [f"### Time to purify: {PURIFY_NOTE}", "", "| " + " | ".join(PURIFY_HEADER) + " |",
+            lines += ["### Time to purify", "", PURIFY_NOTE[0].upper() + PURIFY_NOTE[1:] + ".", "",
+                      "| " + " | ".join(PURIFY_HEADER) + " |",
                       "|---" * len(PURIFY_HEADER) + "|"]
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in purify] + [""]
     return "\n".join(lines)
