@@ -32,8 +32,8 @@ CHECKPOINT_FORMAT = "ftsam-defense-checkpoint"
 RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd", "random_seed",
                "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
                "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
-               "amp", "amp_dtype", "eval_every", "num_workers")
-SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore")  # unused by plain fine-tuning
+               "amp", "amp_dtype", "eval_every", "num_workers", "sam_every", "sam_prob", "sam_epochs")
+SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore", "sam_every", "sam_prob", "sam_epochs")  # not in FT
 
 
 def resume_config(cfg: dict, uses_sam: bool) -> dict:
