@@ -469,7 +469,8 @@ def sweep_sentence(attack: str, source: str, setting: tuple, ft: dict, sam: dict
 # what each numeric flag may be: all checked (with --device) before anything is read, written or moved
 FLAG_RULES = {
     "epochs": Number(integer=True, low=1), "defense_epochs": Number(integer=True, low=1),
-    "width": TRAINING_RULES["width"], "ratio": Number(low=0, high=1, low_open=True), "rho": Number(low=0, low_open=True),
+    "width": TRAINING_RULES["width"], "ratio": Number(low=0, high=1, low_open=True),
+    "rho": Number(low=0, low_open=True),
     "threads": Number(integer=True, low=1, high=4096), "batch_size": Number(integer=True, low=1),
     "train_per_class": Number(integer=True, low=1), "test_per_class": Number(integer=True, low=1),
     "seed": Number(integer=True, low=0, high=SEED_MAX), "download_timeout": Number(low=0, high=3600, low_open=True),

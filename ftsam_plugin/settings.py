@@ -236,7 +236,8 @@ def _bound(value: Optional[float]) -> str:
 
 def check_numbers(cfg: Dict[str, Any], rules: Mapping[str, Any], fix: str = "fix --{key}") -> Dict[str, Any]:
     """Replace each `cfg[key]` that has a rule (a Number or Text: `parse`, `describe`) and is not None by its parsed
-    value; FtsamError on the first that breaks its rule: '<key> must be <rule>, got <value as given>; <fix>' (`fix` may use {key})."""
+    value; FtsamError on the first that breaks its rule: '<key> must be <rule>, got <value as given>; <fix>' (`fix`
+    may use {key})."""
     for key, rule in rules.items():
         value = cfg.get(key)
         if value is None:

@@ -1,9 +1,10 @@
 """Which model and data a run starts from, as a fingerprint a checkpoint keeps and `--resume` compares.
 
 `weights_digest` identifies the backdoored model by its weights (names, shapes, dtypes and bytes), so two records
-that differ only in their weights never share a checkpoint, wherever the record lives. `data_identity` records the resolved dataset folder, the clean subset's file names (relative to that folder; the
-item indices for data held in memory), their labels and a content digest per file (from the pre-flight image
-check's read, so it costs nothing more; for in-memory data, of the pixel array). `identity_change` says, in
+that differ only in their weights never share a checkpoint, wherever the record lives. `data_identity` records the
+resolved dataset folder, the clean subset's file names (relative to that folder; the item indices for data held in
+memory), their labels and a content digest per file (from the pre-flight image check's read, so it costs nothing
+more; for in-memory data, of the pixel array). `identity_change` says, in
 words, what differs between two fingerprints: another folder, other files, other labels, or changed contents.
 """
 
@@ -50,7 +51,8 @@ def tensor_digest(value, digest=None):
 def weights_digest(model) -> str:
     """sha256 of a model's weights (an nn.Module or a state dict; a DDP `module.` prefix is ignored)."""
     state = model.state_dict() if hasattr(model, "state_dict") else model
-    return tensor_digest({k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}).hexdigest()
+    plain = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return tensor_digest(plain).hexdigest()
 
 
 def data_identity(result: Mapping, indices: Sequence[int], digests: Mapping[str, str],
