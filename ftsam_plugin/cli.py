@@ -1,9 +1,13 @@
 """The `ftsam` command: one sub-command per module, each exposing `add_arguments(parser)` and `run(args)`.
 
 Errors of type FtsamError become one line on stderr and exit code 2; an interrupted run (Ctrl-C or SIGTERM) exits
-with 128 + the signal number (130, 143) after one line saying how to resume; `--debug` shows the traceback.
+with 128 + the signal number (130, 143) after one line saying how to resume. Anything else is a bug or a failure
+nobody foresaw: a write that failed (disk full, not writable) still becomes its one line and exit code 2, any other
+exception one `error:` line naming it, "run with --debug for the traceback", and exit code 1. `--debug` shows the
+traceback in every case.
 """
 import argparse
+import errno
 import importlib
 import sys
 
@@ -19,6 +23,9 @@ COMMANDS = {
     "norms": ("ftsam_plugin.norms", "per-neuron weight norm vs trigger-activated change, for several models"),
     "retune": ("ftsam_plugin.retune.cli", "retuning attack: does the backdoor of a defended model come back (P-ASR)?"),
 }
+
+
+MAX_LINE = 300  # characters of an unexpected exception's message
 
 
 def build_parser(argv):
@@ -49,8 +56,9 @@ def main(argv=None):
 
 
 def run_reporting_errors(run, args) -> int:
-    """`run(args)` with the CLI's error contract: FtsamError -> `error: ...` and 2, Ctrl-C / SIGTERM ->
-    `interrupted: ...` and 130 / 143, each one line (`args.debug` re-raises for the traceback)."""
+    """`run(args)` with the CLI's error contract: FtsamError (and a failed write) -> `error: ...` and 2, Ctrl-C /
+    SIGTERM -> `interrupted: ...` and 130 / 143, any other exception -> `error: unexpected ...; run with --debug for
+    the traceback` and 1, each one line (`args.debug` re-raises for the traceback)."""
     try:
         with sigterm_as_interrupt():
             return run(args) or 0
@@ -64,6 +72,19 @@ def run_reporting_errors(run, args) -> int:
             raise
         print(f"interrupted: {one_line(exc)}" if str(exc) else "interrupted", file=sys.stderr)
         return exit_code(exc)
+    except Exception as exc:  # the last resort: one line, never a traceback (unless --debug)
+        if args.debug:
+            raise
+        from .io import DISK_FULL, write_error  # (torch: imported only when needed, `ftsam --help` stays fast)
+
+        path = getattr(exc, "filename", None)
+        error = write_error(path, exc) if path and getattr(exc, "errno", None) in (*DISK_FULL, errno.EROFS) else None
+        if error is not None:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
+        what = "out of memory" if isinstance(exc, MemoryError) else f"unexpected {type(exc).__name__}"
+        print(f"error: {what}: {one_line(exc)[:MAX_LINE]}; run with --debug for the traceback", file=sys.stderr)
+        return 1
 
 
 def one_line(exc: BaseException) -> str:

@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.settings import str2bool
+from ftsam_plugin.lock import FolderLock, held_locks_under
+from ftsam_plugin.settings import SEED_MAX, TRAINING_RULES, Number, check_flags, str2bool
 
 __all__ = ["add_arguments", "run", "DemoData", "select_data", "digits_folder", "generated_folder"]
 
@@ -324,12 +325,28 @@ def _last_row(csv_path: str) -> dict:
 
 
 def _prepare_record_dir(out: str, name: str) -> str:
+    """The record folder `<out>/<name>`, free for this run. An earlier demo record there is moved aside (kept, never
+    deleted) under its lock, and only when no live run (a `ftsam defend`, `retune`, another demo) holds a lock
+    anywhere in it; a folder the demo did not make is refused."""
     record = os.path.join(out, name)
-    if os.path.exists(record):
-        if not os.path.isfile(os.path.join(record, MARKER)):
-            raise FtsamError(f"{record} exists and was not made by `ftsam demo`; pass another --out or remove it")
-        print(f"replacing the earlier demo record {record}")
-        shutil.rmtree(record)
+    if not os.path.lexists(record):
+        return record
+    if not os.path.isfile(os.path.join(record, MARKER)) or os.path.islink(record):
+        raise FtsamError(f"{record} exists and was not made by `ftsam demo`; pass another --out or remove it")
+    with FolderLock(record, what="demo record folder"):
+        busy = held_locks_under(record, skip=(record,))
+        if busy:
+            folder, who = busy[0]
+            raise FtsamError(f"{folder} (in the earlier demo record) is in use by another run ({who}); wait for it "
+                             f"to finish, or pass another --out")
+        aside = f"{record}.{time.strftime('%Y%m%d-%H%M%S')}"
+        aside += "" if not os.path.lexists(aside) else f"-{os.getpid()}"
+        try:
+            os.rename(record, aside)
+        except OSError as exc:
+            raise FtsamError(f"cannot move the earlier demo record {record} aside: {exc.strerror}; pass another "
+                             f"--out or remove it") from None
+    print(f"kept the earlier demo record as {aside} (remove it when you no longer need it)")
     return record
 
 
@@ -459,12 +476,33 @@ def sweep_sentence(attack: str, source: str, setting: tuple, ft: dict, sam: dict
             f"{ref['sam_acc']} vs {ref['ft_acc']}.")
 
 
+# what each numeric flag may be: all checked (with --device) before anything is read, written or moved
+FLAG_RULES = {
+    "epochs": Number(integer=True, low=1), "defense_epochs": Number(integer=True, low=1),
+    "width": TRAINING_RULES["width"], "ratio": Number(low=0, high=1, low_open=True),
+    "rho": Number(low=0, low_open=True), "lr": Number(low=0, high=1000, low_open=True),
+    "threads": Number(integer=True, low=1, high=4096), "batch_size": Number(integer=True, low=1),
+    "train_per_class": Number(integer=True, low=1), "test_per_class": Number(integer=True, low=1),
+    "seed": Number(integer=True, low=0, high=SEED_MAX), "download_timeout": Number(low=0, high=3600, low_open=True),
+}
+
+
+def check_args(args: argparse.Namespace) -> str:
+    """Check every flag (FtsamError naming the first bad one); returns the device to use."""
+    import torch
+
+    from ftsam_plugin.defense.ddp import resolve_device
+
+    check_flags(args, FLAG_RULES)
+    return str(resolve_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo (see the module docstring); returns 0. Errors raise FtsamError."""
     import torch
 
+    device = check_args(args)  # before anything is touched
     tiny = bool(args.tiny)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache_dir = args.cache_dir or default_cache_dir()
     data = select_data(args.data, cache_dir, offline=args.offline, tiny=tiny, train_per_class=args.train_per_class,
                        test_per_class=args.test_per_class, seed=args.seed, timeout=args.download_timeout)
@@ -488,12 +526,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"data: {data.description}\n      image folder {data.path}")
     print(f"seed {args.seed} (data subset, attack, both defenses, loaders), {threads} torch threads, device {device}")
     name = f"demo_{args.attack}"
-    _prepare_record_dir(args.out, name)
+    _prepare_record_dir(args.out, name)  # an earlier demo record is moved aside, never deleted
     bars = bool(args.progress) and sys.stderr.isatty()  # piped to a file: one line per stage instead
     stage(f"[1/3] attack: {args.attack}, 10% poison, all-to-one target 0, PreAct-ResNet18 width {width}, "
           f"{epochs} epochs ...")
     start = time.perf_counter()
     record = run_attack(data, args.out, name, args.attack, epochs, width, device, args.seed, bars)
+    record_lock = FolderLock(record, what="demo record folder").acquire()  # until the end: no other demo moves it
     backdoored = _last_row(os.path.join(record, "attack_df.csv"))
     backdoored["seconds"] = time.perf_counter() - start
     stage(f"      done in {backdoored['seconds']:.0f} s: ACC {100 * backdoored['test_acc']:.1f}, "
@@ -533,4 +572,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  ftsam defend --defense ftsam --result_file {record} --yaml_path cpu --ratio {ratio:g} "
           f"--epochs {2 * defense_epochs} --rho {sam['rho']:g}" + (f" --lr {lr:g}" if lr else "")
           + (f" --batch_size {batch}" if batch else "") + f" --device {device}")
+    record_lock.release()
     return 0

@@ -28,7 +28,8 @@ import torch
 from ftsam_plugin.errors import FtsamError
 
 __all__ = ["safe_load", "check_finite_state", "atomic_save", "atomic_write_text", "atomic_write_bytes", "write_csv",
-           "numpy_safe_globals", "remove_stale_temp_files", "file_fingerprint"]
+           "numpy_safe_globals", "remove_stale_temp_files", "file_fingerprint", "write_error",
+           "make_output_folder"]
 
 # Fixed-size numeric and bool dtypes only: no object, string, void or datetime dtypes.
 _DTYPE_CLASS_NAMES = (
@@ -77,12 +78,13 @@ _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 _BUILD_RE = re.compile(r"but got <class '([\w.]+)'>")
 
 
-def safe_load(path: "str | os.PathLike[str]", what: str = "attack result") -> Any:
+def safe_load(path: "str | os.PathLike[str]", what: str = "attack result", fix: str = "re-create it") -> Any:
     """Load a `.pt` file without running pickled code.
 
     Args:
         path: the file (e.g. `record/<r>/attack_result.pt`).
         what: how to call the file in error messages.
+        fix: what to do with an empty, truncated or corrupt file (e.g. "delete it or run without --resume")
 
     Returns:
         The loaded object, on CPU.
@@ -101,7 +103,7 @@ def safe_load(path: "str | os.PathLike[str]", what: str = "attack result") -> An
     except OSError as exc:
         raise FtsamError(f"cannot read {what} file {path}: {exc.strerror or exc}; check its permissions") from exc
     if size == 0:
-        raise FtsamError(f"{what} file {path} is empty (0 bytes); re-create it (the run that wrote it did not finish)")
+        raise FtsamError(f"{what} file {path} is empty (0 bytes), the run that wrote it did not finish; {fix}")
     try:
         with open(path, "rb") as handle:
             head = handle.read(4)
@@ -110,7 +112,7 @@ def safe_load(path: "str | os.PathLike[str]", what: str = "attack result") -> An
     # torch.save writes a zip archive (torch >= 1.6) or a protocol-2 pickle (legacy); anything else is another format
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):
         raise FtsamError(f"{what} file {path} is not a torch file (it starts with {head!r}); pass the .pt file that "
-                         f"torch.save wrote, or re-create it")
+                         f"torch.save wrote, or {fix}")
     try:
         with torch.serialization.safe_globals(numpy_safe_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -122,7 +124,7 @@ def safe_load(path: "str | os.PathLike[str]", what: str = "attack result") -> An
     except pickle.UnpicklingError as exc:
         raise FtsamError(_unpickling_message(path, what, str(exc))) from None
     except Exception as exc:  # torch/zip/pickle internals raise many types (RuntimeError, EOFError, KeyError, ...)
-        raise FtsamError(_corrupt_message(path, what, exc)) from None
+        raise FtsamError(_corrupt_message(path, what, exc, fix)) from None
 
 
 def check_finite_state(state: Any, what: str) -> None:
@@ -158,14 +160,11 @@ def _unpickling_message(path: str, what: str, text: str) -> str:
     return f"{what} file {path} is not a readable torch file ({_first_line(text)}); re-create it with torch.save"
 
 
-def _corrupt_message(path: str, what: str, exc: BaseException) -> str:
+def _corrupt_message(path: str, what: str, exc: BaseException, fix: str = "re-create it") -> str:
     text = str(exc)
-    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "zip archive" in text or "central directory" in text:
-        return f"{what} file {path} is truncated or corrupt ({_first_line(text) or type(exc).__name__}); re-create it"
-    return (
-        f"{what} file {path} is not a readable torch file ({type(exc).__name__}: {_first_line(text)}); "
-        f"re-create it with torch.save"
-    )
+    if isinstance(exc, (EOFError, OSError, zipfile.BadZipFile)) or "zip archive" in text or "central directory" in text:
+        return f"{what} file {path} is truncated or corrupt ({_first_line(text) or type(exc).__name__}); {fix}"
+    return f"{what} file {path} is not a readable torch file ({type(exc).__name__}: {_first_line(text)}); {fix}"
 
 
 def _first_line(text: str) -> str:
@@ -193,15 +192,52 @@ def file_fingerprint(path: "str | os.PathLike[str]", with_hash: bool = True) -> 
 # ---------------------------------------------------------------------------------------------- writing
 
 
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no space, size limit, quota
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def _os_error_message(path: str, exc: OSError) -> str:
     reason = exc.strerror or str(exc)
-    if exc.errno == errno.ENOSPC or exc.errno == getattr(errno, "EDQUOT", -1):
-        fix = "free space or choose another output folder"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "check the folder's permissions or choose another output folder"
-    else:
-        fix = "check the path or choose another output folder"
-    return f"cannot write {path}: {reason}; {fix}"
+    if exc.errno in DISK_FULL:
+        return f"disk full: cannot write {path} ({reason}); free space or choose another output folder"
+    if exc.errno in NOT_WRITABLE:
+        return (f"not writable: cannot write {path} ({reason}); check the folder's permissions or choose another "
+                f"output folder")
+    return f"cannot write {path}: {reason}; check the path or choose another output folder"
+
+
+def write_error(path: str, exc: BaseException) -> Optional[FtsamError]:
+    """The one-line FtsamError for an exception raised while writing `path`, or None when it is not a write error.
+    torch.save reports a failed write as RuntimeError ('unexpected pos ...', 'PytorchStreamWriter failed ...')
+    with the OSError as its context; that OSError is what is reported."""
+    if isinstance(exc, FtsamError):
+        return None
+    seen = exc
+    for _ in range(5):  # the exception, then what it was raised from or during
+        if isinstance(seen, OSError) and not isinstance(seen, FtsamError):
+            return FtsamError(_os_error_message(path, seen))
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None:
+            break
+        seen = nxt
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("unexpected pos", "PytorchStreamWriter",
+                                                                     "file write failed")):
+        return FtsamError(f"disk full or not writable: cannot write {path} ({_first_line(str(exc))}); free space or "
+                          f"choose another output folder")
+    return None
+
+
+def make_output_folder(folder: "str | os.PathLike[str]") -> None:
+    """Create `folder` (and parents) or raise an FtsamError naming why it cannot be written."""
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise FtsamError(f"cannot create output folder {folder}: {reason}; free that path or fix its permissions"
+                         ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FtsamError(f"not writable: output folder {folder}; fix its permissions or choose another one")
 
 
 def _ensure_parent(path: str) -> str:
@@ -263,8 +299,9 @@ def _atomic_write(path: "str | os.PathLike[str]", write: Callable[[io.BufferedWr
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, FtsamError):
-            raise FtsamError(_os_error_message(path, exc)) from exc
+        error = write_error(path, exc) if isinstance(exc, Exception) else None
+        if error is not None:
+            raise error from exc
         raise
     _fsync_dir(parent)
 

@@ -11,7 +11,9 @@ Metrics (fractions; tables show percent). For each model, in this order:
      (BackdoorBench's ft-sam writes `log/d-sam_df_summary.csv`);
    columns `test_acc`, `test_asr`, `test_ra` (BackdoorBench's). `last` is BackdoorBench's last non-missing value
    per column, i.e. the final evaluation. A summary lacking one of the three, or older than its result file by more
-   than SUMMARY_MAX_AGE_S (the result was replaced after the run), is ignored.
+   than SUMMARY_MAX_AGE_S (the result was replaced after the run), is ignored; so are the summaries of a folder
+   whose completion marker (`ftsam_run.json`, `ftsam_plugin.data.completion`) does not say that the result file
+   and its summary are one finished run (a run killed while writing them, or a rerun still going).
 2. the evaluation cache `<folder>/ftsam_eval.json`, if its key matches: the result file's size, mtime_ns and
    sha256, the attack record's size and mtime_ns and the `--dataset_path` override (`--no_cache` skips it);
 3. an evaluation (ACC on clean_test; ASR and RA on bd_test; `ftsam_plugin.metrics.evaluate_backdoor`), written to
@@ -60,11 +62,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ftsam_plugin import metrics
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.data.records import find_defenses, load_defense_model
-from ftsam_plugin.io import (atomic_write_bytes, atomic_write_text, file_fingerprint, remove_stale_temp_files, safe_load,
-                             write_csv)
+from ftsam_plugin.data.completion import is_complete
+from ftsam_plugin.data.records import check_record_meta, find_defenses, load_defense_model
+from ftsam_plugin.io import (atomic_write_bytes, atomic_write_text, file_fingerprint, make_output_folder,
+                             remove_stale_temp_files, safe_load, write_csv)
 from ftsam_plugin.lock import FolderLock
 from ftsam_plugin.purify import TimeToPurify, read_history, time_to_purify
+from ftsam_plugin.settings import Number, Text, check_flags
 
 __all__ = [
     "add_arguments",
@@ -275,14 +279,13 @@ class Entry:
 
 
 def _record_info(path: str) -> RecordInfo:
-    raw = safe_load(os.path.join(path, "attack_result.pt"), what="attack result")
-    if not isinstance(raw, dict) or "model_name" not in raw:
-        raise FtsamError(f"{path}/attack_result.pt is not an attack result; re-create it")
+    pt = os.path.join(path, "attack_result.pt")
+    meta = check_record_meta(safe_load(pt, what="attack result"), pt)
     return RecordInfo(
         path=path,
         name=os.path.basename(path.rstrip(os.sep)),
-        dataset=str(raw.get("clean_data", "?")),
-        model=str(raw["model_name"]),
+        dataset=meta["clean_data"],
+        model=meta["model_name"],
         attack=_attack_type(path),
         defenses=find_defenses(path),
     )
@@ -318,9 +321,14 @@ def _evaluate(entry: Entry, opts) -> Dict[str, float]:
 def _fill_metrics(entry: Entry, opts) -> None:
     folder = os.path.dirname(entry.result_path)
     values = None
-    if opts.source != "eval":
-        attack = entry.defense == NO_DEFENSE  # the record folder: only attack_df_summary.csv
-        name = "attack" if attack else entry.defense
+    attack = entry.defense == NO_DEFENSE  # the record folder: only attack_df_summary.csv
+    name = "attack" if attack else entry.defense
+    finished = is_complete(folder, [os.path.basename(entry.result_path), f"{name}_df_summary.csv"])
+    if finished is False:  # a run killed while writing its result, or files changed since: evaluate the file there
+        print(f"warning: {entry.record.label}/{entry.defense}: the run in {folder} did not finish (or its files "
+              f"changed since); its summary is not used, {os.path.basename(entry.result_path)} is evaluated",
+              file=sys.stderr)
+    if opts.source != "eval" and finished is not False:
         path, values = _find_summary(folder, name, entry.result_path, opts.summary_row, only_named=attack)
         if values is not None:
             entry.source = f"summary:{os.path.relpath(path, entry.record.path)}:{opts.summary_row}"
@@ -536,6 +544,20 @@ def _metrics_shown(opts) -> List[str]:
     return list(table_metrics(opts)) if opts.metric == "all" else [opts.metric]
 
 
+def printable(text: str) -> str:
+    """`text` safe to print and to write as UTF-8: the bytes of a folder name that is not UTF-8 (which Python keeps
+    as surrogate escapes) become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def plain_label(text: str) -> str:
+    """`printable(text)` for a figure: every `$` escaped, so matplotlib never parses a name as mathtext."""
+    return printable(text).replace("$", r"\$")
+
+
 def _pct(value: Optional[float]) -> str:
     return "—" if value is None else f"{100.0 * value:.2f}"
 
@@ -713,13 +735,13 @@ def render_heatmap(table: Table, metric: str) -> Optional[bytes]:
     ax = fig.subplots()
     cmap = "RdYlGn" if HIGHER_IS_BETTER[metric] else "RdYlGn_r"
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(defenses)), [plain_label(d) for d in defenses], rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), [plain_label(label) for label in labels])
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if not np.isnan(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
-    ax.set_title(f"{LABELS.get(metric, metric.upper())} (%): {table.dataset} / {table.model}")
+    ax.set_title(plain_label(f"{LABELS.get(metric, metric.upper())} (%): {table.dataset} / {table.model}"))
     fig.colorbar(image, ax=ax)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -742,12 +764,13 @@ def write_outputs(tables: List[Table], opts) -> Dict[str, str]:
             atomic_write_bytes(path, png)
             paths[f"heatmap_{table.slug}_{metric}"] = path
             images.setdefault(table.slug, []).append((f"{metric} heatmap", png))
-    atomic_write_text(paths["markdown"], render_markdown(tables, opts))
+    atomic_write_text(paths["markdown"], printable(render_markdown(tables, opts)))
     metrics = table_metrics(opts)
     columns = ["dataset", "model", "record", "attack", "defense", *(COLUMN_NAMES[m] for m in metrics), "best",
                "source", *(["retune_source"] if RETUNE_METRICS[0] in metrics else []), *PURIFY_COLUMNS]
-    write_csv(paths["csv"], csv_rows(tables), columns=columns)
-    atomic_write_text(paths["html"], render_html(tables, opts, images))
+    write_csv(paths["csv"], [{k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
+                                   for row in csv_rows(tables)], columns=columns)
+    atomic_write_text(paths["html"], printable(render_html(tables, opts, images)))
     return paths
 
 
@@ -790,16 +813,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _resolve_device(device: Optional[str]) -> str:
-    if device:
-        return device
+    """The evaluation device: `device` checked (FtsamError naming the fix), else cuda if available, else cpu."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from ftsam_plugin.defense.ddp import resolve_device
+
+    return str(resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+# every numeric and path flag, checked (with --device) before anything is read or written
+FLAG_RULES = {"batch_size": Number(integer=True, low=1), "num_workers": Number(integer=True, low=0),
+              "out": Text(), "dataset_path": Text()}
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise FtsamError(f"--batch_size {args.batch_size} must be >= 1")
+    check_flags(args, FLAG_RULES)
+    args.device = _resolve_device(args.device)
     metrics = table_metrics(args)
     metric = args.sort.partition(":")[0]
     if args.sort not in ("name", "record", "attack") and metric not in metrics:
@@ -813,10 +842,15 @@ def run(args: argparse.Namespace) -> int:
         args.retune_settings = parse_settings(args.retune_args)
     elif args.retune_args:
         raise FtsamError("--retune_args without --retune; add --retune")
-    args.device = _resolve_device(args.device)
+    out = os.path.abspath(args.out)
+    lock = FolderLock(out, what="leaderboard folder")
+    lock.check()  # another leaderboard writing there: fail before evaluating anything
     tables = build_leaderboard(args.roots, args)
-    paths = write_outputs(tables, args)
-    print(render_markdown(tables, args))
+    make_output_folder(out)
+    with lock:  # every file of one run, or none: two leaderboards never interleave their files
+        remove_stale_temp_files(out, before=STARTED)
+        paths = write_outputs(tables, args)
+    print(printable(render_markdown(tables, args)))
     for kind, path in paths.items():
         print(f"wrote {path}")
     return 0

@@ -10,6 +10,15 @@ parent (same open file), which is what a run is.
     lock.acquire()   # once the folder exists: take it for this run (FtsamError if another run got there first)
     ...
     lock.release()   # or let the process end
+
+A run that writes several folders (a defense's result, checkpoint and log folders, which flags may put anywhere)
+holds one lock per folder, `FolderLocks`, so two runs sharing any one of them cannot both write there.
+`held_locks_under(root)` names the live runs holding a lock anywhere below `root` (what a command that would move
+or delete a whole tree must check first).
+
+Not guaranteed: `flock` is advisory and local to one machine. On a network file system two processes on two
+machines may both get the lock (NFS maps it to byte-range locks only on some setups), so two machines must not
+write one network folder at the same time.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from typing import Optional
 
 from ftsam_plugin.errors import FtsamError
 
-__all__ = ["FolderLock", "LOCK_NAME"]
+__all__ = ["FolderLock", "FolderLocks", "LOCK_NAME", "held_locks_under"]
 
 LOCK_NAME = ".ftsam.lock"
 
@@ -90,6 +99,9 @@ class FolderLock:
                 raise FtsamError(f"cannot lock {self.path}: {exc.strerror}; use a local folder (the file system "
                                  f"does not support locks)") from None
             raise self._busy(who) from None
+        if not _same_file(fd, self.path):  # the folder was moved or deleted while we opened its lock
+            os.close(fd)
+            raise FtsamError(f"{self.what} {self.folder} was moved or deleted while this run started; run again")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         with contextlib.suppress(OSError):  # the lock is what counts; the note only names the holder
             os.ftruncate(fd, 0)
@@ -116,6 +128,77 @@ class FolderLock:
     def _busy(self, who: str) -> FtsamError:
         return FtsamError(f"{self.what} {self.folder} is in use by another run ({who}); wait for it to finish, or "
                           f"stop it, before writing there")
+
+
+class FolderLocks:
+    """The locks of every folder one run writes (see the module docstring): checked, taken and released together.
+
+    Args:
+        folders: {folder: what} (how to call each folder in messages); a folder given twice (also through a
+            symlink or a trailing slash) is locked once.
+    """
+
+    def __init__(self, folders: "dict[str, str]"):
+        seen = {}
+        for folder, what in folders.items():
+            seen.setdefault(os.path.realpath(os.fspath(folder)), FolderLock(folder, what=what))
+        self.locks = [seen[key] for key in sorted(seen)]  # one order for every run
+
+    @property
+    def folders(self):
+        return [lock.folder for lock in self.locks]
+
+    @property
+    def held(self) -> bool:
+        return bool(self.locks) and all(lock.held for lock in self.locks)
+
+    def check(self) -> None:
+        """FtsamError naming the first folder that a live process holds; writes nothing."""
+        for lock in self.locks:
+            lock.check()
+
+    def acquire(self) -> "FolderLocks":
+        """Take every lock (each folder must exist); on failure the ones already taken are released."""
+        try:
+            for lock in self.locks:
+                lock.acquire()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+
+    def __enter__(self) -> "FolderLocks":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+
+def held_locks_under(root: "str | os.PathLike[str]", skip: "tuple[str, ...]" = ()) -> "list[tuple[str, str]]":
+    """[(folder, 'PID ..., started ...')] for every lock file below `root` (itself included) that a live process
+    holds, except in the `skip` folders; symlinked folders are not followed. Creates nothing."""
+    skipped = {os.path.realpath(os.fspath(s)) for s in skip}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(os.fspath(root)):
+        dirnames.sort()
+        if LOCK_NAME in filenames and os.path.realpath(dirpath) not in skipped:
+            who = FolderLock(dirpath).holder()
+            if who is not None:
+                found.append((dirpath, who))
+    return found
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        mine, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _is_busy(exc: OSError) -> bool:

@@ -35,7 +35,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.io import atomic_write_bytes, write_csv
+from ftsam_plugin.io import atomic_write_bytes, make_output_folder, write_csv
+from ftsam_plugin.lock import FolderLock
+from ftsam_plugin.settings import Number, Text, check_flags
 
 __all__ = [
     "add_arguments",
@@ -298,14 +300,21 @@ def analyse(models: Sequence[Tuple[str, nn.Module]], pairs, layer: Optional[str]
     return layer, results
 
 
+# every numeric and path flag, checked (with --device) before anything is read or written
+FLAG_RULES = {"batch_size": Number(integer=True, low=1), "num_samples": Number(integer=True, low=1),
+              "out": Text(), "record": Text(), "dataset_path": Text()}
+
+
 def run(args: argparse.Namespace) -> int:
     from ftsam_plugin.data.image_check import check_record_images
     from ftsam_plugin.data.records import load_attack_result
     from ftsam_plugin.leaderboard import _resolve_device, load_defense_model
 
-    if args.num_samples < 1:
-        raise FtsamError(f"--num_samples {args.num_samples} must be >= 1")
+    check_flags(args, FLAG_RULES)
     device = _resolve_device(args.device)
+    out = os.path.abspath(args.out)
+    lock = FolderLock(out, what="norms folder")
+    lock.check()  # another run writing there: fail before anything is loaded
     record_dir = os.path.abspath(args.record)
     if os.path.isfile(record_dir):
         record_dir = os.path.dirname(record_dir)
@@ -317,7 +326,20 @@ def run(args: argparse.Namespace) -> int:
     check_record_images(record, test_indices=pairs.clean_indices())  # before anything is computed or written
     layer, results = analyse(models, pairs, args.layer, device, args.tac, args.batch_size)
 
-    out = os.path.abspath(args.out)
+    make_output_folder(out)
+    with lock:  # one writer: the four files all come from this run
+        _write_outputs(out, results, layer, pairs)
+    print(f"layer {layer}: {len(next(iter(results.values()))['norm'])} channels, {len(pairs)} pairs, TAC {args.tac}")
+    print(f"{'model':<20} {'pearson':>8} {'spearman':>9} {'mean_norm':>10} {'std_norm':>9} {'mean_tac':>9}")
+    for label, r in results.items():
+        print(f"{label:<20} {r['pearson']:>8.4f} {r['spearman']:>9.4f} {r['mean_norm']:>10.4f} "
+              f"{r['std_norm']:>9.4f} {r['mean_tac']:>9.4f}")
+    for name in ("norms_channels.csv", "norms_summary.csv", "norms_scatter.png", "norms_hist.png"):
+        print(f"wrote {os.path.join(out, name)}")
+    return 0
+
+
+def _write_outputs(out: str, results: Dict[str, dict], layer: str, pairs) -> None:
     write_csv(os.path.join(out, "norms_channels.csv"),
               [{"model": label, "channel": k, "norm": repr(float(r["norm"][k])), "tac": repr(float(r["tac"][k]))}
                for label, r in results.items() for k in range(len(r["norm"]))])
@@ -327,12 +349,3 @@ def run(args: argparse.Namespace) -> int:
     write_csv(os.path.join(out, "norms_summary.csv"), summary)
     atomic_write_bytes(os.path.join(out, "norms_scatter.png"), plot_scatter(results, layer))
     atomic_write_bytes(os.path.join(out, "norms_hist.png"), plot_histogram(results, layer))
-
-    print(f"layer {layer}: {len(next(iter(results.values()))['norm'])} channels, {len(pairs)} pairs, TAC {args.tac}")
-    print(f"{'model':<20} {'pearson':>8} {'spearman':>9} {'mean_norm':>10} {'std_norm':>9} {'mean_tac':>9}")
-    for row in summary:
-        print(f"{row['model']:<20} {row['pearson']:>8.4f} {row['spearman']:>9.4f} {row['mean_norm']:>10.4f} "
-              f"{row['std_norm']:>9.4f} {row['mean_tac']:>9.4f}")
-    for name in ("norms_channels.csv", "norms_summary.csv", "norms_scatter.png", "norms_hist.png"):
-        print(f"wrote {os.path.join(out, name)}")
-    return 0

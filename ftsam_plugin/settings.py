@@ -21,7 +21,8 @@ import yaml
 
 from ftsam_plugin.errors import FtsamError
 
-__all__ = ["str2bool", "read_yaml", "seed_everything", "quote", "Number", "check_numbers", "TRAINING_RULES",
+__all__ = ["str2bool", "read_yaml", "seed_everything", "quote", "Number", "Text", "check_numbers", "check_flags",
+           "TRAINING_RULES",
            "SEED_MAX", "MAX_WIDTH", "MAX_CONFIG_NODES", "MAX_CONFIG_BYTES"]
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes
@@ -213,13 +214,30 @@ class Number:
         return number
 
 
+@dataclass(frozen=True)
+class Text:
+    """What a path or name setting may be: non-empty text (a YAML number, boolean or list is refused: `index: 5`
+    would otherwise open file descriptor 5, `log: true` a folder named True)."""
+
+    what: str = "a path"
+
+    def describe(self) -> str:
+        return f"{self.what} (text)"
+
+    def parse(self, value: Any):
+        if isinstance(value, str) and value.strip() and "\x00" not in value:
+            return value
+        return None
+
+
 def _bound(value: Optional[float]) -> str:
     return str(int(value)) if value is not None and float(value).is_integer() else f"{value}"
 
 
-def check_numbers(cfg: Dict[str, Any], rules: Mapping[str, Number], fix: str = "fix --{key}") -> Dict[str, Any]:
-    """Replace each `cfg[key]` that has a rule (and is not None) by its parsed value; FtsamError on the first that
-    breaks its rule: '<key> must be <rule>, got <value as given>; <fix>' (`fix` may use {key})."""
+def check_numbers(cfg: Dict[str, Any], rules: Mapping[str, Any], fix: str = "fix --{key}") -> Dict[str, Any]:
+    """Replace each `cfg[key]` that has a rule (a Number or Text: `parse`, `describe`) and is not None by its parsed
+    value; FtsamError on the first that breaks its rule: '<key> must be <rule>, got <value as given>; <fix>' (`fix`
+    may use {key})."""
     for key, rule in rules.items():
         value = cfg.get(key)
         if value is None:
@@ -229,6 +247,13 @@ def check_numbers(cfg: Dict[str, Any], rules: Mapping[str, Number], fix: str = "
             raise FtsamError(f"{key} must be {rule.describe()}, got {quote(value)}; {fix.format(key=key)}")
         cfg[key] = number
     return cfg
+
+
+def check_flags(args: argparse.Namespace, rules: Mapping[str, Any]) -> argparse.Namespace:
+    """`check_numbers` on a command's parsed flags (in place): every command checks all its flags this way before
+    it reads, writes or moves anything. FtsamError: '<flag> must be <rule>, got <value>; fix --<flag>'."""
+    check_numbers(vars(args), rules)
+    return args
 
 
 MAX_WIDTH = 16.0  # PreAct-ResNet18 at width 16 has 1024 base channels

@@ -19,6 +19,7 @@
         A copy of a record next to it (so its data resolves the same way) whose poisoned images are its own;
         `mutate(raw)` edits its attack_result.pt dict first.
     Evil(marker): an object whose unpickling creates the file `marker` (stands in for code in an untrusted file).
+    cpu_yaml(**changes) -> str: the packaged cpu config as YAML text with the lines of `changes` replaced.
     one_torch_thread: module-scoped autouse fixture (torch.set_num_threads(1)); a test module opts in by importing it.
 """
 
@@ -34,7 +35,7 @@ import pytest
 from PIL import Image
 
 __all__ = ["make_image_folder", "make_gtsrb_folder", "make_attack_record", "run_cli", "check_error", "clone_record",
-           "synthetic_image", "one_torch_thread", "Evil"]
+           "synthetic_image", "one_torch_thread", "Evil", "cpu_yaml"]
 
 
 def synthetic_image(rng: np.random.Generator, label: int, num_classes: int, size: Union[int, Tuple[int, int]]):
@@ -143,6 +144,15 @@ def clone_record(record, name: str, mutate=None) -> Path:
         mutate(raw)
     torch.save(raw, target / "attack_result.pt")
     return target
+
+
+def cpu_yaml(**changes) -> str:
+    """The packaged cpu config as text with some lines replaced (keys stay unique)."""
+    from ftsam_plugin.defense.config import packaged_config
+
+    lines = [line for line in packaged_config("cpu").read_text().splitlines()
+             if line.split(":")[0].strip() not in changes]
+    return "\n".join(lines + [f"{k}: {v}" for k, v in changes.items()]) + "\n"
 
 
 class Evil:

@@ -18,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from ftsam_plugin.defense.checkpoint import checksum
 from ftsam_plugin.io import safe_load
 from ftsam_plugin.settings import MAX_CONFIG_NODES, SEED_MAX
 
-from helpers import check_error, clone_record, make_attack_record, run_cli
+from helpers import check_error, clone_record, cpu_yaml, make_attack_record, run_cli
 
 FLAGS = ["--yaml_path", "cpu", "--device", "cpu", "--ratio", "0.5", "--batch_size", "8", "--num_workers", "0",
          "--epochs", "1"]
@@ -52,15 +53,6 @@ def write_yaml(tmp_path, text, name="cfg.yaml"):
     path = tmp_path / name
     (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
     return str(path)
-
-
-def cpu_yaml(**changes):
-    """The packaged cpu config as text with some lines replaced (keys stay unique)."""
-    from ftsam_plugin.defense.config import packaged_config
-
-    lines = [line for line in packaged_config("cpu").read_text().splitlines()
-             if line.split(":")[0].strip() not in changes]
-    return "\n".join(lines + [f"{k}: {v}" for k, v in changes.items()]) + "\n"
 
 
 BOMB = "".join(f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
@@ -262,6 +254,7 @@ def test_checkpoint_with_nan_weights_or_a_bad_epoch_is_refused(record):
                            (lambda s: s.update(epoch=-3), "says it holds epoch -3, not one of this run's 1..1")):
         state = dict(good, model=dict(good["model"]))
         change(state)
+        state["checksum"] = checksum({k: v for k, v in state.items() if k != "checksum"})  # sound, but wrong inside
         torch.save(state, ckpt_path)
         check_error(defend(folder, "--resume"), needle, whole=False)  # (after the run's log lines)
         assert (out / "defense_result.pt").read_bytes() == before

@@ -143,7 +143,7 @@ def check_error(result, needle):
     (["--defense", "none", "--split_ratio", "0"], "--split_ratio 0.0 is outside (0, 1]"),
     (["--defense", "none", "--split_ratio", "1.5"], "--split_ratio 1.5 is outside (0, 1]"),
     (["--defense", "none", "--epochs", "0"], "--epochs 0 must be >= 1"),
-    (["--defense", "none", "--eval_every", "0"], "--eval_every 0 must be >= 1"),
+    (["--defense", "none", "--eval_every", "0"], "eval_every must be an integer >= 1, got 0; fix --eval_every"),
     (["--defense", "none", "--device", "tpu9"], "unknown device"),
 ])
 def test_bad_input_one_line_nothing_written(record, extra, needle):

@@ -28,7 +28,9 @@ from ftsam_plugin.data.transforms import get_transform
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_save
 from ftsam_plugin.lock import FolderLock
-from ftsam_plugin.settings import TRAINING_RULES, Number, check_numbers, quote, read_yaml, seed_everything, str2bool
+from ftsam_plugin.logfile import LogFile
+from ftsam_plugin.settings import (TRAINING_RULES, Number, Text, check_numbers, quote, read_yaml, seed_everything,
+                                   str2bool)
 
 from .poison import make_backdoor_datasets
 from .train import train_backdoored_model
@@ -115,17 +117,21 @@ RULES = {
     "attack_target": Number(integer=True, low=0),
     "blended_alpha": Number(low=0, high=1),
     "patch_size": Number(integer=True, low=1),
+    # paths and names: text only (a YAML `record_root: 5` or `dataset_path: [data]` is refused, not used)
+    "record_root": Text(), "dataset_path": Text(), "yaml_path": Text(), "save_folder_name": Text("a folder name"),
+    "model": Text("a model name"), "dataset": Text("a dataset name"), "attack": Text("an attack name"),
+    "device": Text("a device name"),
 }
 
 
 def _validate(config: Dict[str, Any]) -> None:
     """Every setting checked (and numbers parsed in place) before anything is read or written."""
+    check_numbers(config, RULES)
     if str(config["attack"]).lower() not in TRIGGERS:
         raise FtsamError(f"unknown attack {quote(config['attack'])}; choose one of {', '.join(sorted(TRIGGERS))}")
     info = get_dataset_info(config["dataset"])
     if config.get("attack_label_trans", "all2one") != "all2one":
         raise FtsamError(f"attack_label_trans {quote(config['attack_label_trans'])} is not supported; use all2one")
-    check_numbers(config, RULES)
     if config["attack_target"] >= info.num_classes:
         raise FtsamError(f"--attack_target {config['attack_target']} is not a class of {info.name} "
                          f"(0..{info.num_classes - 1}); fix --attack_target")
@@ -204,7 +210,7 @@ def _write_record(config, info, model, trigger, raw_train, raw_test, data_dir, r
     """Poison, train and save into the (new, locked) record folder; returns the per-epoch metric rows."""
     record_dir = os.path.join(record_root, name)
     seed = config["random_seed"]
-    handler = logging.FileHandler(os.path.join(record_dir, time.strftime("%Y_%m_%d_%H_%M_%S") + ".log"))
+    handler = LogFile(os.path.join(record_dir, time.strftime("%Y_%m_%d_%H_%M_%S") + ".log"), fix="check --record_root")
     handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
     handler.setLevel(logging.INFO)
     package_logger = logging.getLogger("ftsam_plugin")

@@ -12,7 +12,10 @@ does not pass (another format, an unusual PNG or JPEG, a broken file) is decoded
 the data pipeline does, and is refused only if that fails. Corruption inside intact structure (a flipped bit in
 the compressed pixels) is not looked for: the data pipeline reports such a file in one line when it reads it.
 Images of any PIL mode that converts to RGB are accepted (grayscale, palette, RGBA: converted as BackdoorBench's
-loaders do); sizes are not checked (the transforms resize). Images held in memory (torchvision's CIFAR arrays,
+loaders do); any size up to MAX_PIXELS decoded pixels is (the transforms resize), read from the header before
+anything is decoded (a 20000 x 20000 PNG is a 1 MB file and a 1.2 GB decode). Only regular files are read, at most
+MAX_FILE_BYTES each: a path that is a symlink to /dev/zero, a FIFO or a socket is refused without being read (it
+would never end, or block the run). Images held in memory (torchvision's CIFAR arrays,
 poisoned images kept in RAM) have no file and need no check. The bytes of the clean training images also give
 the resume fingerprint (`digest`).
 """
@@ -23,6 +26,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import struct
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -47,16 +51,20 @@ def digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-def _png_mode(data: bytes) -> Optional[str]:
+MAX_PIXELS = 4096 * 4096  # decoded pixels per image (CIFAR: 1,024; GTSRB's largest: ~60,000)
+MAX_FILE_BYTES = 64 << 20  # per image file
+
+
+def _png_mode(data: bytes) -> Optional[Tuple[str, int, int]]:
     if len(data) < 45 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or not data.endswith(PNG_END):
         return None
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    if width == 0 or height == 0 or depth != 8:
+    if width == 0 or height == 0 or depth != 8 or colour not in PNG_MODES:
         return None
-    return PNG_MODES.get(colour)
+    return PNG_MODES[colour], width, height
 
 
-def _jpeg_mode(data: bytes) -> Optional[str]:
+def _jpeg_mode(data: bytes) -> Optional[Tuple[str, int, int]]:
     if data[:2] != b"\xff\xd8" or not data.endswith(b"\xff\xd9"):
         return None
     i, n = 2, len(data)
@@ -72,7 +80,8 @@ def _jpeg_mode(data: bytes) -> Optional[str]:
             if i + 10 > n:
                 return None
             height, width = struct.unpack(">HH", data[i + 5:i + 9])
-            return JPEG_MODES.get(data[i + 9]) if width and height else None
+            mode = JPEG_MODES.get(data[i + 9])
+            return (mode, width, height) if width and height and mode else None
         elif marker == 0xDA:  # scan data before any frame header
             return None
         else:
@@ -83,23 +92,35 @@ def _jpeg_mode(data: bytes) -> Optional[str]:
 _PPM_HEADER = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+(\d+)\s")  # binary RGB PPM (GTSRB's format), no comments
 
 
-def _ppm_mode(data: bytes) -> Optional[str]:
+def _ppm_mode(data: bytes) -> Optional[Tuple[str, int, int]]:
     header = _PPM_HEADER.match(data)
     if header is None:
         return None
     width, height, maxval = (int(v) for v in header.groups())
     if width == 0 or height == 0 or not 0 < maxval < 256:
         return None
-    return "RGB" if len(data) - header.end() == width * height * 3 else None  # all pixels there, nothing more
+    complete = len(data) - header.end() == width * height * 3  # all pixels there, nothing more
+    return ("RGB", width, height) if complete else None
 
 
-# structural checks, tried in order (a file none of them accepts is decoded in full)
+# structural checks, tried in order: (mode, width, height), or None (a file none of them accepts is decoded in full)
 QUICK_CHECKS = (_png_mode, _jpeg_mode, _ppm_mode)
 
 
+class _Refused(Exception):
+    """A file refused before it is read or decoded (its message is the reason)."""
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise _Refused(f"{width}x{height} pixels, more than the {MAX_PIXELS} this pipeline decodes")
+
+
 def _decode(data: bytes) -> str:
-    """Decode in full and convert to RGB (what the data pipeline does); returns the file's mode."""
+    """Decode in full and convert to RGB (what the data pipeline does), after checking the size its header gives;
+    returns the file's mode."""
     with Image.open(io.BytesIO(data)) as img:
+        _check_pixels(*img.size)
         mode = img.mode
         img.convert("RGB")
     return mode
@@ -109,9 +130,15 @@ READ_CHUNK = 1 << 16
 
 
 def _read(path: str) -> bytes:
-    # os.read: half the per-file cost of open().read() on small files
-    fd = os.open(path, os.O_RDONLY)
+    # os.read: half the per-file cost of open().read() on small files. O_NONBLOCK: opening a FIFO does not wait for a
+    # writer; fstat then refuses anything but a regular file (of the path's target: symlinks are followed)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Refused(f"not a regular file but {_file_kind(info.st_mode)}")
+        if info.st_size > MAX_FILE_BYTES:
+            raise _Refused(f"{info.st_size} bytes, more than the {MAX_FILE_BYTES} an image file may have")
         chunks = [os.read(fd, READ_CHUNK)]
         while len(chunks[-1]) == READ_CHUNK:
             chunks.append(os.read(fd, READ_CHUNK))
@@ -129,16 +156,30 @@ def inspect_image(path: str) -> Tuple[Optional[str], Optional[bytes]]:
         return "missing", None
     except IsADirectoryError:
         return "a folder, not an image", None
+    except _Refused as exc:
+        return str(exc), None
     except OSError as exc:
         return exc.strerror or type(exc).__name__, None
-    if any(check(data) for check in QUICK_CHECKS):
-        return None, data
+    found = next((result for result in (check(data) for check in QUICK_CHECKS) if result), None)
     try:
+        if found:
+            _check_pixels(found[1], found[2])
+            return None, data
         _decode(data)
+    except _Refused as exc:
+        return str(exc), data
     except Exception as exc:  # PIL raises many types for bad files (UnidentifiedImageError, OSError, SyntaxError, ...)
         text = str(exc).strip().splitlines()
         return (text[0][:120] if text else type(exc).__name__), data
     return None, data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a file"
 
 
 # what a file is -> how to fix a bad one

@@ -18,11 +18,13 @@ import os
 import pickle
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_save, atomic_write_text, check_finite_state, safe_load
+from ftsam_plugin.settings import MAX_WIDTH, Number, Text, check_numbers, quote
 
 from .backdoor import BackdoorDataset, TransformDataset, is_inside
 from .datasets import DATASETS, build_clean_datasets, find_dataset_dir, get_dataset_info, resolve_dataset_dir
@@ -31,6 +33,8 @@ from .transforms import get_transform
 __all__ = [
     "ATTACK_RESULT_KEYS",
     "build_model",
+    "check_record_meta",
+    "backdoor_state_problem",
     "find_backdoorbench_root",
     "find_defenses",
     "load_defense_model",
@@ -115,7 +119,29 @@ def _resolve_data_dir(data_path: str, name: str, bases: Sequence[str], override:
     )
 
 
-def _check_record(raw, pt: str) -> None:
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIDE = 4096  # pixels: the transforms resize every image to the record's img_size
+# what each metadata value of an attack record may be (BackdoorBench's keys, plus our `width`)
+RECORD_RULES = {
+    "model_name": Text("a model name"),
+    "clean_data": Text("a dataset name"),
+    "data_path": Text(),
+    "num_classes": Number(integer=True, low=1, high=MAX_CLASSES),
+    "width": Number(low=0, high=MAX_WIDTH, low_open=True),
+}
+SIDE = Number(integer=True, low=1, high=MAX_IMAGE_SIDE)
+CHANNELS = Number(integer=True, low=1, high=4)
+
+
+def check_record_meta(raw, pt: str) -> dict:
+    """The record-metadata check every reader of an `attack_result.pt` runs before using any of it (the loaders, the
+    leaderboard, the config choice): a mapping with the attack-result keys, each value of the right kind and size
+    (RECORD_RULES, img_size (H, W, C) within MAX_IMAGE_SIDE), num_classes matching the dataset, and backdoor test and
+    train sets whose indices and labels are in range. Returns {key: parsed value} of RECORD_RULES and img_size.
+
+    Raises:
+        FtsamError: '<pt> ...: <key> must be ..., got <value>; fix the record (or re-create it)'.
+    """
     if not isinstance(raw, Mapping):
         raise FtsamError(f"{pt} is not an attack result (holds a {type(raw).__name__}); "
                          f"pass a record's attack_result.pt")
@@ -124,14 +150,62 @@ def _check_record(raw, pt: str) -> None:
         raise FtsamError(f"{pt} is not an attack result (missing keys {missing}); pass a record's attack_result.pt")
     if raw["bd_test"] is None:
         raise FtsamError(f"{pt} has no bd_test set; re-create the attack record")
+    meta = {k: raw.get(k) for k in RECORD_RULES}
+    if meta["width"] is None:
+        meta["width"] = 1.0
+    check_numbers(meta, RECORD_RULES, fix=f"fix {{key}} in {pt} or re-create the record")
+    size = raw["img_size"]
+    parsed = ([SIDE.parse(size[0]), SIDE.parse(size[1]), CHANNELS.parse(size[2])]
+              if isinstance(size, (list, tuple)) and len(size) == 3 else [None])
+    if None in parsed:
+        raise FtsamError(f"{pt} says img_size {quote(size)}; it must be (height, width, channels) with sides in "
+                         f"1..{MAX_IMAGE_SIDE} and 1..4 channels; fix it or re-create the record")
+    meta["img_size"] = tuple(parsed)
+    info = DATASETS.get(meta["clean_data"].lower())  # others (BackdoorBench's mnist, ...) are not checked here
+    if info is not None and meta["num_classes"] != info.num_classes:
+        raise FtsamError(f"{pt} says num_classes={meta['num_classes']} but {info.name} has {info.num_classes} "
+                         f"classes; fix num_classes (or clean_data) in the record")
+    for key in ("bd_test", "bd_train"):
+        if raw.get(key) is not None:
+            problem = backdoor_state_problem(raw[key], meta["num_classes"])
+            if problem is not None:
+                raise FtsamError(f"{pt}: its {key} set {problem}; re-create the attack record")
+    return meta
+
+
+def backdoor_state_problem(state, num_classes: int) -> Optional[str]:
+    """What is wrong with a saved backdoor dataset state (BackdoorBench's `retrieve_state()` dict), or None: its
+    item indices must lie within its poison indicator (the dataset's size), its poisoned samples' labels within
+    0..num_classes-1."""
     try:
-        num_classes = int(raw["num_classes"])
-    except (TypeError, ValueError):
-        raise FtsamError(f"{pt} has num_classes {raw['num_classes']!r}, not an integer; fix the record") from None
-    info = DATASETS.get(str(raw["clean_data"]).lower())  # others (BackdoorBench's mnist, ...) are not checked here
-    if info is not None and num_classes != info.num_classes:
-        raise FtsamError(f"{pt} says num_classes={num_classes} but {info.name} has {info.num_classes} classes; "
-                         f"fix num_classes (or clean_data) in the record")
+        container = state["bd_data_container"]
+        n = len(state["poison_indicator"])
+        positions = np.asarray(state["original_index_array"])
+        entries = container["data_dict"]
+        items = entries.items()
+    except (KeyError, TypeError, AttributeError) as exc:
+        return f"is malformed ({type(exc).__name__}: {exc})"
+    inside = Number(integer=True, low=0, high=n - 1)
+    if positions.ndim != 1 or (positions.size and positions.dtype.kind not in "iu"):
+        return f"has item indices of type {positions.dtype} (shape {list(positions.shape)}), not integers"
+    if positions.size and (positions.min() < 0 or positions.max() >= n):
+        bad = positions.min() if positions.min() < 0 else positions.max()
+        return f"holds item index {int(bad)}, outside the dataset's 0..{n - 1}"
+    label = Number(integer=True, low=0, high=num_classes - 1)
+    for index, entry in items:
+        if inside.parse(index) is None:
+            return f"holds poisoned sample index {quote(index)}, outside the dataset's 0..{n - 1}"
+        if isinstance(entry, tuple):
+            labels = list(entry[1:3])
+        elif isinstance(entry, Mapping) and isinstance(entry.get("other_info"), (list, tuple)):
+            labels = list(entry["other_info"][:2])
+        else:
+            return f"holds poisoned sample {quote(index)} as {quote(entry)}, not a path and its labels"
+        for value in labels if len(labels) == 2 else [None]:
+            if label.parse(value) is None:
+                return (f"holds poisoned sample {quote(index)} with label {quote(value)}, not a class of "
+                        f"0..{num_classes - 1}")
+    return None
 
 
 def build_model(raw: Mapping, state: Mapping, device="cpu", what: str = "the record's model") -> nn.Module:
@@ -262,7 +336,7 @@ def load_attack_result(path, dataset_path: Optional[str] = None, use_backdoorben
     """
     pt, record_dir, bases = _record_paths(path)
     raw = safe_load(pt, what="attack result")  # refuses pickled code before anything else reads the file
-    _check_record(raw, pt)
+    check_record_meta(raw, pt)
     bb_root = find_backdoorbench_root()
     if use_backdoorbench and bb_root is None:
         raise FtsamError("BackdoorBench's loader needs the BackdoorBench root as the current folder; run from there "
@@ -377,12 +451,10 @@ def load_defense_model(path: str, record: dict, device="cpu") -> nn.Module:
     raw = safe_load(path, what="defense result")
     if not isinstance(raw, dict) or "model" not in raw:
         raise FtsamError(f"{path} is not a defense result (no 'model' key); pass a defense_result.pt")
-    spec = {
-        "model_name": raw.get("model_name") or record["model_name"],
-        "num_classes": raw.get("num_classes") or record["num_classes"],
-        "img_size": record["img_size"],
-        "width": record.get("width", 1.0),
-    }
+    spec = {"model_name": raw.get("model_name") or record["model_name"],
+            "num_classes": raw.get("num_classes") or record["num_classes"]}
+    check_numbers(spec, {k: RECORD_RULES[k] for k in spec}, fix=f"fix {{key}} in {path} or re-create it")
+    spec.update(img_size=record["img_size"], width=record.get("width", 1.0))
     return build_model(spec, raw["model"], device, what=f"defense result {path}")
 
 

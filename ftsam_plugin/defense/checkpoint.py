@@ -1,9 +1,10 @@
 """Per-epoch checkpoints that load with `ftsam_plugin.io.safe_load` (tensors, numbers, strings, lists, dicts only).
 
 `save_checkpoint` writes `last.pt` (weights, optimizer, scheduler, GradScaler, every rank's RNG states, the clean
-subset, the CSV history, the settings of `RESUME_KEYS`, the data's fingerprint `data.identity`); `load_checkpoint`
-restores them after checking that the run is the same (settings, subset, data, number of processes) and that the
-checkpoint is sound (an epoch of this run, finite weights).
+subset, the CSV history, the settings of `RESUME_KEYS`, the fingerprint of the backdoored model and of the data,
+`data.identity`, and a sha256 of all of it); `load_checkpoint` restores them after checking that the checkpoint is
+sound (its checksum, an epoch of this run, finite weights) and that the run is the same (settings, record, subset,
+data, number of processes).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ftsam_plugin.data.identity import identity_change
+from ftsam_plugin.data.identity import identity_change, tensor_digest
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import check_finite_state
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUME_KEYS", "resume_config", "save_checkpoint", "load_checkpoint", "rng_state",
-           "set_rng_state", "plain"]
+           "set_rng_state", "plain", "checksum", "unfinished_run"]
 
 logger = logging.getLogger("ftsam_plugin.defense")
 
@@ -33,6 +34,7 @@ RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer",
                "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
                "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
                "amp", "amp_dtype", "eval_every", "num_workers", "sam_every", "sam_prob", "sam_epochs")
+FIX = "delete it or run without --resume"  # what to do with a checkpoint that cannot be resumed
 SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore", "sam_every", "sam_prob", "sam_epochs")  # not in FT
 
 
@@ -56,7 +58,7 @@ def save_checkpoint(path: str, *, defense: str, epoch: int, model_state: dict, o
     from ftsam_plugin.io import atomic_save
 
     state = {
-        "format": CHECKPOINT_FORMAT, "version": 2, "defense": defense, "epoch": int(epoch),
+        "format": CHECKPOINT_FORMAT, "version": 3, "defense": defense, "epoch": int(epoch),
         "model": model_state,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -68,6 +70,7 @@ def save_checkpoint(path: str, *, defense: str, epoch: int, model_state: dict, o
         "config": config,
         "data": plain(data),
     }
+    state["checksum"] = checksum(state)
     atomic_save(state, path)
 
 
@@ -84,9 +87,13 @@ def load_checkpoint(path: str, *, defense: str, model: torch.nn.Module, optimize
 
     if not os.path.isfile(path):
         raise FtsamError(f"no checkpoint at {path} to resume from; run without --resume")
-    state = safe_load(path, what="defense checkpoint")
+    state = safe_load(path, what="defense checkpoint", fix=FIX)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise FtsamError(f"{path} is not a {defense} checkpoint; delete it or run without --resume")
+        raise FtsamError(f"{path} is not a {defense} checkpoint; {FIX}")
+    if "checksum" not in state:
+        logger.warning("checkpoint %s has no checksum (an older version); damage to it cannot be detected", path)
+    elif state["checksum"] != checksum({k: v for k, v in state.items() if k != "checksum"}):
+        raise FtsamError(f"checkpoint {path} is damaged (its contents do not match its checksum); {FIX}")
     if state.get("defense") != defense:
         raise FtsamError(f"{path} was written by '{state.get('defense')}', not '{defense}'; run without --resume")
     try:
@@ -101,7 +108,7 @@ def load_checkpoint(path: str, *, defense: str, model: torch.nn.Module, optimize
         epoch = int(state["epoch"])
         if not 1 <= epoch <= int(config["epochs"]):
             raise FtsamError(f"checkpoint {path} says it holds epoch {epoch}, not one of this run's "
-                             f"1..{config['epochs']}; delete it or run without --resume")
+                             f"1..{config['epochs']}; {FIX}")
         check_finite_state(state["model"], f"defense checkpoint {path}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -116,15 +123,42 @@ def load_checkpoint(path: str, *, defense: str, model: torch.nn.Module, optimize
         set_rng_state(rngs[rank])  # each rank continues its own random stream
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise FtsamError(f"checkpoint {path} does not fit this model or run ({detail}); delete it or run without "
-                         f"--resume") from None
+        raise FtsamError(f"checkpoint {path} does not fit this model or run ({detail}); {FIX}") from None
     logger.info("resumed from %s after epoch %d", path, epoch)
     return epoch + 1, list(state["history"])
+
+
+def unfinished_run(path: str) -> Optional[str]:
+    """'epoch E of N' when the checkpoint `path` holds a run that stopped before its last epoch (what a run without
+    --resume would throw away), else None (no checkpoint, a finished run's, or one that cannot be resumed anyway)."""
+    from ftsam_plugin.io import safe_load
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = safe_load(path, what="defense checkpoint")
+        epoch, total = int(state["epoch"]), int(state["config"]["epochs"])
+    except (FtsamError, KeyError, TypeError, ValueError):
+        return None
+    return f"epoch {epoch} of {total}" if 1 <= epoch < total else None
+
+
+def checksum(state: dict) -> str:
+    """sha256 of a checkpoint's contents (every tensor's bytes, every value), as stored in its 'checksum'."""
+    return tensor_digest(state).hexdigest()
 
 
 def _check_data(path: str, old: Optional[dict], new: Optional[dict]) -> None:
     if new is None:
         return
+    if old and new.get("model") and old.get("model") != new["model"]:
+        if not old.get("model"):
+            logger.warning("checkpoint %s has no fingerprint of the backdoored model (an older version); it cannot be "
+                           "checked to belong to this record", path)
+        else:
+            raise FtsamError(f"checkpoint {path} was made from another backdoored model (weights sha256 "
+                             f"{str(old['model'])[:12]}..., this record's {new['model'][:12]}...): it belongs to "
+                             f"another record; run without --resume, or give each record its own --checkpoint_save")
     if not old:
         logger.warning("checkpoint %s has no data fingerprint (an older version); the data cannot be checked to be "
                        "the same", path)

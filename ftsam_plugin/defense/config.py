@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Dict
 
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.settings import TRAINING_RULES, Number, check_numbers, quote, read_yaml
+from ftsam_plugin.settings import TRAINING_RULES, Number, Text, check_numbers, quote, read_yaml
 from ftsam_plugin.settings import str2bool  # re-exported for compatibility
 
 from .factories import BASE_OPTIMIZERS, SCHEDULERS
@@ -159,6 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--protocol", type=str, choices=sorted(PROTOCOLS),
         help="; ".join(f"{p.name}: {p.help}" for p in PROTOCOLS.values()) + " (default: fixed)")
     add("--resume", type=str2bool, nargs="?", const=True, help="continue from <save_path>/checkpoint/last.pt")
+    add("--force", action="store_true", default=None,
+        help="start over even if the checkpoint holds an unfinished run (it is overwritten); flag only, not a YAML key")
     add("--bd_yaml_path", type=str, help="accepted for BackdoorBench compatibility; unused")
     add("--checkpoint_path", type=str, help="accepted for BackdoorBench compatibility; unused")
     return parser
@@ -258,6 +260,10 @@ SAM_RULES = {  # checked for SAM defenses only (plain fine-tuning ignores them)
     "sam_every": Number(integer=True, low=1),
     "sam_prob": Number(low=0, high=1, low_open=True),
 }
+# paths and names: text only (a YAML `index: 5` would open file descriptor 5, `log: true` a folder named True)
+PATH_RULES = {key: Text() for key in ("checkpoint_save", "log", "dataset_path", "result_file", "index", "yaml_path")}
+PATH_RULES.update(dataset=Text("a dataset name"), model=Text("a model name"))
+CHOICES = {"restore": ("copy", "subtract")}  # the flags' argparse choices, for values from the YAML too
 FIX = "fix --{key} (or {key} in the YAML)"
 
 
@@ -351,7 +357,10 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
                 raise FtsamError(f"{key} must be true or false, got {quote(cfg[key])}; {FIX.format(key=key)}") from None
     cfg["rho_auto"] = uses_sam and str(cfg.get("rho")).strip().lower() == RHO_AUTO
     sam_rules = {k: r for k, r in SAM_RULES.items() if not (k == "rho" and cfg["rho_auto"])} if uses_sam else {}
-    check_numbers(cfg, {**RULES, **sam_rules}, FIX)
+    check_numbers(cfg, {**RULES, **sam_rules, **PATH_RULES}, FIX)
+    for key, allowed in CHOICES.items():
+        if cfg.get(key) is not None and cfg[key] not in allowed:
+            raise FtsamError(f"{key} must be one of {', '.join(allowed)}, got {quote(cfg[key])}; {FIX.format(key=key)}")
     if cfg["rho_auto"]:
         cfg["rho"] = RHO_AUTO
         cfg["rho_auto_settings"] = _rho_auto_settings(cfg)

@@ -23,12 +23,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.lock import FolderLock
+from ftsam_plugin.lock import FolderLocks
+from ftsam_plugin.logfile import LogFile
 from ftsam_plugin.purify import RunClock, time_to_purify
 from ftsam_plugin.settings import quote, seed_everything
 
 from . import ddp
-from .checkpoint import load_checkpoint, resume_config, rng_state, save_checkpoint
+from .checkpoint import load_checkpoint, resume_config, rng_state, save_checkpoint, unfinished_run
 from .config import add_arguments as _add_arguments
 from .config import load_yaml, merge_config, validate
 from .factories import base_optimizer, create_scheduler
@@ -86,7 +87,7 @@ class FineTune:
         self.recipe = get_recipe(self.args.protocol, self.uses_sam)  # the protocol, chosen once
         self.result = None
         self._record_dir = None
-        self._lock: Optional[FolderLock] = None  # the defense folder's: one writer per result folder
+        self._lock: Optional[FolderLocks] = None  # of every output folder: one writer per folder
         self._started = time.time()
         self._image_digests: Dict[str, str] = {}  # of the clean subset's files, from the pre-flight image check
         self._data: Optional[dict] = None  # the fingerprint of the data this run trains on (checked on --resume)
@@ -107,10 +108,12 @@ class FineTune:
             args.save_path = save_path
             args.checkpoint_save = args.checkpoint_save or os.path.join(save_path, "checkpoint") + os.sep
             args.log = args.log or os.path.join(save_path, "log") + os.sep
-        if self._lock is None or self._lock.folder != args.save_path:
-            self._lock = FolderLock(args.save_path, what="defense folder")
+        locks = FolderLocks({args.save_path: "defense folder", args.checkpoint_save: "checkpoint folder",
+                             args.log: "log folder"})  # flags may put the last two anywhere, even in another run's
+        if self._lock is None or self._lock.folders != locks.folders:
+            self._lock = locks
         if _holds_output_lock():
-            self._lock.check()  # another run writing there: fail at once, before loading anything
+            self._lock.check()  # another run writing to any of them: fail at once, before loading anything
         if self.result is None or self._record_dir != record_dir:  # BackdoorBench loads it twice; once is enough
             from ftsam_plugin.data.image_check import check_record_images
             from ftsam_plugin.data.records import load_attack_result
@@ -120,8 +123,20 @@ class FineTune:
             self._adopt_record()
             subset = self.choose_subset()  # an impossible subset fails here, before anything is written
             self._image_digests = check_record_images(self.result, subset)  # so does an unreadable image
+            self._keep_unfinished_checkpoint()
         for folder in (args.save_path, args.checkpoint_save, args.log):  # only once the inputs are known good
             make_output_folder(folder)
+
+    def _keep_unfinished_checkpoint(self) -> None:
+        """A run without --resume would overwrite a checkpoint that holds an unfinished run: refuse unless --force."""
+        args = self.args
+        path = os.path.join(args.checkpoint_save, "last.pt")
+        if args.resume or getattr(args, "force", None) or not _holds_output_lock():
+            return
+        unfinished = unfinished_run(path)
+        if unfinished is not None:
+            raise FtsamError(f"checkpoint {path} holds an unfinished run ({unfinished}); continue it with --resume, or "
+                             f"pass --force to start over (the checkpoint is then overwritten)")
 
     def set_logger(self) -> None:
         """Log to `<log>/<YYYY_mm_dd_HH_MM_SS>.log` and the console (handlers removed when `defense` ends)."""
@@ -135,11 +150,7 @@ class FineTune:
         if self.dist.is_main:
             stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.localtime())
             path = os.path.join(self.args.log, f"{stamp}.log")
-            try:
-                handlers.append(logging.FileHandler(path))
-            except OSError as exc:
-                raise FtsamError(f"cannot write log file {path}: {exc.strerror}; fix the folder's permissions or "
-                                 f"pass --log elsewhere") from None
+            handlers.append(LogFile(path, fix="fix the folder's permissions or pass --log elsewhere"))
         for handler in handlers:
             handler.setFormatter(fmt)
             pkg_logger.addHandler(handler)
@@ -186,7 +197,8 @@ class FineTune:
 
     def _mitigate(self) -> Dict[str, torch.nn.Module]:
         """`mitigation`'s body, run while the defense folder is held."""
-        from ftsam_plugin.data.identity import data_identity
+        from ftsam_plugin.data.completion import mark_complete, mark_running
+        from ftsam_plugin.data.identity import data_identity, weights_digest
         from ftsam_plugin.data.records import save_defense_result, write_metrics_summary_csv
 
         args, dev = self.args, self.device
@@ -196,7 +208,7 @@ class FineTune:
 
         model = self.result["model"].to(dev)
         indices = self.choose_subset()
-        self._data = data_identity(self.result, indices, self._image_digests)
+        self._data = data_identity(self.result, indices, self._image_digests, model=weights_digest(model))
         train_set = self.build_train_set(indices)
         self.setup_training(model)
         history: List[dict] = []
@@ -223,19 +235,22 @@ class FineTune:
         epochs = range(start, args.epochs + 1)
         bar = _tqdm(epochs, desc=self.name, disable=not self.dist.is_main)
         self._last_checkpoint = start - 1
+        if self.dist.is_main:
+            mark_running(args.save_path)  # from its first write there to its last, the folder is not a finished run
         with StopOnSigint() as self._stop:
             try:
                 self._train_epochs(model, train_set, bar, indices, history, ckpt_path, csv_path)
             finally:
                 bar.close()  # before any error message is printed
         ddp.broadcast_buffers(model, self.dist)  # BN stats of the last (no_sync) pass are rank-local: take rank 0's
-        if self.dist.is_main:
+        if self.dist.is_main:  # the result, its summary, then the marker saying both belong to this finished run
             purify = time_to_purify(history)
             logger.info("%s", purify.describe())
-            write_metrics_summary_csv(os.path.join(args.save_path, f"{self.name}_df_summary.csv"), history,
-                                      extra=purify.summary_columns())
             out = save_defense_result(self.result["model_name"], self.result["num_classes"], ddp.unwrap(model),
                                       args.save_path)
+            summary = f"{self.name}_df_summary.csv"
+            write_metrics_summary_csv(os.path.join(args.save_path, summary), history, extra=purify.summary_columns())
+            mark_complete(args.save_path, [os.path.basename(out), summary])
             logger.info("saved %s", out)
         ddp.barrier(self.dist)
         self.history = history
@@ -462,8 +477,8 @@ class FineTune:
 
     # ------------------------------------------------------------------ helpers
     def _claim_output(self) -> List[str]:
-        """Hold the defense folder's lock for this run (the main process of a torchrun job only) and remove the temp
-        files that killed runs left in its folders; returns what was removed."""
+        """Hold the locks of the defense, checkpoint and log folders for this run (the main process of a torchrun job
+        only) and remove the temp files that killed runs left in them; returns what was removed."""
         if self._lock is None or self._lock.held or not _holds_output_lock():
             return []
         from ftsam_plugin.io import remove_stale_temp_files

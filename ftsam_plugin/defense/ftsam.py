@@ -64,12 +64,14 @@ class FTSAM(FineTune):
     def _auto_rho(self, model: torch.nn.Module) -> float:
         from ftsam_plugin.io import safe_load
 
+        from .checkpoint import FIX as CHECKPOINT_FIX
         from .rho_auto import choose_rho
         from .subsets import dataset_labels, raw_dataset
 
         ckpt = os.path.join(self.args.checkpoint_save, "last.pt")
         if self.args.resume and os.path.isfile(ckpt):  # keep the run's choice (the probes are not bit-exact on CPU)
-            rho = (safe_load(ckpt, what="defense checkpoint").get("config") or {}).get("rho")
+            state = safe_load(ckpt, what="defense checkpoint", fix=CHECKPOINT_FIX)
+            rho = (state.get("config") or {}).get("rho") if isinstance(state, dict) else None
             if isinstance(rho, (int, float)):
                 logger.info("rho auto: resuming with rho %g, chosen by the run being resumed", rho)
                 return float(rho)

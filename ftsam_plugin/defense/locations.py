@@ -6,6 +6,7 @@ import os
 from typing import Optional
 
 from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.io import make_output_folder  # re-exported: where the defense pipeline has always found it
 
 __all__ = ["resolve_record", "make_output_folder", "peek_record_dataset"]
 
@@ -30,21 +31,10 @@ def resolve_record(result_file) -> str:
                      f"`ftsam attack`)")
 
 
-def make_output_folder(folder: str) -> None:
-    """Create `folder` (and parents) or raise an FtsamError naming why it cannot be written."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
-        raise FtsamError(f"cannot create output folder {folder}: {reason}; free that path or fix its permissions"
-                         ) from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FtsamError(f"output folder {folder} is not writable; fix its permissions")
-
-
 def peek_record_dataset(result_file) -> Optional[str]:
     """The dataset a record was made on (for choosing the packaged YAML), without loading its data."""
+    from ftsam_plugin.data.records import check_record_meta
     from ftsam_plugin.io import safe_load
 
-    raw = safe_load(os.path.join(resolve_record(result_file), "attack_result.pt"), what="attack result")
-    return raw.get("clean_data") if isinstance(raw, dict) else None
+    pt = os.path.join(resolve_record(result_file), "attack_result.pt")
+    return check_record_meta(safe_load(pt, what="attack result"), pt)["clean_data"]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
-from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.settings import str2bool
+from ftsam_plugin.lock import FolderLock
+from ftsam_plugin.settings import Number, Text, check_flags, str2bool
+from ftsam_plugin.signals import Stopped
 
 from .runs import NO_DEFENSE, WEIGHTS_NAME, find_summary, load_result_model, output_dir, result_path, retune_and_save
 from .settings import add_settings_arguments, given_names, settings_from_args
@@ -60,6 +62,11 @@ def _report(summary: dict, folder: str, cached: bool) -> None:
     print(f"wrote {folder}")
 
 
+# the flags besides the settings (RetuneSettings checks those): all checked before anything is read or written
+FLAG_RULES = {"eval_every": Number(integer=True, low=1), "eval_batch_size": Number(integer=True, low=1),
+              "num_workers": Number(integer=True, low=0), "dataset_path": Text(), "defense": Text("a defense name")}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -67,16 +74,13 @@ def run(args: argparse.Namespace) -> int:
     from ftsam_plugin.defense.ddp import resolve_device
     from ftsam_plugin.defense.locations import resolve_record
 
+    check_flags(args, FLAG_RULES)
     settings = settings_from_args(args)
-    for flag in ("eval_every", "eval_batch_size"):
-        if getattr(args, flag) < 1:
-            raise FtsamError(f"--{flag} {getattr(args, flag)} must be >= 1")
-    if args.num_workers < 0:
-        raise FtsamError(f"--num_workers {args.num_workers} must be >= 0")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     record_dir = os.path.abspath(resolve_record(args.result_file))
     result = result_path(record_dir, args.defense)
     folder = output_dir(result, settings)
+    FolderLock(folder, what="retune folder").check()  # another run writing there: fail before loading anything
     if not args.force:
         cached = find_summary(result, record_dir, settings, args.dataset_path)
         if cached is not None and (cached.get("weights") or not args.save_model):
@@ -88,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         summary = retune_and_save(model, record, result, settings, args.defense, args.dataset_path, device,
                                   args.eval_every, args.eval_batch_size, args.num_workers, args.save_model,
                                   args.eval_before, console=True, given=given_names(args))
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"stopped; {folder} has no summary.json (unfinished): the same command runs it "
-                                f"again from the start") from None
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the same signal's exit code (130, 143)
+        raise Stopped(f"stopped; {folder} has no summary.json (unfinished): the same command runs it again from the "
+                      f"start", getattr(exc, "signum", signal.SIGINT)) from None
     _report(summary, folder, cached=False)
     return 0

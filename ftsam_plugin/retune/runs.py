@@ -25,7 +25,9 @@ from typing import Iterable, Optional
 import torch
 
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.io import atomic_write_text, file_fingerprint
+from ftsam_plugin.io import atomic_write_text, file_fingerprint, remove_stale_temp_files
+from ftsam_plugin.lock import FolderLock
+from ftsam_plugin.logfile import LogFile
 
 from .settings import RetuneSettings, describe
 from .train import logger, retune_model
@@ -39,6 +41,7 @@ WEIGHTS_NAME = "retune_result.pt"
 LOG_NAME = "retune.log"
 FORMAT = "ftsam-retune"
 VERSION = 1
+STARTED = time.time()  # temp files older than this process are left over from killed runs
 
 
 def result_path(record_dir: str, defense: str) -> str:
@@ -107,10 +110,7 @@ def load_result_model(result: str, record: dict, device="cpu") -> torch.nn.Modul
 @contextlib.contextmanager
 def _logging_to(path: str, console: bool):
     fmt = logging.Formatter("%(asctime)s [%(levelname)-8s] %(message)s", datefmt="%Y-%m-%d:%H:%M:%S")
-    try:
-        handlers = [logging.FileHandler(path, mode="w")]
-    except OSError as exc:
-        raise FtsamError(f"cannot write log file {path}: {exc.strerror}; fix the folder's permissions") from None
+    handlers = [LogFile(path, mode="w")]
     if console:
         handlers.append(logging.StreamHandler())
     level = logger.level
@@ -127,12 +127,17 @@ def _logging_to(path: str, console: bool):
         logger.setLevel(level)
 
 
-def _make_folder(folder: str) -> None:
+def _claim_folder(folder: str) -> FolderLock:
+    """Create the run's folder and take its lock (one writer per folder); then clear what an earlier run left that
+    would make it look finished or that a killed write left behind. Returns the held lock."""
     from ftsam_plugin.defense.locations import make_output_folder
 
     make_output_folder(folder)
+    lock = FolderLock(folder, what="retune folder").acquire()
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(folder, SUMMARY_NAME))  # an earlier run's: this folder is unfinished until the end
+    remove_stale_temp_files(folder, before=STARTED)
+    return lock
 
 
 def retune_and_save(model: torch.nn.Module, record: dict, result: str, settings: RetuneSettings,
@@ -164,8 +169,7 @@ def retune_and_save(model: torch.nn.Module, record: dict, result: str, settings:
     key = run_key(result, record_dir, settings, dataset_path)
     retune_set = build_retune_set(record, settings)  # checks the sizes before anything is written
     folder = output_dir(result, settings)
-    _make_folder(folder)
-    with _logging_to(os.path.join(folder, LOG_NAME), console):
+    with _claim_folder(folder), _logging_to(os.path.join(folder, LOG_NAME), console):
         logger.info("retuning attack (Min et al., NeurIPS 2024) on %s (defense %s), record %s", result, defense,
                     record_dir)
         logger.info("settings:\n%s", describe(settings, given))

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Dict, Iterable, Optional, Sequence
 
 from ftsam_plugin.errors import FtsamError
+from ftsam_plugin.settings import SEED_MAX
 
 __all__ = ["RetuneSettings", "DEFAULT_SOURCES", "add_settings_arguments", "settings_from_args", "parse_settings"]
 
@@ -72,7 +73,7 @@ class RetuneSettings:
             ("sgd_momentum", 0.0 <= self.sgd_momentum < 1.0, "must be in [0, 1)"),
             ("wd", math.isfinite(self.wd) and self.wd >= 0, "must be >= 0"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("random_seed", self.random_seed >= 0, "must be >= 0"),
+            ("random_seed", 0 <= self.random_seed <= SEED_MAX, f"must be in [0, {SEED_MAX}]"),
         )
         for name, ok, problem in checks:
             if not ok:
