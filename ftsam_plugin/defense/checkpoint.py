@@ -32,8 +32,8 @@ CHECKPOINT_FORMAT = "ftsam-defense-checkpoint"
 RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd", "random_seed",
                "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
                "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
-               "amp", "amp_dtype", "eval_every", "num_workers")
-SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore")  # unused by plain fine-tuning
+               "amp", "amp_dtype", "eval_every", "num_workers", "rho_schedule", "rho_min", "checkpoint_path")
+SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore", "rho_schedule", "rho_min")  # unused by plain FT
 
 
 def resume_config(cfg: dict, uses_sam: bool) -> dict:
@@ -41,6 +41,8 @@ def resume_config(cfg: dict, uses_sam: bool) -> dict:
     cfg = dict(cfg)
     if not cfg.get("amp"):
         cfg["amp_dtype"] = None  # unused without AMP
+    if cfg.get("rho_schedule") != "proportional":
+        cfg["rho_min"] = None  # unused by a constant rho
     if not uses_sam:
         for key in SAM_ONLY_KEYS:
             cfg[key] = None

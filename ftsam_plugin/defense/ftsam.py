@@ -15,6 +15,7 @@ import torch
 from . import ddp
 from .config import RHO_AUTO
 from .finetune import FineTune
+from .rho_schedule import apply_rho_schedule
 from .registry import DEFENSES
 
 logger = logging.getLogger("ftsam_plugin.defense")
@@ -30,7 +31,8 @@ class FTSAM(FineTune):
 
     Each step: forward/backward at w (under DDP's `no_sync`, forward included: each rank perturbs with its local
     gradient), w += e, forward/backward at w + e with BatchNorm running statistics frozen (the gradient all-reduce
-    happens here), restore w, base-optimizer step with that gradient.
+    happens here), restore w, base-optimizer step with that gradient (GSAM-decomposed when --alpha is not 0).
+    rho follows --rho_schedule (rho_schedule.py) after every lr change.
     """
 
     name = "ftsam"
@@ -46,7 +48,12 @@ class FTSAM(FineTune):
             restore = "copy"
         cls, kwargs = self._base_optimizer()
         return SAM([p for p in model.parameters() if p.requires_grad], cls, rho=args.rho, adaptive=args.adaptive,
-                   eta=args.eta, restore=restore, **kwargs)
+                   eta=args.eta, restore=restore, alpha=float(args.alpha), **kwargs)
+
+    def lr_changed(self) -> None:
+        """Set rho for the lr the next steps use (--rho_schedule; constant: rho throughout)."""
+        args = self.args
+        apply_rho_schedule(self.optimizer.param_groups, args.rho_schedule, args.rho, args.rho_min, args.lr)
 
     def choose_subset(self):
         self._subset = super().choose_subset()

@@ -1,6 +1,7 @@
 """SAM / ASAM as a `torch.optim.Optimizer` wrapping a base optimizer (the davda54/sam protocol)."""
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -8,6 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ftsam_plugin import kernels
 
+from .gsam import gradient_decompose
 from .step_plans import MOVED
 from .step_plans import STALE
 from .step_plans import StepPlans
@@ -27,6 +29,13 @@ class SAM(torch.optim.Optimizer):
         restore: "copy" (exact, default) or "subtract" (w -= e, the ASAM/BackdoorBench way).
         adaptive_weights_only: T = 1 for biases and norm layers (params with ndim <= 1), as official ASAM.
         backend: "auto" | "triton" | "foreach" | "loop", passed to ftsam_plugin.kernels.
+        alpha: GSAM's gradient decomposition (optim/gsam.py, BackdoorBench's `sam_alpha`): the base step uses
+            h - alpha * (g's component orthogonal to h), g the grad at w, h the grad at w + e. 0 (default, FT-SAM's
+            value) skips it; otherwise first_step keeps a copy of g (one more param-sized buffer) and second_step
+            spends two norms and an inner product (plain torch, not fused). Under DDP, h is the all-reduced grad.
+
+    rho is read from the param groups at every first_step: a schedule may set group["rho"] between steps
+    (ftsam_plugin.defense.rho_schedule does) without rebuilding any plan.
 
     The kernel plans (ftsam_plugin.kernels.create_plan: for Triton the device pointer table, work list and one
     persistent `saved` buffer) are built at the first step and reused while every param and grad keeps its
@@ -58,9 +67,11 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, eta=0.0, restore="copy",
-                 adaptive_weights_only=False, backend="auto", **base_kwargs):
+                 adaptive_weights_only=False, backend="auto", alpha=0.0, **base_kwargs):
         if not rho > 0.0:
             raise ValueError(f"rho must be > 0, got {rho}")
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha}")
         if eta < 0.0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if restore not in kernels.RESTORE_MODES:
@@ -74,7 +85,8 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
-        self.restore, self.weights_only, self.backend = restore, adaptive_weights_only, backend
+        self.restore, self.weights_only, self.backend, self.alpha = restore, adaptive_weights_only, backend, alpha
+        self._first_grads = None  # alpha != 0: {param: its grad at w}, kept by first_step for second_step
         self._plans = None  # StepPlans, reused while valid
         self._perturbed = None  # the StepPlans whose perturbation second_step undoes
         self._skipped = False
@@ -94,7 +106,7 @@ class SAM(torch.optim.Optimizer):
     # it themselves), and entering it would add host time to every step
     def first_step(self, zero_grad=False, grad_scaler=None):
         """w += e (e from the current grads). With an enabled GradScaler: unscale, skip on non-finite grads."""
-        self._skipped, self._perturbed = False, None
+        self._skipped, self._perturbed, self._first_grads = False, None, None
         amp = grad_scaler is not None and grad_scaler.is_enabled()
         if amp:
             grad_scaler.unscale_(self)  # SAM counts as its own optimizer; scaler.step(base) handles pass two
@@ -106,7 +118,10 @@ class SAM(torch.optim.Optimizer):
                 bad = self._any_rank(bad, grad_scaler)
             self._skipped = bool(bad)
         if not self._skipped and norm is not None:
-            plans.perturb(norm)
+            if self.alpha != 0:
+                self._first_grads = {p: p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                                     if p.grad is not None}
+            plans.perturb(norm, self.param_groups)
             self._perturbed = plans
         if zero_grad:
             self.zero_grad()
@@ -124,6 +139,8 @@ class SAM(torch.optim.Optimizer):
 
     def second_step(self, zero_grad=False, grad_scaler=None):
         """Restore w, then the base step with the grad at w + e (via scaler.step + scaler.update if given)."""
+        if self._first_grads is not None:
+            self._decompose(grad_scaler)
         if self._perturbed is not None:
             self._perturbed.restore()
             self._perturbed = None
@@ -136,6 +153,16 @@ class SAM(torch.optim.Optimizer):
         self._opt_called = True  # what an LRScheduler's step() wrapper records; first/second_step bypass step()
         if zero_grad:
             self.zero_grad()
+
+    def _decompose(self, grad_scaler):
+        """alpha != 0: GSAM's decomposition of the second-pass grads (unscaled first under a GradScaler)."""
+        first, self._first_grads = self._first_grads, None
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            if self._skipped:
+                return
+            grad_scaler.unscale_(self.base_optimizer)  # scaler.step(base) then finds them unscaled
+        pairs = [(g, p.grad) for p, g in first.items() if p.grad is not None]
+        gradient_decompose([g for g, _ in pairs], [h for _, h in pairs], self.alpha)
 
     def step(self, closure=None, grad_scaler=None):
         """One SAM update; grads at w must exist; `closure` re-does forward and backward (at w + e)."""
