@@ -5,6 +5,7 @@ BACKDOORBENCH_ROOT); here: the rule, how flags and protocols resolve it, and tha
 """
 
 import argparse
+import logging
 
 import pytest
 import torch
@@ -82,6 +83,17 @@ def test_backdoorbench_protocol_notes_that_the_reference_ignores_rho():
     assert "would have run rho = 8.0" in args.protocol_notes[0]
     assert built(["--protocol", "backdoorbench", "--rho_max", "8"]).args.protocol_notes == []
     assert built(["--rho", "4"]).args.protocol_notes == []  # fixed: nothing to say
+
+
+def test_the_note_goes_to_the_runs_log(tmp_path, caplog):
+    defense = built(["--protocol", "backdoorbench", "--rho", "4"])
+    defense.args.log = str(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ftsam_plugin.defense"):
+        defense.set_logger()
+    defense._close_logger()
+    assert "protocol backdoorbench: --rho 4.0 is applied; the reference ignores --rho and would have run rho = 2.0" \
+        in caplog.text
+    assert "would have run rho = 2.0" in "".join(p.read_text() for p in tmp_path.glob("*.log"))
 
 
 @pytest.mark.parametrize("protocol", ["fixed", "backdoorbench"])
