@@ -11,7 +11,8 @@ Steps (each cached under --cache, default benchmarks/.cache, so a re-run skips w
      config (lr 0.01, batch 256, 100 epochs, rho 2, ASAM, label smoothing 0.1), the same class-balanced 5% clean
      subset and seed for every defense: ft-baseline, then ftsam; results moved to <cache>/runs/<record>/<tag>/;
      an interrupted defense resumes from its checkpoint;
-  4. a rho sweep of FT-SAM (--sweep_rhos, --sweep_epochs);
+  4. a rho sweep of FT-SAM (--sweep_rhos, --sweep_epochs); then the cheaper FT-SAM schedules (group `cheap`, issue
+     22: time to purify and total time as ratios to FT's 100-epoch run, see cheap_plan);
   5. a profile of one FT-SAM epoch (and one FT epoch) with manual timers: data loading, forward/backward,
      SAM/optimizer steps, evaluation;
   6. benchmarks/results/defense_cpu.md (+ defense_cpu.png), rewritten after every finished step.
@@ -190,12 +191,22 @@ class Run:
     protocol: str = "fixed"
     eval_every: int = 10
     group: str = "main"  # which table of the report it belongs to
+    sam_every: Optional[int] = None  # FT-SAM's cheaper schedules (issue 22): None leaves the option unset
+    sam_prob: Optional[float] = None
+    sam_epochs: Optional[str] = None  # "FIRST-LAST"
 
     @property
     def tag(self) -> str:
         head = "ft" if self.defense == "ft-baseline" else f"ftsam_rho{self.rho}"
         tail = "_bb" if self.protocol == "backdoorbench" else ""
-        return f"{head}_e{self.epochs}_s{self.seed}{tail}"
+        prefix = "cheap_" if self.group == "cheap" else ""  # its own reruns of FT and FT-SAM: other folders
+        return f"{prefix}{head}{self.schedule_tag}_e{self.epochs}_s{self.seed}{tail}"
+
+    @property
+    def schedule_tag(self) -> str:
+        return ((f"_every{self.sam_every}" if self.sam_every else "")
+                + (f"_p{self.sam_prob:g}" if self.sam_prob else "")
+                + (f"_sam{self.sam_epochs}" if self.sam_epochs else ""))
 
 
 # The recommended CPU setting (FT-SAM rho 4 over 20 epochs) was chosen from the single-seed Blended runs reported
@@ -218,12 +229,39 @@ def full_plan() -> List[Run]:
         plan.append(Run("blended", "ftsam", 100, 0, rho=rho, eval_every=10, group="sweep"))
     plan.append(Run("blended", "ftsam", 100, 0, rho="2", protocol="backdoorbench", eval_every=10, group="protocol"))
     plan.append(Run("badnet", "ftsam", 100, 0, rho="2", eval_every=10, group="sweep"))
+    return plan + cheap_plan()
+
+
+# Issue 22: cheaper FT-SAM schedules against today's FT-SAM (rho 4, 20 epochs) and FT over 100 epochs (the time
+# reference), all rerun in this group so that they share one machine and load. The variants are evaluated every
+# epoch (time to purify to one epoch); FT-100 every 5 epochs. CHEAP_CANDIDATE gets seeds 1 and 2 at the end of the
+# plan: SAM in epochs 1-5 only is the one variant whose cost (5 x ~1.95 + 15 FT-epochs, about 0.25x of FT-100's 100)
+# meets the target by arithmetic; if the seed-0 table recommends another, change it before those runs start.
+CHEAP_VARIANTS = ({"sam_epochs": "1-5"}, {"sam_every": 2}, {"sam_prob": 0.5}, {"epochs": 10}, {"sam_epochs": "1-10"})
+CHEAP_CANDIDATE = {"sam_epochs": "1-5"}
+
+
+def cheap_run(attack: str, seed: int, **variant) -> Run:
+    """FT-SAM at the recommended rho, 20 epochs unless `variant` says otherwise, in the cheap group."""
+    settings = {"epochs": RECOMMENDED["epochs"], **variant}
+    return Run(attack, "ftsam", seed=seed, rho=RECOMMENDED["rho"], eval_every=1, group="cheap", **settings)
+
+
+def cheap_plan() -> List[Run]:
+    plan: List[Run] = []
+    for attack in ("blended", "badnet"):
+        plan += [Run(attack, "ft-baseline", 100, 0, eval_every=5, group="cheap"), cheap_run(attack, 0)]
+        plan += [cheap_run(attack, 0, **variant) for variant in CHEAP_VARIANTS]
+    for seed in (1, 2):
+        plan += [cheap_run(attack, seed, **CHEAP_CANDIDATE) for attack in ("blended", "badnet")]
     return plan
 
 
 def quick_plan() -> List[Run]:
     return [Run(a, d, 2, 0, rho=("2" if d == "ftsam" else None), eval_every=1, group="seeds")
-            for a in ATTACKS for d in ("ft-baseline", "ftsam")]
+            for a in ATTACKS for d in ("ft-baseline", "ftsam")] + [
+        Run(a, d, 2, 0, rho=("2" if d == "ftsam" else None), eval_every=1, group="cheap",
+            sam_every=(2 if d == "ftsam" else None)) for a in ATTACKS for d in ("ft-baseline", "ftsam")]
 
 
 PLANS = {"full": full_plan, "quick": quick_plan}
@@ -241,6 +279,10 @@ def defense_argv(mode: Mode, run: Run, record: str, data: str) -> List[str]:
         argv += ["--rho", run.rho]
     if run.protocol != "fixed":
         argv += ["--protocol", run.protocol]
+    for flag in ("sam_every", "sam_prob", "sam_epochs"):
+        if getattr(run, flag) is not None:
+            argv += [f"--{flag}", f"{getattr(run, flag):g}" if isinstance(getattr(run, flag), float) else
+                     str(getattr(run, flag))]
     return argv
 
 
@@ -318,6 +360,38 @@ def execute(mode: Mode, run: Run, record: str, data: str, cache: str, results: s
         json.dump(summary, handle, indent=1)
     os.replace(path + ".tmp", path)
     log(f"{run.attack} {run.tag}: done in {wall / 60:.1f} min -> {path}")
+
+
+def reproduce(mode: Mode, plan: List[Run], which: str, data: str, cache: str, results: str, threads: int) -> int:
+    """Run `which` (attack/tag) again into its run folder; its summary goes to `<results>_repro/`, with a verdict on
+    whether every evaluated epoch's ACC/ASR/RA equals the committed summary's."""
+    run = next((r for r in plan if f"{r.attack}/{r.tag}" == which), None)
+    committed = os.path.join(results, which + ".json")
+    if run is None or not os.path.isfile(committed):
+        sys.exit(f"error: {which} is not a finished run of the plan; pick one of {results}/<attack>/<tag>.json")
+    record = os.path.join(cache, "record", record_name(mode, run.attack))
+    repro = results.rstrip(os.sep) + "_repro"
+    if not claim(run_folder(cache, record, run)):
+        sys.exit(f"error: {which} is being run by another process")
+    try:
+        execute(mode, run, record, data, cache, repro, threads)
+    finally:
+        os.unlink(os.path.join(run_folder(cache, record, run), "claim.pid"))
+    path = os.path.join(repro, which + ".json")
+    with open(path) as handle:
+        mine = json.load(handle)
+    with open(committed) as handle:
+        theirs = json.load(handle)
+    keys = ("epoch", "test_acc", "test_asr", "test_ra")
+    pick = lambda item: [[r.get(k) for k in keys] for r in evals_of(item)]
+    mine["reproduces"] = {"summary": os.path.relpath(committed, REPO), "commit": theirs.get("commit"),
+                          "machine": theirs.get("machine"), "identical": pick(mine) == pick(theirs)}
+    with open(path + ".tmp", "w") as handle:
+        json.dump(mine, handle, indent=1)
+    os.replace(path + ".tmp", path)
+    log(f"{which}: per-epoch ACC/ASR/RA {'identical to' if mine['reproduces']['identical'] else 'DIFFERENT from'} "
+        f"{committed}")
+    return 0
 
 
 def rho_log_lines(work: str) -> List[str]:
@@ -568,7 +642,130 @@ def describe(run: dict) -> str:
         name = f"FT-SAM ρ={r['rho']}"
     if r["protocol"] == "backdoorbench":
         name += ", `--protocol backdoorbench`"
-    return f"{name}, {r['epochs']} epochs"
+    schedule = [f"SAM every {r['sam_every']} steps" if r.get("sam_every") else "",
+                f"SAM with p={r['sam_prob']:g}" if r.get("sam_prob") else "",
+                f"SAM in epochs {r['sam_epochs']} only" if r.get("sam_epochs") else ""]
+    return ", ".join([name, *(s for s in schedule if s), f"{r['epochs']} epochs"])
+
+
+# ------------------------------------------------------------------------------------------------ issue 22
+
+
+def cheap_reference(attack: str) -> Run:
+    """The time reference of the cheap group: FT over 100 epochs, rerun there."""
+    return next(r for r in cheap_plan() if r.attack == attack and r.defense == "ft-baseline")
+
+
+def _ratio(x: Optional[float], ref: Optional[float]) -> str:
+    return "–" if x is None or not ref else f"{x / ref:.3f}×"
+
+
+def _steps_per_epoch(item: dict) -> Optional[int]:
+    """Optimizer steps per epoch: the clean subset over the packaged CIFAR-10 config's batch size."""
+    from ftsam_plugin.defense.config import load_yaml
+
+    size = item.get("subset_size")
+    return -(-int(size) // int(load_yaml("cifar10")["batch_size"])) if size else None
+
+
+def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], png: str) -> Tuple[List[str], List[str]]:
+    """Issue 22's table (time to purify, final ACC/ASR, total time, as ratios to FT-100's of this group), the
+    recommended candidate over seeds, and the targets."""
+    from ftsam_plugin.purify import time_to_purify
+
+    ref_item = cheap.get(cheap_reference(attack).tag)
+    ref_p = time_to_purify(ref_item["rows"]) if ref_item else None
+    ref_train = ref_p.total_train_s if ref_p else None
+    ref_wall = ref_item.get("wall_s") if ref_item else None
+    lines = [f"### Cheaper FT-SAM schedules (issue 22), seed 0: times as ratios to FT's 100-epoch run", "",
+             "All runs of this table ran in the `cheap` group of the plan (same machine and load as each other), "
+             "FT-SAM ones evaluated every epoch, FT every 5. Time to purify: the first evaluated epoch from which "
+             "ASR stays ≤ 5% to the end of the run, and the training seconds up to it (`ftsam_plugin.purify`, "
+             "from the run's per-epoch CSV; evaluation time excluded). Training: all training seconds of the run; "
+             "wall: the whole `ftsam defend` process (setup and evaluations included). FT-100 here: "
+             f"{secs(ref_train)} s training, "
+             f"{secs(ref_wall)} s wall" + ("" if ref_item else " (not finished yet: no ratios)") + ".", "",
+             "| run | SAM steps | purified at | time to purify | final ACC | final ASR | training | wall | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = [r.tag for r in cheap_plan() if r.attack == attack]
+    seed0 = sorted(((t, i) for t, i in cheap.items() if i["run"]["seed"] == 0),
+                   key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    curves = []
+    for tag, item in seed0:
+        p = time_to_purify(item["rows"])
+        last = item["rows"][-1]
+        per_epoch = _steps_per_epoch(item)
+        steps = f"{int(last['sam_steps'])}" if last.get("sam_steps") is not None else "–"
+        if last.get("sam_steps") is not None and per_epoch:
+            steps += f" ({100 * last['sam_steps'] / (per_epoch * p.epochs):.0f}%)"
+        status = f"unfinished (epoch {p.epochs})" if item.get("partial") else "done"
+        lines.append(f"| {describe(item)} | {steps if item['run']['defense'] == 'ftsam' else '0'} | {p.when()} | "
+                     f"{_ratio(p.train_s, ref_train) if p.purified else 'never'} | {pct(p.final_acc)} | "
+                     f"{pct(p.final_asr)} | {_ratio(p.total_train_s, ref_train)} | "
+                     f"{_ratio(item.get('wall_s'), ref_wall)} | {status} |")
+        curves.append((describe(item), item["rows"]))
+    lines.append("")
+    if ref_train and plot_cheap(attack, curves, ref_train, png):
+        lines += [f"![ASR against training time, {attack}]({os.path.basename(png)})", ""]
+    # the candidate over seeds, against FT-100 (the seed table's, else this group's seed 0)
+    candidate = [cheap[cheap_run(attack, s, **CHEAP_CANDIDATE).tag] for s in SEEDS
+                 if cheap_run(attack, s, **CHEAP_CANDIDATE).tag in cheap
+                 and not cheap[cheap_run(attack, s, **CHEAP_CANDIDATE).tag].get("partial")]
+    if not candidate:
+        return lines, []
+    ps = [time_to_purify(i["rows"]) for i in candidate]
+    label = describe(candidate[0])
+    trains = [p.total_train_s / ref_train for p in ps if p.total_train_s] if ref_train else []
+    walls = [i["wall_s"] / ref_wall for i in candidate if i.get("wall_s")] if ref_wall else []
+    fts = [runs[t] for t in (Run(attack, "ft-baseline", 100, s).tag for s in SEEDS) if t in runs
+           and not runs[t].get("partial")] or ([ref_item] if ref_item and not ref_item.get("partial") else [])
+    ft_acc = [evals_of(i)[-1]["test_acc"] for i in fts]
+    lines += [f"Recommended candidate ({label}) over seeds {', '.join(str(i['run']['seed']) for i in candidate)}: "
+              f"ACC {mean_std([p.final_acc for p in ps])}, ASR {mean_std([p.final_asr for p in ps])}, time to "
+              f"purify {', '.join(p.when() for p in ps)}, training time {mean_std(trains, scale=1, digits=3)}× "
+              f"FT-100's; FT-100's ACC {mean_std(ft_acc)} ({len(fts)} seed(s)).", ""]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    asr, acc = mean([p.final_asr for p in ps]), mean([p.final_acc for p in ps])
+    n = f"({len(ps)} of 3 seeds)"
+    targets = [f"{attack}: cheaper FT-SAM ({label}) ASR ≤ 5%: **{'met' if asr <= 0.05 else 'NOT met'}** "
+               f"({100 * asr:.2f}%) {n}"]
+    if ft_acc:
+        targets.append(f"{attack}: cheaper FT-SAM ACC ≥ FT-100's: **{'met' if acc >= mean(ft_acc) else 'NOT met'}** "
+                       f"({100 * acc:.2f} vs {100 * mean(ft_acc):.2f}) {n}")
+    if trains:
+        whole = f", whole process {mean(walls):.3f}× (evaluations included)" if walls else ""
+        targets.append(f"{attack}: cheaper FT-SAM total time ≤ 0.25× FT-100's: training "
+                       f"**{'met' if mean(trains) <= 0.25 else 'NOT met'}** ({mean(trains):.3f}×){whole}")
+    return lines, targets
+
+
+def plot_cheap(attack: str, curves: List[Tuple[str, List[dict]]], ref_train: float, path: str) -> Optional[str]:
+    """ASR per evaluated epoch against the run's cumulative training time over FT-100's total."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = 0
+    for n, (label, rows) in enumerate(curves):
+        pts = [(r["train_time_s"] / ref_train, 100 * r["test_asr"]) for r in rows
+               if r.get("test_asr") is not None and r.get("train_time_s") is not None]
+        if pts:
+            ax.plot(*zip(*pts), "-o", ms=2.5, color=f"C{n % 10}", label=label)
+            drawn += 1
+    if not drawn:
+        return None
+    ax.axhline(5, color="grey", lw=0.8, ls=":")
+    ax.axvline(0.25, color="grey", lw=0.8, ls="-.")
+    ax.set_xlabel("training time / FT-100's training time")
+    ax.set_ylabel("ASR %")
+    ax.set_title(f"{attack}: ASR against training time (dotted: 5% ASR; dash-dot: 0.25× FT-100)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def chosen_rho(item: dict) -> Optional[float]:
@@ -632,10 +829,12 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         # the 3-seed table at the recommended setting
         rec_tag = lambda seed: Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho=RECOMMENDED["rho"]).tag
         ft_tag = lambda seed: Run(attack, "ft-baseline", 100, seed).tag
+        ft_short_tag = lambda seed: Run(attack, "ft-baseline", RECOMMENDED["epochs"], seed).tag
         auto_tag = lambda seed: Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho="auto").tag
         rows = []
         for label, tagf in (("FT, 100 epochs", ft_tag),
                             (f"FT-SAM ρ={RECOMMENDED['rho']}, {RECOMMENDED['epochs']} epochs", rec_tag),
+                            (f"FT, {RECOMMENDED['epochs']} epochs", ft_short_tag),
                             (f"FT-SAM `--rho auto`, {RECOMMENDED['epochs']} epochs", auto_tag)):
             got = [runs[tagf(s)] for s in SEEDS if tagf(s) in runs and not runs[tagf(s)].get("partial")]
             lasts = [evals_of(i)[-1] for i in got]
@@ -653,7 +852,8 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         lines.append("")
         for seed in SEEDS:
             bits = []
-            for label, tagf in (("FT", ft_tag), (f"FT-SAM ρ={RECOMMENDED['rho']}", rec_tag), ("FT-SAM auto", auto_tag)):
+            for label, tagf in (("FT 100", ft_tag), (f"FT-SAM ρ={RECOMMENDED['rho']}", rec_tag),
+                                (f"FT {RECOMMENDED['epochs']}", ft_short_tag), ("FT-SAM auto", auto_tag)):
                 i = runs.get(tagf(seed))
                 if i:
                     m = evals_of(i)[-1]
@@ -664,7 +864,11 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
             if bits:
                 lines.append(f"- seed {seed}: " + "; ".join(bits))
         lines.append("")
-        (ft_label, ft_got, ft_lasts, _), (_, sam_got, sam_lasts, _), _auto = rows
+        (ft_label, ft_got, ft_lasts, _), (_, sam_got, sam_lasts, _), _short, (_, auto_got, auto_lasts, _) = rows
+        if auto_lasts:
+            auto_asr = sum(m["test_asr"] for m in auto_lasts) / len(auto_lasts)
+            checks.append(f"{attack}: `--rho auto` mean ASR ≤ 5%: **{'met' if auto_asr <= 0.05 else 'NOT met'}** "
+                          f"({100 * auto_asr:.2f}%, {len(auto_lasts)} of 3 seeds)")
         if ft_lasts and sam_lasts:
             mean = lambda xs: sum(xs) / len(xs)
             sam_asr, sam_acc = mean([m["test_asr"] for m in sam_lasts]), mean([m["test_acc"] for m in sam_lasts])
@@ -691,7 +895,7 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
                               f"wall time): **{'met' if ok else 'NOT met'}** (ASR {100 * sam_asr:.2f}%, "
                               f"−{drop:.2f} points, wall {mean(w_sam) / 60:.0f} vs {mean(w_ft) / 60:.0f} min)")
         # every other run on this attack: the sweep, the protocol, rho auto
-        others = [(tag, i) for tag, i in runs.items() if i["run"]["group"] != "seeds"]
+        others = [(tag, i) for tag, i in runs.items() if i["run"]["group"] not in ("seeds", "cheap")]
         if others:
             marks = (10, 20, 40, 60, 80, 100)
             lines += ["### Full-length runs (seed 0): ASR along the run", "",
@@ -717,6 +921,11 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         png = plot(attack, runs, bd, os.path.splitext(out)[0] + f"_{attack}.png")
         if png:
             lines += [f"![ACC and ASR per epoch, {attack}]({os.path.basename(png)})", ""]
+        cheap = {tag: i for tag, i in runs.items() if i["run"]["group"] == "cheap"}
+        if cheap:
+            section, targets = cheap_section(attack, cheap, runs, os.path.splitext(out)[0] + f"_cheap_{attack}.png")
+            lines += section
+            checks += targets
     for path in sorted(glob.glob(os.path.join(REPO, "benchmarks", "results", "rho_auto_probe_*.json"))):
         with open(path) as handle:
             probe = json.load(handle)
@@ -735,18 +944,62 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
                       f"within 2 points (fine-tuning alone costs {probe['undefended_holdout_acc'] - ref:.1f}), which "
                       f"is why the reference is the smallest ρ's probe.", ""]
     if checks:
-        lines += ["## Targets (issue 10), on the mean over the seeds done", ""] + [f"- {c}" for c in checks] + [""]
+        lines += ["## Targets (issue 17; the cheaper schedules: issue 22), on the mean over the seeds done", ""]
+        lines += [f"- {c}" for c in checks] + [""]
+    lines += provenance(plan, done, results)
     lines += ["## Notes", "",
               f"- The recommended CPU setting (FT-SAM ρ={RECOMMENDED['rho']} over {RECOMMENDED['epochs']} epochs, "
               "cosine over the run) was chosen from single-seed Blended runs (issue 10's table, ASR read off): it "
               "was tuned on the Blended record reported here; BadNets was not used to choose it.",
-              "- CPU training is not bit-reproducible across machines and thread counts: a rerun of a run on "
-              "another machine gives slightly different numbers.",
+              "- At a fixed thread count, CPU runs reproduce to the digit on machines with the same CPU (the "
+              "`../shared/runs` README reports it for the AMD EPYC machines); across CPU types (AMD EPYC vs Intel "
+              "Xeon with AVX-512) or thread counts they differ slightly: see the rerun under Provenance. The column "
+              "`machine` says where each run was made.",
               "- DER uses the backdoored model's numbers from the record's `attack_df.csv` (its last epoch).", ""]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as handle:
         handle.write("\n".join(lines))
     os.replace(out + ".tmp", out)
+
+
+SHARED_RUNS = os.path.join(REPO, "..", "shared", "runs", "defense_cpu_runs")
+
+
+def made_outside(item: dict) -> bool:
+    """Whether this summary is a copy of a run made outside the project (`../shared/runs`, same name and bytes)."""
+    path = os.path.join(SHARED_RUNS, item["run"]["attack"], item["tag"] + ".json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as handle:
+        return json.load(handle) == item
+
+
+def provenance(plan: List[Run], done: Dict[Tuple[str, str], dict], results: str) -> List[str]:
+    """Where, at which commit, on which machine and thread count each finished run was made."""
+    order = {(r.attack, r.tag): k for k, r in enumerate(plan)}
+    lines = ["## Provenance of each finished run", "",
+             "'outside': made outside the project with this script and copied from `../shared/runs/defense_cpu_runs/` "
+             "(its README: the project's code at the commit named, on a machine of the same kind); 'here': made by "
+             "a session of the project on its own machine.", "",
+             "| attack | run | made | commit | machine | threads | finished | wall min |", "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(done, key=lambda k: order.get(k, len(order))):
+        i = done[key]
+        lines.append(f"| {key[0]} | `{i['tag']}` | {'outside' if made_outside(i) else 'here'} | {i.get('commit', '?')} | "
+                     f"{i.get('machine', '?')} | {i.get('threads', '?')} | {i.get('finished', '?')} | "
+                     f"{i['wall_s'] / 60:.0f} |")
+    repros = load_results(results.rstrip(os.sep) + "_repro")
+    if repros:
+        lines += ["", f"Runs made again here (`--reproduce`, summaries in `{os.path.basename(results.rstrip(os.sep))}"
+                      f"_repro/`), compared epoch by epoch with the summary above:", ""]
+        for (attack, tag), i in sorted(repros.items()):
+            r = i["reproduces"]
+            last, ref = evals_of(i)[-1], evals_of(done[(attack, tag)])[-1] if (attack, tag) in done else None
+            diff = (f" (last epoch {pct(last['test_acc'])} / {pct(last['test_asr'])} / {pct(last['test_ra'])} vs "
+                    f"{pct(ref['test_acc'])} / {pct(ref['test_asr'])} / {pct(ref['test_ra'])})" if ref else "")
+            lines.append(f"- {attack} `{tag}` at {i['commit']} on {i['machine']}, {i['threads']} thread(s): ACC/ASR/RA "
+                         f"of every evaluated epoch **{'identical' if r['identical'] else 'different'}** to the run "
+                         f"made at {r['commit']} on {r['machine']}{diff}")
+    return lines + [""]
 
 
 def plot(attack: str, runs: Dict[str, dict], bd: dict, path: str) -> Optional[str]:
@@ -759,7 +1012,7 @@ def plot(attack: str, runs: Dict[str, dict], bd: dict, path: str) -> Optional[st
     fig = Figure(figsize=(12, 4.5))
     FigureCanvasAgg(fig)
     groups = (("seed runs (recommended setting and FT)", lambda i: i["run"]["group"] == "seeds"),
-              ("full-length runs, seed 0", lambda i: i["run"]["group"] != "seeds"))
+              ("full-length runs, seed 0", lambda i: i["run"]["group"] not in ("seeds", "cheap")))
     for k, (title, keep) in enumerate(groups):
         ax = fig.add_subplot(1, 2, k + 1)
         chosen = sorted((tag, i) for tag, i in runs.items() if keep(i))
@@ -798,6 +1051,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="torch threads per defense (default 1: run one worker per core)")
     parser.add_argument("--profile", action="store_true", help="also profile one epoch of FT-SAM and FT")
     parser.add_argument("--report_only", action="store_true", help="rewrite the report from the summaries")
+    parser.add_argument("--reproduce", metavar="ATTACK/TAG",
+                        help="run a finished run of the plan again (e.g. one made outside the project, to have its "
+                             "model here) and compare its per-epoch numbers with the committed summary")
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
     suffix = "_quick" if args.quick else ""
@@ -805,6 +1061,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = args.results or os.path.join(REPO, "benchmarks", "results", f"defense_cpu_runs{suffix}")
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"defense_cpu{suffix}.md")
     plan = PLANS[mode.name]()
+    if args.reproduce:
+        data = unpack(cache)
+        return reproduce(mode, plan, args.reproduce, data, cache, results, args.threads)
     if not args.report_only:
         data = unpack(cache)
         if mode.train_per_class:

@@ -1,16 +1,22 @@
-"""Sweep of `ftsam demo`'s settings on its offline data (scikit-learn digits), over 5 seeds, to choose its default.
+"""Choose `ftsam demo`'s defense settings on its offline data (scikit-learn digits), then check them on unseen seeds.
 
     nice -n 10 .venv/bin/python benchmarks/demo_sweep.py            # resumable; writes benchmarks/results/demo_sweep.md
+    .venv/bin/python benchmarks/demo_sweep.py --report_only         # rewrite the report from the run files
 
-For each seed: the demo's attack (its code and its defaults: PreAct-ResNet18 width 0.25, 15 epochs, 10% poison,
-target 0), then FT and FT-SAM at every setting of the grid below, with the demo's own `run_defense` (the real
-`ftsam defend` pipeline, evaluated every epoch). Each finished run's summary (final metrics and the per-epoch
-curve) is a small JSON under benchmarks/results/demo_sweep_runs/ (committed): a re-run skips what is there, so the
-sweep continues where it stopped, also on another machine. The report is regenerated from those files.
+Three stages, each a grid of (setting, rhos) per seed; a setting is (clean ratio, defense epochs, batch size, lr):
+  1. EXPLORE, seed 0 only: a wide grid (the learning rate first: the demo's old lr 0.01 destroyed and relearned
+     the model, see the report);
+  2. CANDIDATES, selection seeds 0-4: the settings the exploration left; the default is chosen from these seeds
+     only (the demo's acceptance rule, below) and written into `ftsam_plugin/demo.py` (DEFAULTS);
+  3. the chosen default (read from demo.DEFAULTS), held-out seeds 5-9, which the choice never saw.
+For each seed: the demo's attack (its code and defaults: Blended, PreAct-ResNet18 width 0.25, 15 epochs, 10%
+poison, target 0), then FT and FT-SAM with the demo's own `run_defense` (the real `ftsam defend` pipeline). Each
+finished run's summary (final metrics and per-epoch curve) is a small JSON under benchmarks/results/demo_sweep_runs/
+(committed): a re-run skips what is there. One torch thread, like the demo (so a demo run at seed s prints the
+same numbers as the sweep's row for seed s).
 
-A setting passes when FT-SAM's ASR is below FT's on at least 4 of the 5 seeds with FT-SAM's clean accuracy within
-3 points of FT's on each of those seeds (the demo's acceptance rule); among passing settings the report ranks by
-mean FT-SAM ASR, then by time.
+Acceptance rule (issue 18): on >= 4 of 5 seeds FT-SAM's ASR is below FT's with clean accuracy within 3 points of
+FT's, and FT's mean ASR is >= 20% (FT must actually fail).
 """
 
 from __future__ import annotations
@@ -18,41 +24,58 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
 from datetime import datetime
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEEDS = (0, 1, 2, 3, 4)
-ATTACKS = ("blended", "badnet")
-RHOS = ("2", "4", "8")
+SELECTION_SEEDS = (0, 1, 2, 3, 4)
+HELD_OUT_SEEDS = (5, 6, 7, 8, 9)
+ATTACK = "blended"
 EVAL_EVERY = 2
-# (clean ratio, defense epochs, batch size). The packaged cpu config's batch 128 on 140 images (ratio 0.1) left
-# BatchNorm's running statistics unusable (seed 0: FT 26% clean ACC after 10 epochs, 88% after recalibrating BN
-# on the test images; FT-SAM rho 2: 44%), so the sweep uses smaller batches.
-SETTINGS = ((0.2, 20, 32), (0.1, 20, 32))
-# Seed 0 explores every setting and rho; the other seeds run only the candidates it left (CPU time: each seed's
-# attack and runs take ~30 min on a shared 2-core machine). Edit this to widen the sweep; finished runs are kept.
-CANDIDATES = {(0.1, 20, 32): ("2",)}
+Setting = Tuple[float, int, int, float]  # (clean ratio, defense epochs, batch size, lr)
+
+EXPLORE: Dict[Setting, Tuple[str, ...]] = {
+    (0.2, 20, 32, 0.01): ("2",), (0.2, 20, 32, 0.005): ("2", "4"), (0.2, 20, 32, 0.003): ("1", "2", "4", "8"),
+    (0.2, 20, 32, 0.002): ("2", "4", "8"), (0.2, 20, 32, 0.001): ("2", "4", "8"), (0.1, 20, 32, 0.003): ("2",),
+}
+# round 1 (from the exploration), then round 2 (from round 1 on seeds 0-4: no setting passed; FT-SAM lost > 3
+# points of ACC on some seeds at lr 0.002, and FT removed the backdoor itself on some seeds at lr 0.003)
+CANDIDATES: Dict[Setting, Tuple[str, ...]] = {(0.2, 20, 32, 0.003): ("1", "2"), (0.2, 20, 32, 0.002): ("1", "2"),
+                                              (0.2, 40, 32, 0.002): ("1", "2"), (0.3, 20, 32, 0.002): ("2",)}
 
 
-def grid(seed: int):
+def chosen() -> Tuple[Setting, str]:
+    """The demo's default, as `ftsam demo` runs it."""
+    from ftsam_plugin.demo import DEFAULTS
+
+    d = DEFAULTS
+    return (d["ratio"], d["defense_epochs"], d["batch_size"], d["lr"]), f"{d['rho']:g}"
+
+
+def grid(seed: int) -> List[Tuple[Setting, Tuple[str, ...]]]:
     """(setting, rhos) pairs the sweep runs for `seed`."""
+    if seed in HELD_OUT_SEEDS:
+        setting, rho = chosen()
+        return [(setting, (rho,))]
+    pairs = dict(CANDIDATES)
     if seed == 0:
-        return [(st, RHOS) for st in SETTINGS]
-    return list(CANDIDATES.items())
+        for setting, rhos in EXPLORE.items():
+            pairs[setting] = tuple(dict.fromkeys(pairs.get(setting, ()) + rhos))
+    return list(pairs.items())
 
 
 def log(msg: str) -> None:
     print(f"[{datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
-def run_key(attack: str, seed: int, defense: str, setting: tuple, rho: Optional[str]) -> str:
-    ratio, epochs, batch = setting
+def run_key(seed: int, defense: str, setting: Setting, rho: Optional[str]) -> str:
+    ratio, epochs, batch, lr = setting
     head = "ft" if defense == "ft-baseline" else f"ftsam_rho{rho}"
-    return f"{attack}_s{seed}_{head}_r{ratio:g}_e{epochs}_b{batch}"
+    return f"{ATTACK}_s{seed}_{head}_r{ratio:g}_e{epochs}_b{batch}_lr{lr:g}"
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -62,41 +85,39 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def sweep(results: str, cache: str, attacks: Sequence[str], seeds: Sequence[int], threads: int) -> None:
+def sweep(results: str, cache: str, seeds: Sequence[int]) -> None:
     import torch
 
     from ftsam_plugin import demo
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     data = demo.select_data(None, os.path.join(cache, "data"), offline=True)
     for seed in seeds:
-        for attack in attacks:
-            record = os.path.join(cache, "records", f"s{seed}", f"demo_{attack}")
-            todo = [(d, st, rho) for st, rhos in grid(seed) for d, rho in [("ft-baseline", None)] + [("ftsam", x) for x in rhos]
-                    if not os.path.isfile(os.path.join(results, run_key(attack, seed, d, st, rho) + ".json"))]
-            if not todo:
-                continue
-            attack_json = os.path.join(results, f"{attack}_s{seed}_attack.json")
-            if not os.path.isfile(os.path.join(record, "attack_result.pt")):
-                import shutil
-
-                shutil.rmtree(record, ignore_errors=True)
-                log(f"attack {attack} seed {seed}")
-                start = time.perf_counter()
-                demo.run_attack(data, os.path.dirname(record), os.path.basename(record), attack, 15, 0.25, "cpu",
-                                seed, False)
-                write_json(attack_json, {"attack": attack, "seed": seed, "seconds": time.perf_counter() - start,
-                                         **demo._last_row(os.path.join(record, "attack_df.csv"))})
-            for defense, setting, rho in todo:
-                key = run_key(attack, seed, defense, setting, rho)
-                log(f"{key}")
-                ratio, epochs, batch = setting
-                out = demo.run_defense(defense, record, epochs, ratio, rho, "cpu", seed, eval_every=EVAL_EVERY,
-                                       batch_size=batch)
-                out.pop("result")
-                write_json(os.path.join(results, key + ".json"),
-                           {"key": key, "attack": attack, "seed": seed, "defense": defense, "ratio": ratio,
-                            "epochs": epochs, "batch_size": batch, "rho_setting": rho, "threads": threads, **out})
+        todo = [(d, st, rho) for st, rhos in grid(seed) for d, rho in [("ft-baseline", None)] + [("ftsam", x) for x in rhos]
+                if not os.path.isfile(os.path.join(results, run_key(seed, d, st, rho) + ".json"))]
+        if not todo:
+            continue
+        record = os.path.join(cache, "records", f"s{seed}", f"demo_{ATTACK}")
+        if not os.path.isfile(os.path.join(record, "attack_result.pt")):
+            shutil.rmtree(record, ignore_errors=True)
+            log(f"attack {ATTACK} seed {seed}")
+            start = time.perf_counter()
+            demo.run_attack(data, os.path.dirname(record), os.path.basename(record), ATTACK, 15, 0.25, "cpu", seed,
+                            False)
+            write_json(os.path.join(results, f"{ATTACK}_s{seed}_attack.json"),
+                       {"attack": ATTACK, "seed": seed, "seconds": time.perf_counter() - start, "threads": 1,
+                        **demo._last_row(os.path.join(record, "attack_df.csv"))})
+        for defense, setting, rho in todo:
+            key = run_key(seed, defense, setting, rho)
+            log(key)
+            ratio, epochs, batch, lr = setting
+            shutil.rmtree(os.path.join(record, "defense"), ignore_errors=True)
+            out = demo.run_defense(defense, record, epochs, ratio, rho, "cpu", seed, eval_every=EVAL_EVERY,
+                                   batch_size=batch, lr=lr)
+            out.pop("result")
+            write_json(os.path.join(results, key + ".json"),
+                       {"key": key, "attack": ATTACK, "seed": seed, "defense": defense, "ratio": ratio,
+                        "epochs": epochs, "batch_size": batch, "lr": lr, "rho_setting": rho, "threads": 1, **out})
 
 
 def load(results: str) -> Dict[str, dict]:
@@ -116,89 +137,94 @@ def mean_std(values: List[float]) -> str:
     return f"{m:.1f} ± {s:.1f}"
 
 
-def evaluate_settings(runs: Dict[str, dict], attack: str, seeds: Sequence[int]) -> List[dict]:
-    """One row per FT-SAM setting: per-seed comparison with FT at the same ratio/epochs/seed."""
-    rows = []
-    for setting in SETTINGS:
-        ratio, epochs, batch = setting
-        for rho in RHOS:
-            pairs = []
-            for seed in seeds:
-                ft = runs.get(run_key(attack, seed, "ft-baseline", setting, None))
-                sam = runs.get(run_key(attack, seed, "ftsam", setting, rho))
-                if ft and sam:
-                    pairs.append((seed, ft, sam))
-            if not pairs:
-                continue
-            wins = [s for s, ft, sam in pairs
-                    if sam["test_asr"] < ft["test_asr"] and sam["test_acc"] >= ft["test_acc"] - 0.03]
-            rows.append({
-                "ratio": ratio, "epochs": epochs, "batch": batch, "rho": rho, "n": len(pairs), "wins": len(wins),
-                "passes": len(pairs) == len(seeds) and len(wins) >= len(seeds) - 1,
-                "ft_acc": [ft["test_acc"] for _, ft, _ in pairs], "ft_asr": [ft["test_asr"] for _, ft, _ in pairs],
-                "sam_acc": [sam["test_acc"] for _, _, sam in pairs],
-                "sam_asr": [sam["test_asr"] for _, _, sam in pairs],
-                "seconds": statistics.mean(ft["seconds"] + sam["seconds"] for _, ft, sam in pairs),
-            })
-    return rows
+def compare(runs: Dict[str, dict], setting: Setting, rho: str, seeds: Sequence[int]) -> Optional[dict]:
+    """FT vs FT-SAM at one setting over `seeds` (those that finished), with the acceptance rule's verdict."""
+    pairs = [(s, runs[run_key(s, "ft-baseline", setting, None)], runs[run_key(s, "ftsam", setting, rho)])
+             for s in seeds
+             if run_key(s, "ft-baseline", setting, None) in runs and run_key(s, "ftsam", setting, rho) in runs]
+    if not pairs:
+        return None
+    wins = [s for s, ft, sam in pairs if sam["test_asr"] < ft["test_asr"] and sam["test_acc"] >= ft["test_acc"] - 0.03]
+    ft_asr = [ft["test_asr"] for _, ft, _ in pairs]
+    return {"setting": setting, "rho": rho, "pairs": pairs, "n": len(pairs), "wins": len(wins),
+            "passes": len(pairs) == len(seeds) and len(wins) >= len(seeds) - 1 and statistics.mean(ft_asr) >= 0.20,
+            "ft_acc": [ft["test_acc"] for _, ft, _ in pairs], "ft_asr": ft_asr,
+            "sam_acc": [sam["test_acc"] for _, _, sam in pairs], "sam_asr": [sam["test_asr"] for _, _, sam in pairs],
+            "seconds": statistics.mean(ft["seconds"] + sam["seconds"] for _, ft, sam in pairs)}
 
 
-def report(results: str, out: str, seeds: Sequence[int]) -> None:
+def table(rows: List[dict], seeds: Sequence[int]) -> List[str]:
+    lines = ["| clean ratio | epochs | batch | lr | ρ | seeds | FT-SAM wins | passes | FT ACC | FT ASR | FT-SAM ACC | "
+             "FT-SAM ASR | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio, epochs, batch, lr = r["setting"]
+        verdict = "**yes**" if r["passes"] else ("no" if r["n"] == len(seeds) else "–")
+        lines.append(f"| {ratio:g} | {epochs} | {batch} | {lr:g} | {r['rho']} | {r['n']} | {r['wins']} | {verdict} | "
+                     f"{mean_std(r['ft_acc'])} | {mean_std(r['ft_asr'])} | {mean_std(r['sam_acc'])} | "
+                     f"{mean_std(r['sam_asr'])} | {r['seconds']:.0f} |")
+    lines += ["", "Per seed (ACC / ASR, FT then FT-SAM):", ""]
+    for r in rows:
+        ratio, epochs, batch, lr = r["setting"]
+        for seed, ft, sam in r["pairs"]:
+            lines.append(f"- ratio {ratio:g}, lr {lr:g}, ρ {r['rho']}, seed {seed}: FT {100 * ft['test_acc']:.1f} / "
+                         f"{100 * ft['test_asr']:.1f}, FT-SAM {100 * sam['test_acc']:.1f} / {100 * sam['test_asr']:.1f}")
+    return lines
+
+
+def held_out_summary(runs: Dict[str, dict]) -> Optional[dict]:
+    """The chosen default on the held-out seeds (what the demo quotes), or None before any finished."""
+    setting, rho = chosen()
+    return compare(runs, setting, rho, HELD_OUT_SEEDS)
+
+
+def report(results: str, out: str) -> None:
     runs = load(results)
-    lines = ["# `ftsam demo`: a sweep of its settings on the offline data", "",
-             "- Command: `python benchmarks/demo_sweep.py` (resumable; per-run JSON in "
-             "`benchmarks/results/demo_sweep_runs/`)",
-             f"- Written {datetime.now():%Y-%m-%d %H:%M}; {len(runs)} run files",
+    setting, rho = chosen()
+    atk = [runs[k] for k in runs if k.endswith("_attack")]
+    lines = ["# `ftsam demo`: choosing its settings on the offline data, checked on unseen seeds", "",
+             "- Command: `nice -n 10 .venv/bin/python benchmarks/demo_sweep.py` (resumable; per-run JSON in "
+             "[`demo_sweep_runs/`](demo_sweep_runs/); `--report_only` rewrites this file)",
+             f"- Written {datetime.now():%Y-%m-%d %H:%M}; {len(runs)} run files; one torch thread, as the demo",
              "- Data: scikit-learn's digits (1,797 real 8×8 handwritten digits upscaled to 32×32 RGB; 1,433 train / "
              "364 test), what a machine without network gets.",
-             "- Attack: the demo's (PreAct-ResNet18 width 0.25, 15 epochs, 10% poison, all-to-one target 0), one "
-             "record per seed and attack; defenses with the packaged `cpu` config (lr 0.01 cosine, the batch size of the setting, "
-             "label smoothing 0.1; FT-SAM: ASAM eta 0), class-balanced clean subset, the same seed for the "
-             "subset, the attack and both defenses; evaluated every 2 epochs.",
-             "- A setting **passes** when, on ≥ 4 of the 5 seeds, FT-SAM's ASR is below FT's with clean accuracy "
-             "within 3 points of FT's. ACC/ASR in %, mean ± std over the seeds; time = mean wall seconds of FT + "
-             "FT-SAM (machine shared with other jobs: relative only).", ""]
-    for attack in ATTACKS:
-        atk = [runs[k] for k in runs if k.startswith(f"{attack}_s") and k.endswith("_attack")]
-        rows = evaluate_settings(runs, attack, seeds)
-        if not rows:
-            continue
-        lines += [f"## {attack}", "",
-                  f"Backdoored model over {len(atk)} seeds: ACC {mean_std([a['test_acc'] for a in atk])}, "
-                  f"ASR {mean_std([a['test_asr'] for a in atk])}.", "",
-                  "| clean ratio | epochs | batch | ρ | seeds | FT-SAM wins | passes | FT ACC | FT ASR | "
-                  "FT-SAM ACC | FT-SAM ASR | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['ratio']:g} | {r['epochs']} | {r['batch']} | {r['rho']} | {r['n']} | {r['wins']} | "
-                         f"{'**yes**' if r['passes'] else 'no'} | {mean_std(r['ft_acc'])} | {mean_std(r['ft_asr'])} | "
-                         f"{mean_std(r['sam_acc'])} | {mean_std(r['sam_asr'])} | {r['seconds']:.0f} |")
-        lines.append("")
-        lines += ["Per seed (ACC / ASR, FT then FT-SAM):", ""]
-        for r in rows:
-            for seed in seeds:
-                ft = runs.get(run_key(attack, seed, "ft-baseline", (r["ratio"], r["epochs"], r["batch"]), None))
-                sam = runs.get(run_key(attack, seed, "ftsam", (r["ratio"], r["epochs"], r["batch"]), r["rho"]))
-                if ft and sam:
-                    lines.append(f"- ratio {r['ratio']:g}, ρ {r['rho']}, seed {seed}: FT {100 * ft['test_acc']:.1f} / "
-                                 f"{100 * ft['test_asr']:.1f}, FT-SAM {100 * sam['test_acc']:.1f} / "
-                                 f"{100 * sam['test_asr']:.1f}")
-        lines += ["", "The demo quotes these rows (`ftsam_plugin/demo.py`, `SWEEP`):", "", "```python"]
-        for r in rows:
-            key = ("digits", attack, (r["ratio"], r["epochs"], r["batch"], r["rho"]))
-            lines.append(f"{key!r}: dict(wins={r['wins']}, n={r['n']}, ft_asr={mean_std(r['ft_asr'])!r}, "
-                         f"sam_asr={mean_std(r['sam_asr'])!r}, ft_acc={mean_std(r['ft_acc'])!r}, "
-                         f"sam_acc={mean_std(r['sam_acc'])!r}),")
-        lines += ["```", ""]
-    old = load(os.path.join(os.path.dirname(results), "demo_sweep_runs_bs128"))
-    if old:
-        lines += ["## Why not the packaged `cpu` config's batch 128", "",
-                  "With batch 128 on the 140-image subset (ratio 0.1, 10 epochs, seed 0) BatchNorm's running "
-                  "statistics stop matching the test data: "
-                  + "; ".join(f"{k.split('_', 2)[2]}: ACC {100 * v['test_acc']:.1f}, ASR {100 * v['test_asr']:.1f}"
-                              for k, v in sorted(old.items()))
-                  + " (`benchmarks/results/demo_sweep_runs_bs128/`). Re-estimating the FT model's BN statistics on the "
-                  "test images brought its ACC from 26.1% back to 88.2%, so the weights were fine and the running "
-                  "statistics were not. The sweep therefore uses batch 32.", ""]
+             "- Attack: the demo's (Blended, PreAct-ResNet18 width 0.25, 15 epochs, 10% poison, all-to-one target 0), "
+             "one record per seed; the defenses with the packaged `cpu` config (cosine lr schedule, SGD momentum 0.9, "
+             "wd 5e-4, label smoothing 0.1; FT-SAM: ASAM, eta 0) at the lr, batch and clean ratio of the setting, a "
+             "class-balanced clean subset, the same seed for the subset, the attack and both defenses; evaluated every "
+             f"{EVAL_EVERY} epochs and at the last.",
+             f"- Backdoored models, seeds 0–9 ({len(atk)} finished): ACC {mean_std([a['test_acc'] for a in atk])}, "
+             f"ASR {mean_std([a['test_asr'] for a in atk])}.",
+             "- A setting **passes** when on ≥ 4 of 5 seeds FT-SAM's ASR is below FT's with clean accuracy within 3 "
+             "points of FT's, and FT's mean ASR is ≥ 20% (FT must fail). ACC/ASR in %, mean ± sample std over "
+             "seeds; s = mean wall seconds of FT + FT-SAM (one thread, machine shared with other jobs).", ""]
+    lines += ["## 1. Exploration (seed 0) and selection (seeds 0–4)", "",
+              "The default was chosen from this table only: the passing setting with the lowest mean FT-SAM ASR.", ""]
+    rows = [r for st, rhos in grid(0) for x in rhos
+            if (r := compare(runs, st, x, SELECTION_SEEDS)) is not None]
+    rows.sort(key=lambda r: (-r["n"], r["setting"][3], r["setting"][0], float(r["rho"])))
+    lines += table(rows, SELECTION_SEEDS) + [""]
+    ratio, epochs, batch, lr = setting
+    lines += [f"## 2. The chosen default on held-out seeds 5–9", "",
+              f"`ftsam demo`'s default (`DEFAULTS` in `ftsam_plugin/demo.py`): clean ratio {ratio:g}, {epochs} epochs, "
+              f"batch {batch}, lr {lr:g}, ρ {rho}. These seeds never took part in the choice.", ""]
+    held = held_out_summary(runs)
+    lines += table([held], HELD_OUT_SEEDS) if held else ["(not run yet)"]
+    if held:
+        lines += ["", f"Verdict on the held-out seeds: **{'passes' if held['passes'] else 'does not pass' if held['n'] == len(HELD_OUT_SEEDS) else 'pending (not all seeds ran)'}** the acceptance "
+                      f"rule (FT-SAM ASR below FT's with ACC within 3 points on {held['wins']} of {held['n']}; FT's "
+                      f"mean ASR {mean_std(held['ft_asr'])}%)."]
+    lines += ["", "## 3. Why not the packaged `cpu` config's lr 0.01", "",
+              "The demo used to run the defenses at lr 0.01 (ratio 0.1, batch 32). There both defenses first destroy "
+              "the model and then relearn it from the clean subset (clean ACC 93% → 15–19% after one or two epochs, "
+              "back to ~90% by the end); what removed the backdoor was that forgetting, not FT-SAM's mechanism, and "
+              "FT removed it as well. [`demo_collapse.md`](demo_collapse.md) measures why: the evaluation is not at "
+              "fault (the defense evaluates the backdoored model exactly as the attack reported; a test pins it), "
+              "the backdoored model's BatchNorm running statistics were accumulated on batches with 10% blended "
+              "images, and ten steps of lr 0.01 with momentum 0.9 move the weights ~2% while the running "
+              "statistics lag behind: re-estimating BN on the clean subset brings the collapsed model from ~15% "
+              "back to ~81%. At lr 0.002–0.003 the dip is small and FT keeps the backdoor, as in the paper. The "
+              "earlier lr-0.01 runs are kept in [`demo_sweep_runs_lr0.01/`](demo_sweep_runs_lr0.01/) (made with "
+              "an older attack record; not comparable digit for digit).", ""]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -210,14 +236,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results", "demo_sweep_runs"))
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "demo_sweep.md"))
     parser.add_argument("--cache", default=os.path.join(REPO, "benchmarks", ".cache", "demo_sweep"))
-    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=["blended"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SELECTION_SEEDS + HELD_OUT_SEEDS))
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
     if not args.report_only:
-        sweep(args.results, args.cache, args.attacks, args.seeds, args.threads)
-    report(args.results, args.out, args.seeds)
+        sweep(args.results, args.cache, args.seeds)
+    report(args.results, args.out)
     log(f"report: {args.out}")
     return 0
 

@@ -5,13 +5,17 @@
 
 Sized for well under 5 minutes on one H100/H200 (not yet timed on one); writes a Markdown report naming the device:
 1. Correctness of every backend (triton, foreach, loop) against an fp64 oracle on PreAct-ResNet18's 54 tensors
-   (fp32 SAM and ASAM, channels_last, bf16, fp16, weights-only ASAM, fp32 weights with bf16 grads, zero-element
-   and unaligned tensors): norm, perturbation, exact copy-restore and subtract-restore; the Triton norm and
-   perturbation bitwise repeatable; a Triton plan captured in a CUDA graph and replayed equals eager.
+   (fp32 SAM and ASAM, channels_last, bf16, fp16, weights-only ASAM, fp32 weights with bf16 grads, fp32 + bf16
+   params in one plan (two launches per norm sharing the ticket counter), the grads a channels_last batch gives
+   a contiguous model (their real strides), zero-element and unaligned tensors): norm, perturbation, exact
+   copy-restore and subtract-restore; the Triton norm and perturbation bitwise repeatable; a Triton plan captured
+   in a CUDA graph and replayed equals eager; a stress loop (thousands of eager norms of the two-launch plan, and
+   of graph replays of norm + perturb and of restore) compared bit for bit with the first.
 2. Kernel-only timings, plan prebuilt, launches queued back to back behind a GPU sleep, L2 flushed before each
    rep, CUDA events: norm / perturb / restore / the whole SAM extra work (ASAM, fp32), as GB/s and as a
-   fraction of a measured `copy_` of the same bytes on the same device, for triton, foreach and loop; and the
-   host time to queue each route (real launches, GPU kept busy).
+   fraction of a measured reference on the same device: a `sum` (read only) for the norms, which only read,
+   a `copy_` (read + write) for the rest; for triton, foreach and loop; and the host time to queue each route
+   (real launches, GPU kept busy).
 3. End to end: an FT-SAM step (two forward/backward passes, BN frozen in the second, SAM with each backend)
    against a plain SGD step, PreAct-ResNet18, CIFAR-size batch, bf16 autocast; plan rebuilds counted.
 Exit status 1 when a correctness check fails (speed targets are reported, not enforced). Uses only APIs of
@@ -89,15 +93,54 @@ def unaligned(shapes, device):
     return ps
 
 
+def mixed(shapes, device):
+    """fp32 and bf16 params in one list: a Triton plan with two groups, two launches per norm."""
+    half = len(shapes) // 2
+    return make(shapes[:half], device) + make(shapes[half:], device, torch.bfloat16, seed=1)
+
+
+def real_grads(device, smoke):
+    """Factory of a contiguous model's params with the grads a channels_last batch gives them, strides and all
+    (cuDNN: channels_last-strided grads for 1x1 convs, which differ from the weight's only in size-1 dims), and
+    how many grads have strides other than their param's. One backward, copied per call (cuDNN's weight grads
+    need not be bitwise repeatable)."""
+    torch.manual_seed(0)
+    if smoke:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 8, 1), torch.nn.Flatten(),
+                                    torch.nn.Linear(8 * 6 * 6, 10))
+    else:
+        model = create_model("preactresnet18", num_classes=10)
+    model = model.to(device)
+    x = torch.randn(2 if smoke else 16, 3, 8 if smoke else 32, 8 if smoke else 32, device=device)
+    model(x.contiguous(memory_format=torch.channels_last)).square().mean().backward()
+    pairs = [(p.detach().clone(), p.grad.clone(memory_format=torch.preserve_format)) for p in model.parameters()]
+    other = sum(g.stride() != w.stride() for w, g in pairs)
+
+    def factory():
+        ps = []
+        for w, g in pairs:
+            p = w.clone().requires_grad_()
+            p.grad = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=device).copy_(g)
+            ps.append(p)
+        return ps
+
+    return factory, other
+
+
 def cases(device, smoke):
     """(name, factory of a fresh parameter set (same values every call), adaptive, eta, weights_only)."""
     big = SMOKE_SHAPES if smoke else preact_resnet18_shapes()
+    grads_cl, n_other = real_grads(device, smoke)
     out = [("fp32 SAM", lambda: make(big, device), False, 0.0, False),
            ("fp32 ASAM (FT-SAM)", lambda: make(big, device), True, 0.0, False),
            ("fp32 ASAM, channels_last", lambda: make(big, device, channels_last=True), True, 0.0, False),
            ("bf16 ASAM, eta 0.01", lambda: make(big, device, torch.bfloat16), True, 0.01, False),
            ("fp16 SAM", lambda: make(big, device, torch.float16), False, 0.0, False),
            ("fp32 weights-only ASAM, eta 0.01", lambda: make(big, device), True, 0.01, True),
+           ("fp32 + bf16 params in one plan (two launches per norm)", lambda: mixed(big, device), True, 0.0,
+            False),
+           (f"grads from a channels_last batch ({n_other} with other strides than their param)", grads_cl, True,
+            0.0, False),
            ("zero-element and tiny tensors", lambda: make(TINY, device), True, 0.0, False),
            ("unaligned views (DDP-bucket-like)", lambda: unaligned(big, device), True, 0.0, False)]
     if hasattr(torch.Tensor, "grad_dtype"):
@@ -115,7 +158,7 @@ def check_backend(factory, backend, adaptive, eta, weights_only, rho=0.5):
         ps = factory()
         before = [p.detach().clone(memory_format=torch.preserve_format) for p in ps]
         plan = kernels.create_plan(ps, adaptive, eta, weights_only, restore=mode, backend=backend)
-        norm = plan.grad_norm()
+        norm = plan.grad_norm().clone()  # grad_norm returns the plan's own buffer, overwritten by the next call
         errs["norm rel err"] = abs(norm.double().item() - ref_norm.item()) / max(ref_norm.item(), 1e-30)
         if errs["norm rel err"] > NORM_RTOL:
             problems.append(f"norm off by {errs['norm rel err']:.1e}")
@@ -173,6 +216,52 @@ def check_graph_capture(device, smoke, rho=0.5):
     return [] if same else ["graph replay differs from eager"], same
 
 
+def check_stress(device, smoke, rho=0.5):
+    """Rows: thousands of norms of a two-launch (fp32 + bf16) Triton plan, and of CUDA-graph replays of its norm +
+    perturb and of its restore, each compared bit for bit with the first (counted on the device, one sync)."""
+    n = 3 if smoke else 2000
+    ps = mixed(SMOKE_SHAPES if smoke else preact_resnet18_shapes(), device)
+    plan = kernels.create_plan(ps, adaptive=True, backend="triton")
+    first = plan.grad_norm().clone()
+    bad = torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(n):
+        bad += plan.grad_norm() != first
+    bad = int(bad)
+    rows = [f"| Stress: {n} norms of the fp32 + bf16 plan (two launches each), bitwise equal to the first | triton "
+            f"| | | {f'{bad} differ' if bad else 'PASS'} |"]
+    name = f"CUDA graph stress: {n} replays of norm + perturb and of restore, bitwise equal to the first"
+    if device.type != "cuda":
+        return rows + [f"| {name} | triton | | | skipped: no CUDA |"], bool(bad)
+    before = [p.detach().clone() for p in ps]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture (each launch's first call compiles), then undo
+        plan.perturb(plan.grad_norm(), rho)
+        plan.restore()
+    torch.cuda.current_stream().wait_stream(side)
+    perturb_graph, restore_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(perturb_graph):
+        plan.perturb(plan.grad_norm(), rho)
+    with torch.cuda.graph(restore_graph):
+        plan.restore()
+    perturb_graph.replay()
+    norm, perturbed = plan.grad_norm().clone(), [p.detach().clone() for p in ps]
+    restore_graph.replay()
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # norms, perturbed w, restored w that differ
+    for i in range(n):
+        perturb_graph.replay()
+        counts[0] += plan._out != norm
+        if i % 10 == 0:  # every 10th: comparing 11M elements per replay would dominate the loop
+            counts[1] += sum((p.detach() != q).any() for p, q in zip(ps, perturbed))
+        restore_graph.replay()
+        if i % 10 == 0:
+            counts[2] += sum((p.detach() != q).any() for p, q in zip(ps, before))
+    norms, ws, restores = counts.tolist()
+    problems = [f"{k} {what} differ" for k, what in ((norms, "norms"), (ws, "perturbed weights"),
+                                                     (restores, "restored weights")) if k]
+    return rows + [f"| {name} | triton | | | {'; '.join(problems) or 'PASS'} |"], bool(bad or problems)
+
+
 def correctness(device, smoke):
     rows, failures = [], 0
     for name, factory, adaptive, eta, weights_only in cases(device, smoke):
@@ -187,10 +276,12 @@ def correctness(device, smoke):
                         f"{'; '.join(problems) or 'PASS'} |")
     problems, same = check_graph_capture(device, smoke)
     failures += bool(problems) and problems != ["skipped: no CUDA"]
+    stress_rows, stress_failed = check_stress(device, smoke)
+    failures += stress_failed
     lines = ["| case | backend | norm rel err vs fp64 | perturbation err / tolerance | result |",
              "|---|---|---|---|---|", *rows,
              f"| CUDA graph: capture + replay of a Triton plan's norm + perturb | triton | | | "
-             f"{'; '.join(problems) or 'PASS (bitwise equal to eager)'} |"]
+             f"{'; '.join(problems) or 'PASS (bitwise equal to eager)'} |", *stress_rows]
     return "\n".join(lines), failures
 
 
@@ -222,9 +313,12 @@ def kernel_timings(device, smoke, reps):
     timer = time_cuda if device.type == "cuda" else time_wall
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
     copy_us = timer(lambda: dst.copy_(src), reps)
-    copy_gbs = 8 * n / copy_us / 1e3
+    sum_us = timer(lambda: src.sum(), reps)
+    ref_gbs = {"copy_": 8 * n / copy_us / 1e3, "sum": 4 * n / sum_us / 1e3}
     moved = {"norm (SAM, reads g)": 4 * n, "norm (ASAM, reads g and w)": 8 * n, "perturb": 16 * n,
              "restore": 8 * n, "whole SAM extra work": 32 * n}
+    # the norms only read: compared with a read-only reduction, not with copy_ (whose writes cost more)
+    ref = {op: "sum" if op.startswith("norm") else "copy_" for op in moved}
     results = {}
     for backend in BACKENDS:
         ops = routes(ps, backend)
@@ -232,21 +326,23 @@ def kernel_timings(device, smoke, reps):
         r["perturb"] = max(r.pop("perturb + restore") - r["restore"], 1e-3)
         results[backend] = r
     order = ["norm (SAM, reads g)", "norm (ASAM, reads g and w)", "perturb", "restore", "whole SAM extra work"]
-    head = "| op (fp32, ASAM) | bytes | " + " | ".join(f"{b} µs / GB/s / of copy_" for b in BACKENDS) + \
-        " | triton vs foreach |"
-    lines = [f"`copy_` of {n:,} fp32 ({4 * n / 1e6:.1f} MB read + written): {copy_us:.1f} µs = {copy_gbs:.0f} GB/s",
-             "", head, "|" + "---|" * (3 + len(BACKENDS))]
+    head = "| op (fp32, ASAM) | bytes | reference | " + " | ".join(f"{b} µs / GB/s / of reference" for b in BACKENDS) \
+        + " | triton vs foreach |"
+    lines = [f"`copy_` of {n:,} fp32 ({4 * n / 1e6:.1f} MB read + written): {copy_us:.1f} µs = "
+             f"{ref_gbs['copy_']:.0f} GB/s; `sum` of the same ({4 * n / 1e6:.1f} MB read): {sum_us:.1f} µs = "
+             f"{ref_gbs['sum']:.0f} GB/s", "", head, "|" + "---|" * (4 + len(BACKENDS))]
     for op in order:
         cells = []
         for b in BACKENDS:
             us = results[b][op]
             gbs = moved[op] / us / 1e3
-            cells.append(f"{us:.1f} / {gbs:.0f} / {100 * gbs / copy_gbs:.0f}%")
-        lines.append(f"| {op} | {moved[op] / 1e6:.1f} MB | " + " | ".join(cells) +
+            cells.append(f"{us:.1f} / {gbs:.0f} / {100 * gbs / ref_gbs[ref[op]]:.0f}%")
+        lines.append(f"| {op} | {moved[op] / 1e6:.1f} MB | `{ref[op]}` | " + " | ".join(cells) +
                      f" | {results['foreach'][op] / results['triton'][op]:.2f}× |")
     t = results["triton"]
-    frac = {op: moved[op] / t[op] / 1e3 / copy_gbs for op in order}
-    targets = [("fused ASAM norm >= 80% of copy_ bandwidth", frac["norm (ASAM, reads g and w)"] >= 0.8),
+    frac = {op: moved[op] / t[op] / 1e3 / ref_gbs[ref[op]] for op in order}
+    targets = [("fused ASAM norm >= 80% of the bandwidth of a read-only `sum`",
+                frac["norm (ASAM, reads g and w)"] >= 0.8),
                ("perturb >= 80% of copy_ bandwidth", frac["perturb"] >= 0.8),
                ("whole SAM extra <= 1.3x its pure-traffic time", 1 / frac["whole SAM extra work"] <= 1.3),
                ("whole SAM extra >= 2x faster than foreach",

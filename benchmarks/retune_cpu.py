@@ -354,13 +354,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--records", nargs="*", default=[],
                         help="extra record folders (BackdoorBench layout, e.g. `ftsam demo`'s) to attack after the "
                              "study's, with no defense and each defense result in them")
+    parser.add_argument("--models", nargs="+", metavar="TAG",
+                        help="attack only these models (e.g. none ft_e100_s0 ftsam_rho4_e20_s0); default: all")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
 
     found = {**mirror(args.source, args.source_results, args.cache), **mirror_records(args.records, args.cache)}
     done = 0
     while not args.report_only and (args.max_runs is None or done < args.max_runs):
-        todo = pending(found, args.results, args.seeds)
+        todo = [t for t in pending(found, args.results, args.seeds) if not args.models or t[1] in args.models]
         if not todo:
             break
         execute(args.cache, args.results, *todo[0], dataset_path=args.dataset_path)

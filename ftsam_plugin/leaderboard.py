@@ -23,6 +23,12 @@ Retuning (`--retune`). Each cell also gets P-ASR, the ASR after the retuning att
 else the attack is run there (as `ftsam retune` would, evaluated after the last epoch only, the attack also
 before it) and cached that way.
 
+Time to purify. For each defense result with a per-epoch CSV beside its summary (`<name>_df.csv`, else any
+`*_df.csv` in the folder or its `log/`, not older than the result as above): the first evaluated epoch from which
+ASR stays <= 5% to the end of the run, and its cumulative training seconds where the CSV has them (ours do), next to
+the run's total and final ACC; "never" otherwise (`ftsam_plugin.purify`). A table per dataset x model follows the
+metrics table; leaderboard.csv has the same values in its `purify_*` and `total_*` columns.
+
 Tables. Rows are attack records (name, plus the attack type from `info.pickle` when readable), then an average row
 (mean of each column over the attacks, DER averaged per attack); columns are `no defense`, then the defenses.
 DER = BackdoorBench's [max(0, ASR_bd - ASR_def) - max(0, ACC_bd - ACC_def) + 1] / 2 against the record's own
@@ -58,6 +64,7 @@ from ftsam_plugin.data.records import find_defenses, load_defense_model
 from ftsam_plugin.io import (atomic_write_bytes, atomic_write_text, file_fingerprint, remove_stale_temp_files, safe_load,
                              write_csv)
 from ftsam_plugin.lock import FolderLock
+from ftsam_plugin.purify import TimeToPurify, read_history, time_to_purify
 
 __all__ = [
     "add_arguments",
@@ -152,14 +159,15 @@ def read_summary(path: str, row: str = "last") -> Optional[Dict[str, float]]:
     return None
 
 
-def _summary_candidates(folder: str, name: str, only_named: bool = False) -> List[str]:
-    preferred = [os.path.join(folder, f"{name}_df_summary.csv")]
+def _summary_candidates(folder: str, name: str, only_named: bool = False,
+                        suffix: str = "_df_summary.csv") -> List[str]:
+    preferred = [os.path.join(folder, f"{name}{suffix}")]
     if only_named:
         return [p for p in preferred if os.path.isfile(p)]
     others = []
     for sub in (folder, os.path.join(folder, "log")):
         if os.path.isdir(sub):
-            others += sorted(os.path.join(sub, f) for f in os.listdir(sub) if f.endswith("_df_summary.csv"))
+            others += sorted(os.path.join(sub, f) for f in os.listdir(sub) if f.endswith(suffix))
     others.sort(key=lambda p: -os.path.getmtime(p))  # newest first
     return [p for p in preferred if os.path.isfile(p)] + [p for p in others if p not in preferred]
 
@@ -172,6 +180,22 @@ def _find_summary(folder: str, name: str, result_path: str, row: str, only_named
         values = read_summary(path, row)
         if values is not None:
             return path, values
+    return None, None
+
+
+def _find_history(folder: str, name: str, result_path: str) -> Tuple[Optional[str], Optional[TimeToPurify]]:
+    """(path, time to purify) from the freshest readable per-epoch CSV of a defense result, else (None, None)."""
+    result_mtime = os.path.getmtime(result_path)
+    for path in _summary_candidates(folder, name, suffix="_df.csv"):
+        if os.path.getmtime(path) < result_mtime - SUMMARY_MAX_AGE_S:
+            continue
+        try:
+            rows = read_history(path)
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+        purify = time_to_purify(rows)
+        if purify.evaluated:
+            return path, purify
     return None, None
 
 
@@ -243,6 +267,8 @@ class Entry:
     casr: Optional[float] = None
     source: str = ""
     retune_source: str = ""
+    purify: Optional[TimeToPurify] = None  # from the run's per-epoch CSV, when there is one
+    purify_source: str = ""
 
     def get(self, metric: str) -> Optional[float]:
         return getattr(self, metric)
@@ -470,6 +496,10 @@ def build_leaderboard(roots: Sequence[str], opts) -> List[Table]:
                     except FtsamError as exc:
                         entry.retune_source = "error"
                         print(f"warning: {r.label}/{entry.defense}: retune: {exc}", file=sys.stderr)
+                if entry.defense != NO_DEFENSE:
+                    path, entry.purify = _find_history(os.path.dirname(entry.result_path), entry.defense,
+                                                       entry.result_path)
+                    entry.purify_source = os.path.relpath(path, r.path) if path else ""
                 table.cells[(r.label, entry.defense)] = entry
             base = table.cells[(r.label, NO_DEFENSE)]
             for entry in cells[1:]:
@@ -566,7 +596,31 @@ def render_markdown(tables: List[Table], opts) -> str:
             name = f"**{label}**" if label == AVERAGE else label.replace("|", "\\|")
             lines.append(f"| {name} | {attack} | " + " | ".join(cells) + " |")
         lines.append("")
+        purify = _purify_rows(table)
+        if purify:
+            lines += ["### Time to purify", "", PURIFY_NOTE[0].upper() + PURIFY_NOTE[1:] + ".", "",
+                      "| " + " | ".join(PURIFY_HEADER) + " |",
+                      "|---" * len(PURIFY_HEADER) + "|"]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in purify] + [""]
     return "\n".join(lines)
+
+
+PURIFY_HEADER = ("record", "defense", "purified at", "of the run", "final ACC", "final ASR", "ASR evaluated every")
+PURIFY_NOTE = ("first evaluated epoch from which ASR stays ≤ 5% to the end of the run (training seconds, where the "
+               "run recorded them), from the run's per-epoch CSV")
+
+
+def _purify_rows(table: Table) -> List[List[str]]:
+    """One row of text per cell with a time to purify, in the table's row and defense order."""
+    rows = []
+    for r in table.rows:
+        for d in table.defenses[1:]:
+            entry = table.cells.get((r.label, d))
+            p = entry.purify if entry is not None else None
+            if p is not None:
+                rows.append([r.label, d, p.when(), p.total(), _pct(p.final_acc), _pct(p.final_asr),
+                             f"{p.eval_every} epoch(s)"])
+    return rows
 
 
 def csv_rows(tables: List[Table]) -> List[dict]:
@@ -584,8 +638,23 @@ def csv_rows(tables: List[Table]) -> List[dict]:
                 row["source"] = entry.source if entry is not None else ("mean" if label == AVERAGE else "missing")
                 if RETUNE_METRICS[0] in table.metrics:
                     row["retune_source"] = entry.retune_source if entry is not None else row["source"]
+                row.update(_purify_columns(entry.purify if entry is not None else None))
                 rows.append(row)
     return rows
+
+
+PURIFY_COLUMNS = ("purify_epoch", "purify_train_time_s", "total_epochs", "total_train_time_s", "purify_eval_every")
+
+
+def _purify_columns(p: Optional[TimeToPurify]) -> dict:
+    """leaderboard.csv's time-to-purify columns: numbers, 'never', or empty where unknown."""
+    if p is None:
+        return dict.fromkeys(PURIFY_COLUMNS, "")
+    text = lambda v: "" if v is None else repr(v)  # noqa: E731
+    return {"purify_epoch": str(p.epoch) if p.purified else "never",
+            "purify_train_time_s": text(p.train_s) if p.purified else ("never" if p.total_train_s is not None else ""),
+            "total_epochs": str(p.epochs), "total_train_time_s": text(p.total_train_s),
+            "purify_eval_every": text(p.eval_every)}
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222}
@@ -613,6 +682,13 @@ def render_html(tables: List[Table], opts, images: Dict[str, List[Tuple[str, byt
             parts.append(f"<tr{cls}><td class='name'>{esc(label)}</td><td class='name'>{esc(attack)}</td>"
                          f"{cells}</tr>")
         parts.append("</table>")
+        purify = _purify_rows(table)
+        if purify:
+            parts.append(f"<h3>Time to purify</h3><p class='note'>{esc(PURIFY_NOTE)}</p><table><tr>"
+                         + "".join(f"<th>{esc(h)}</th>" for h in PURIFY_HEADER) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td class='name'>{esc(c)}</td>" if i < 2 else f"<td>{esc(c)}</td>"
+                                       for i, c in enumerate(row)) + "</tr>" for row in purify]
+            parts.append("</table>")
         for title, png in images.get(table.slug, []):
             data = base64.b64encode(png).decode("ascii")
             parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{data}'>")
@@ -669,7 +745,7 @@ def write_outputs(tables: List[Table], opts) -> Dict[str, str]:
     atomic_write_text(paths["markdown"], render_markdown(tables, opts))
     metrics = table_metrics(opts)
     columns = ["dataset", "model", "record", "attack", "defense", *(COLUMN_NAMES[m] for m in metrics), "best",
-               "source", *(["retune_source"] if RETUNE_METRICS[0] in metrics else [])]
+               "source", *(["retune_source"] if RETUNE_METRICS[0] in metrics else []), *PURIFY_COLUMNS]
     write_csv(paths["csv"], csv_rows(tables), columns=columns)
     atomic_write_text(paths["html"], render_html(tables, opts, images))
     return paths

@@ -191,3 +191,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def without_clock_columns(csv_text: str) -> str:
+    """A metric CSV's text without the run-time columns (ftsam_plugin.purify.CLOCK_COLUMNS): they differ between
+    two runs that compute the same thing."""
+    import csv
+    import io
+
+    from ftsam_plugin.purify import CLOCK_COLUMNS
+
+    rows = list(csv.reader(io.StringIO(csv_text)))
+    keep = [i for i, name in enumerate(rows[0]) if name not in CLOCK_COLUMNS] if rows else []
+    return "\n".join(",".join(row[i] for i in keep) for row in rows)

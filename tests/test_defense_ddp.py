@@ -54,16 +54,20 @@ def _worker(rank, port, outdir):
 
 
 # ---- Reference: the DDP protocol simulated in one process with plain torch ----
-def simulate():
+def simulate(steps=STEPS, sam_at=None):
+    """`sam_at`: the steps that are SAM steps (default all); the others average the ranks' gradients at w."""
     model = tiny_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     params = list(model.parameters())
-    for step in range(STEPS):
+    for step in range(steps):
         grads = []
         for rank in range(WORLD):
             replica = copy.deepcopy(model)
             x, y = batch(rank, step)
             g = torch.autograd.grad(F.cross_entropy(replica(x), y), list(replica.parameters()))
+            if sam_at is not None and step not in sam_at:
+                grads.append(g)
+                continue
             norm = torch.sqrt(sum(((p.detach() * gi) ** 2).sum() for p, gi in zip(params, g)))
             with torch.no_grad():
                 for p, gi in zip(replica.parameters(), g):

@@ -121,7 +121,7 @@ def test_every_step_perturbs_with_the_rho_of_its_lr(protocol):
     data = TensorDataset(torch.rand(8, 3, 8, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen))
     rows = []
     for epoch in range(1, 4):
-        rows.append(defense.extra_metrics()["rho"])
+        rows.append(defense.epoch_start_metrics()["rho"])
         loss, _ = defense.train_epoch(net, data, epoch)
         defense.end_epoch_schedule(loss)
     assert len(seen) == 12

@@ -107,3 +107,49 @@ def test_generated_data_without_scikit_learn(tmp_path, monkeypatch):
     assert data.source == "generated" and "generated" in data.description
     assert (data.n_train, data.n_test) == (30, 20)
     assert len(os.listdir(os.path.join(data.path, "train"))) == 10
+
+
+def test_defense_evaluates_the_backdoored_model_as_the_attack_reported(tmp_path):
+    """The demo's early collapse (clean ACC 93 -> 17% after two FT epochs, issue 18) is not an evaluation mismatch:
+    before any training, the defense's own evaluation of the backdoored model gives exactly the clean ACC, ASR and
+    RA that `ftsam attack` wrote in attack_df.csv (same transforms, normalisation, test sets)."""
+    import argparse
+    import csv
+
+    from ftsam_plugin.defense.ftsam import DEFENSES
+
+    from helpers import make_attack_record
+
+    record = make_attack_record(tmp_path, "rec", attack="blended", epochs=2)
+    with open(record / "attack_df.csv", newline="") as handle:
+        reported = list(csv.DictReader(handle))[-1]
+    cls = DEFENSES["ft-baseline"]
+    args = cls.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--result_file", str(record), "--yaml_path", "cpu", "--device", "cpu", "--ratio", "0.1"])
+    obj = cls(args)
+    obj.set_result(str(record))
+    obj.set_devices()
+    measured = obj.evaluate(obj.result["model"])
+    assert 0.15 < float(reported["test_acc"]) < 1.0  # a model that learned something, not a degenerate one
+    for key in ("test_acc", "test_asr", "test_ra"):
+        assert measured[key] == pytest.approx(float(reported[key]), abs=1e-9), key
+
+
+def test_demo_quotes_the_sweeps_held_out_result_for_its_defaults():
+    """The demo's closing sentence quotes HELD_OUT; it must be what the committed sweep runs give for DEFAULTS on
+    the held-out seeds (so changing DEFAULTS without running the sweep's held-out stage fails here)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("demo_sweep", root / "benchmarks" / "demo_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    held = sweep.held_out_summary(sweep.load(str(root / "benchmarks" / "results" / "demo_sweep_runs")))
+    assert held is not None and held["n"] == len(sweep.HELD_OUT_SEEDS)
+    setting, rho = sweep.chosen()
+    quoted = demo.HELD_OUT[("digits", "blended", setting + (rho,))]
+    assert (quoted["wins"], quoted["n"]) == (held["wins"], held["n"])
+    for key in ("ft_asr", "sam_asr", "ft_acc", "sam_acc"):
+        assert quoted[key] == sweep.mean_std(held[key]), key
+    assert held["passes"]  # the demo's claim holds on seeds the choice never saw

@@ -21,13 +21,51 @@ def test_gpu_check_smoke_mode_writes_a_passing_report(tmp_path):
     text = out.read_text()
     assert "SMOKE MODE" in text and "Correctness failures: 0." in text
     results = re.findall(r"^\| (.+?) \| (triton|foreach|loop) \| ([^|]*) \| ([^|]*) \| ([^|]*) \|$", text, re.M)
-    cases = {case for case, *_ in results if not case.startswith("CUDA graph")}
-    assert len(cases) >= 8 and len(results) >= 3 * len(cases)
+    cases = {case for case, *_ in results if not case.startswith(("CUDA graph", "Stress"))}
+    assert len(cases) >= 10 and len(results) >= 3 * len(cases)
+    assert any(case.startswith("fp32 + bf16 params") for case in cases)
+    assert any(case.startswith("grads from a channels_last batch (") for case in cases)
     for case, backend, norm_err, pert_err, result in results:
         if case.startswith("CUDA graph"):
             assert "skipped: no CUDA" in result  # the CPU smoke run has no CUDA to capture on
             continue
+        if case.startswith("Stress"):
+            assert result.strip() == "PASS", (case, result)
+            continue
         assert result.strip() == "PASS", (case, backend, result)
         assert float(norm_err) < 1e-5 and float(pert_err) <= 1.0
-    for section in ("## 2. Kernel-only timings", "whole SAM extra work", "## 3. End to end", "FT-SAM (triton)"):
+    for section in ("## 2. Kernel-only timings", "whole SAM extra work", "`sum` of the same", "| `sum` |",
+                    "## 3. End to end", "FT-SAM (triton)"):
         assert section in text
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # gpu_check imports gpu_timing as a sibling
+    import gpu_check
+
+    return gpu_check
+
+
+def test_repeatability_checks_can_fail(gpu_check, monkeypatch):
+    # a plan whose grads double before every norm: the norm and the perturbation change from call to call
+    real = gpu_check.kernels.create_plan
+
+    def drifting(*args, **kw):
+        plan = real(*args, **kw)
+        norm = plan.grad_norm
+
+        def grad_norm():
+            for p in plan.params:
+                p.grad.mul_(2)
+            return norm()
+
+        plan.grad_norm = grad_norm
+        return plan
+
+    monkeypatch.setattr(gpu_check.kernels, "create_plan", drifting)
+    cpu = gpu_check.torch.device("cpu")
+    problems, _ = gpu_check.check_backend(lambda: gpu_check.make([(5,), (3, 4)], cpu), "triton", True, 0.0, False)
+    assert "norm not bitwise repeatable" in problems
+    assert "perturbation not bitwise repeatable" in problems

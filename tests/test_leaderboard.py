@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ftsam_plugin import leaderboard, metrics
-from ftsam_plugin.data.records import load_attack_result, save_defense_result, write_metrics_summary_csv
+from ftsam_plugin.data.records import (load_attack_result, save_defense_result, write_metrics_csv,
+                                       write_metrics_summary_csv)
 from ftsam_plugin.io import safe_load
 from ftsam_plugin.models import create_model
 
@@ -168,6 +169,44 @@ def test_summaries_used_when_present(tree):
         assert table.cells[("rec_bad", "no defense")].source in ("eval", "cache")
     finally:
         os.utime(summary, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_time_to_purify_from_each_results_per_epoch_csv(tree, tmp_path):
+    from ftsam_plugin.purify import read_history, time_to_purify
+
+    bad = tree / "record" / "rec_bad"
+    bb = bad / "defense" / "ft-sam"  # BackdoorBench's ft-sam: log/d-sam_df.csv, no time columns
+    try:
+        _save_noisy(bad, "ft-sam", 0.01, 5)
+        write_metrics_csv(str(bb / "log" / "d-sam_df.csv"),
+                          [{"epoch": 1, "test_acc": 0.5, "test_asr": 0.5},
+                           {"epoch": 2, "test_acc": 0.6, "test_asr": 0.03},
+                           {"epoch": 3, "test_acc": 0.7, "test_asr": 0.04}])
+        table = leaderboard.build_leaderboard([str(tree / "record")], opts("--attack", "rec_bad"))[0]
+        cell = table.cells[("rec_bad", "ft-sam")]
+        assert cell.purify_source == "defense/ft-sam/log/d-sam_df.csv"
+        assert (cell.purify.epoch, cell.purify.train_s, cell.purify.epochs, cell.purify.eval_every) == (2, None, 3, 1)
+        assert table.cells[("rec_bad", "noisy")].purify is None  # no per-epoch CSV
+        assert table.cells[("rec_bad", "no defense")].purify is None
+        ours = bad / "defense" / "ftsam" / "ftsam_df.csv"
+        if ours.exists():  # the real defense ran: its time columns give seconds
+            want = time_to_purify(read_history(str(ours)))
+            assert table.cells[("rec_bad", "ftsam")].purify == want and want.total_train_s > 0
+        out = tmp_path / "out"
+        code, _, err = run_cli(["leaderboard", str(tree / "record"), "--attack", "rec_bad", "--out", str(out),
+                                "--device", "cpu"])
+        assert code == 0, err
+        rows = {r["defense"]: r for r in read_csv(out / "leaderboard.csv") if r["record"] == "rec_bad"}
+        assert {k: rows["ft-sam"][k] for k in leaderboard.PURIFY_COLUMNS} == {
+            "purify_epoch": "2", "purify_train_time_s": "", "total_epochs": "3", "total_train_time_s": "",
+            "purify_eval_every": "1"}
+        assert rows["noisy"]["purify_epoch"] == ""
+        md = (out / "leaderboard.md").read_text()
+        assert "### Time to purify" in md
+        assert "| rec_bad | ft-sam | epoch 2 | 3 epochs | 70.00 | 4.00 | 1 epoch(s) |" in md
+        assert "Time to purify" in (out / "leaderboard.html").read_text()
+    finally:
+        shutil.rmtree(bb, ignore_errors=True)
 
 
 def test_cache_hits_and_invalidation(tree, monkeypatch):

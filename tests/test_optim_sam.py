@@ -8,6 +8,7 @@ from torch import nn
 
 from ftsam_plugin.optim import SAM
 from ftsam_plugin.optim import freeze_bn
+from ftsam_plugin.optim import step_plans
 
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 
@@ -316,3 +317,40 @@ def test_float64_model_is_refused_with_a_clear_error():
     loss_of(model, x.double(), y).backward()
     with pytest.raises(ValueError, match="float64.*model.float"):
         opt.first_step()
+
+
+
+@pytest.mark.parametrize("backend,guards", [("triton", True), ("triton", False), ("foreach", True)])
+def test_a_param_shrunk_at_the_same_address_gets_a_new_plan(backend, guards, monkeypatch):
+    # `p.data = p.data[:32]` keeps the data pointer: a plan checked by addresses alone keeps the old element count
+    # and reads past the new, shorter grad. guards=False: a torch without dynamo's TensorGuards
+    if not guards:
+        monkeypatch.setattr(step_plans, "_TensorGuards", None)
+    p, q = nn.Parameter(torch.randn(64)), nn.Parameter(torch.randn(5, 3))
+    opt = SAM([p, q], torch.optim.SGD, rho=0.5, adaptive=True, backend=backend, lr=0.1)
+    gp, gq = torch.randn(64), torch.randn(5, 3)
+    p.grad, q.grad = gp, gq
+    for _ in range(2):  # grads kept in place: nothing moves
+        opt.first_step()
+        opt.second_step()
+    ptr = p.data_ptr()
+    p.data, p.grad = p.data[:32], gp[:32]
+    assert p.data_ptr() == ptr and p.grad.data_ptr() == gp.data_ptr()  # every address as before
+    w = [t.detach().clone() for t in (p, q)]
+    es = hand_e([p, q], 0.5, True, 0.0, False)
+    opt.first_step()
+    for t, w0, e in zip((p, q), w, es):
+        torch.testing.assert_close(t.detach().double(), w0.double() + e, rtol=1e-5, atol=1e-6)
+    assert opt.plan_builds == 2
+
+
+def test_steps_under_autocast_keep_their_plan():
+    # the quick layout check also compares dispatch keys, which autocast changes: a false alarm, re-checked
+    model = tiny_model()
+    opt = make_sam(model, rho=0.5, adaptive=True, backend="triton")
+    in_place_step(model, opt, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=True):
+        assert not opt._plans._layouts.quick(opt._plans._params + [p.grad for p in opt._plans._params])
+        in_place_step(model, opt, 1)
+    in_place_step(model, opt, 2)
+    assert (opt.plan_builds, opt.grad_moves) == (1, 0)

@@ -19,7 +19,7 @@ import torch
 
 from ftsam_plugin.io import safe_load
 
-from helpers import make_attack_record, run_cli
+from helpers import make_attack_record, run_cli, without_clock_columns
 
 # 20-sample subset, batch 8: steps of 8, 8, 4 per epoch; 3 epochs
 FLAGS = ["--yaml_path", "cpu", "--device", "cpu", "--ratio", "0.5", "--batch_size", "8", "--num_workers", "0",
@@ -38,9 +38,11 @@ def copy_record(record, name):
 
 
 def outputs(out):
-    """What must match an uninterrupted run: the final weights (bitwise) and the metric CSVs (text)."""
+    """What must match an uninterrupted run: the final weights (bitwise) and the metric CSVs (text, but the run-time
+    columns)."""
     result = safe_load(out / "defense_result.pt", what="defense result")
-    return result, (out / "ftsam_df.csv").read_text(), (out / "ftsam_df_summary.csv").read_text()
+    return result, *(without_clock_columns((out / name).read_text()) for name in ("ftsam_df.csv",
+                                                                                  "ftsam_df_summary.csv"))
 
 
 def assert_same(got, expected):

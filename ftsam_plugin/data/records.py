@@ -496,8 +496,14 @@ def summarize_metrics(rows: Sequence[Mapping[str, Any]]) -> Dict[str, dict]:
     return {"last": last, "valid_max": valid_max, "exist_nan_value": has_nan}
 
 
-def write_metrics_summary_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    """`<prefix>_df_summary.csv`: rows last / valid_max / exist_nan_value, one column per metric."""
+def write_metrics_summary_csv(path: str, rows: Sequence[Mapping[str, Any]],
+                              extra: Optional[Mapping[str, Any]] = None) -> None:
+    """`<prefix>_df_summary.csv`: rows last / valid_max / exist_nan_value, one column per metric; `extra`: run-level
+    values (e.g. the time to purify) as further columns, the same value in `last` and `valid_max`."""
     summary = summarize_metrics(rows)
     columns = _columns([_clean_row(r) for r in rows])
+    for key, value in (extra or {}).items():
+        columns += [key] if key not in columns else []
+        summary["last"][key] = summary["valid_max"][key] = value
+        summary["exist_nan_value"][key] = False
     _write_indexed_csv(os.fspath(path), list(summary), columns, list(summary.values()))

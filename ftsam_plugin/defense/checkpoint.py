@@ -32,8 +32,10 @@ CHECKPOINT_FORMAT = "ftsam-defense-checkpoint"
 RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd", "random_seed",
                "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
                "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
-               "amp", "amp_dtype", "eval_every", "num_workers", "rho_schedule", "rho_min", "checkpoint_path")
-SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore", "rho_schedule", "rho_min")  # unused by plain FT
+               "amp", "amp_dtype", "eval_every", "num_workers", "sam_every", "sam_prob", "sam_epochs", "rho_schedule",
+               "rho_min", "checkpoint_path")
+SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore", "sam_every", "sam_prob", "sam_epochs", "rho_schedule",
+                 "rho_min")  # not in FT
 
 
 def resume_config(cfg: dict, uses_sam: bool) -> dict:

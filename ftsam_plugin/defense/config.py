@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from importlib import resources
 from typing import Dict
 
@@ -64,7 +65,8 @@ BB_KEYS = {
     "rho", "rho_max", "rho_min", "adaptive", "label_smoothing", "alpha",
 }
 OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width", "rho_schedule",
-            "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout"}
+            "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout",
+            "sam_every", "sam_prob", "sam_epochs"}
 RHO_AUTO = "auto"  # `--rho auto`: chosen from the clean subset (rho_auto.py)
 KNOWN_KEYS = BB_KEYS | OUR_KEYS
 
@@ -153,6 +155,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                     "orthogonal to the second-pass one (0, FT-SAM's value: plain ASAM)")
     add("--label_smoothing", type=float, help="epsilon: 1-eps on the true class, eps/(C-1) on the others")
     add("--restore", type=str, choices=("copy", "subtract"), help="how SAM undoes the perturbation")
+    # cheaper SAM schedules (docs/optimizer.md): the other steps are plain steps of the base optimizer
+    add("--sam_every", type=int, help="SAM on every k-th step only (default 1: every step)")
+    add("--sam_prob", type=float, help="SAM on each (k-th) step with this probability, seeded by --random_seed "
+                                       "(default 1)")
+    add("--sam_epochs", type=str, help="SAM only in epochs FIRST-LAST, e.g. 1-5 (default: every epoch)")
     # run control
     add("--eval_every", type=int, help="evaluate ACC/ASR/RA every k epochs (the last epoch always)")
     add("--protocol", type=str, choices=sorted(PROTOCOLS),
@@ -235,9 +242,10 @@ DEFAULTS = {
     "rho": 2.0, "adaptive": True, "eta": 0.0, "alpha": 0.0, "label_smoothing": 0.1, "eval_every": 1,
     "rho_schedule": "constant",
     "protocol": "fixed", "resume": False, "steplr_gamma": 0.1, "steplr_stepsize": 30,
+    "sam_every": 1, "sam_prob": 1.0,  # SAM on every step (sam_epochs None: in every epoch)
 }
 BOOL_KEYS = ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "prefetch")
-LIST_KEYS = {"steplr_milestones", "rho_auto_grid"}  # every other key holds one value
+LIST_KEYS = {"steplr_milestones", "rho_auto_grid", "sam_epochs"}  # every other key holds one value
 MAX_MILESTONES = 100
 # what each numeric setting may be (unused BackdoorBench keys such as frequency_save are not checked)
 RULES = {
@@ -256,6 +264,8 @@ SAM_RULES = {  # checked for SAM defenses only (plain fine-tuning ignores them)
     "rho_min": Number(low=0, low_open=True),
     "eta": Number(low=0),
     "alpha": Number(),
+    "sam_every": Number(integer=True, low=1),
+    "sam_prob": Number(low=0, high=1, low_open=True),
 }
 FIX = "fix --{key} (or {key} in the YAML)"
 
@@ -272,6 +282,23 @@ def _milestones(value) -> list:
     if None in parsed or parsed != sorted(set(parsed)):
         raise FtsamError(f"steplr_milestones must be increasing epoch numbers like 50,75 (at most {MAX_MILESTONES}), "
                          f"got {quote(value)}; {FIX.format(key='steplr_milestones')}")
+    return parsed
+
+
+def _sam_epochs(value, epochs: int) -> list:
+    """sam_epochs as [first, last], 1 <= first <= last, first within the run (text '1-5' or '1,5', or a list)."""
+    items = value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\[?\s*(\d+)\s*[-, ]\s*(\d+)\s*\]?", value.strip())
+        items = list(match.groups()) if match else None
+    rule = Number(integer=True, low=1)
+    parsed = [rule.parse(v) for v in items] if isinstance(items, (list, tuple)) and len(items) == 2 else [None]
+    if None in parsed or parsed[0] > parsed[1]:
+        raise FtsamError(f"sam_epochs must be an epoch window FIRST-LAST like 1-5, got {quote(value)}; "
+                         f"{FIX.format(key='sam_epochs')}")
+    if parsed[0] > epochs:
+        raise FtsamError(f"sam_epochs {parsed[0]}-{parsed[1]} starts after the run's last epoch ({epochs}): no step "
+                         f"would be a SAM step; {FIX.format(key='sam_epochs')}")
     return parsed
 
 
@@ -372,6 +399,8 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
     if not isinstance(cfg["protocol"], str) or cfg["protocol"] not in PROTOCOLS:
         raise FtsamError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {quote(cfg['protocol'])}")
     cfg["protocol_overrides"] = apply_protocol(cfg, uses_sam, given)
+    if uses_sam and cfg["sam_epochs"] is not None:  # after the protocol: it may set the epochs
+        cfg["sam_epochs"] = _sam_epochs(cfg["sam_epochs"], int(cfg["epochs"]))
     schedulers = {name.lower(): name for name in SCHEDULER_NAMES}
     key = str(cfg["lr_scheduler"]).lower()
     if key not in schedulers:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.lock import FolderLock
+from ftsam_plugin.purify import RunClock, time_to_purify
 from ftsam_plugin.settings import quote, seed_everything
 
 from . import ddp
@@ -242,7 +243,10 @@ class FineTune:
                 bar.close()  # before any error message is printed
         ddp.broadcast_buffers(model, self.dist)  # BN stats of the last (no_sync) pass are rank-local: take rank 0's
         if self.dist.is_main:
-            write_metrics_summary_csv(os.path.join(args.save_path, f"{self.name}_df_summary.csv"), history)
+            purify = time_to_purify(history)
+            logger.info("%s", purify.describe())
+            write_metrics_summary_csv(os.path.join(args.save_path, f"{self.name}_df_summary.csv"), history,
+                                      extra=purify.summary_columns())
             out = save_defense_result(self.result["model_name"], self.result["num_classes"], ddp.unwrap(model),
                                       args.save_path)
             logger.info("saved %s", out)
@@ -254,18 +258,23 @@ class FineTune:
         from ftsam_plugin.data.records import write_metrics_csv
 
         args = self.args
+        clock = RunClock(history)  # the time columns, continued from a resumed run's history
         for epoch in bar:
             test_pause(epoch, 0, self._stop)
             lr_used = self.optimizer.param_groups[0]["lr"]  # per-batch stepping: the epoch's first step's lr
-            extra = self.extra_metrics()  # likewise (FT-SAM's rho)
+            first_step = self.epoch_start_metrics()  # likewise (FT-SAM's rho)
+            started = time.perf_counter()
             loss, acc = self.train_epoch(model, train_set, epoch)
+            train_seconds = time.perf_counter() - started
             self._check_weights(model, epoch)
             self.end_epoch_schedule(loss)
             row = dict.fromkeys(CSV_COLUMNS)
             row.update(epoch=epoch, train_epoch_loss_avg_over_batch=loss, train_acc=acc, lr=lr_used)
-            row.update(extra)
+            row.update(first_step)
+            row.update(self.extra_metrics())
             if self.dist.is_main and (epoch % args.eval_every == 0 or epoch == args.epochs):
                 row.update(self.evaluate(ddp.unwrap(model)))
+            row.update(clock.columns(train_seconds))  # last: the existing columns keep their order
             history.append(row)
             rngs = ddp.all_gather_objects(rng_state(), self.dist)  # every rank's RNG state (a collective)
             if self.dist.is_main:
@@ -351,8 +360,12 @@ class FineTune:
             opt.step()
         return loss.detach(), logits.detach()
 
+    def epoch_start_metrics(self) -> dict:
+        """Extra per-epoch CSV columns read before the epoch's first step, as `lr` (FT-SAM adds rho)."""
+        return {}
+
     def extra_metrics(self) -> dict:
-        """Extra per-epoch CSV columns, read before the epoch's first step (FT-SAM adds rho)."""
+        """Extra per-epoch CSV columns read after the epoch (FT-SAM adds sam_steps)."""
         return {}
 
     def _after_epoch(self, epoch: int) -> None:

@@ -32,14 +32,15 @@ class FTSAM(FineTune):
     Each step: forward/backward at w (under DDP's `no_sync`, forward included: each rank perturbs with its local
     gradient), w += e, forward/backward at w + e with BatchNorm running statistics frozen (the gradient all-reduce
     happens here), restore w, base-optimizer step with that gradient (GSAM-decomposed when --alpha is not 0).
-    rho follows --rho_schedule (rho_schedule.py) after every lr change.
+    rho follows --rho_schedule (rho_schedule.py) after every lr change. With a cheaper schedule (--sam_every,
+    --sam_prob, --sam_epochs; `ftsam_plugin.optim.SamSchedule`) the other steps are FT's plain steps.
     """
 
     name = "ftsam"
     uses_sam = True
 
     def create_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        from ftsam_plugin.optim import SAM
+        from ftsam_plugin.optim import SAM, SamSchedule
 
         args = self.args
         restore = args.restore
@@ -47,8 +48,11 @@ class FTSAM(FineTune):
             # w + e - e rounds differently on each rank (e is local): ranks would drift apart
             restore = "copy"
         cls, kwargs = self._base_optimizer()
+        # the same counter-based rule on every rank: the same steps are SAM steps everywhere
+        schedule = SamSchedule(every=int(args.sam_every), prob=float(args.sam_prob), seed=int(args.random_seed),
+                               epochs=tuple(args.sam_epochs) if args.sam_epochs is not None else None)
         return SAM([p for p in model.parameters() if p.requires_grad], cls, rho=args.rho, adaptive=args.adaptive,
-                   eta=args.eta, restore=restore, alpha=float(args.alpha), **kwargs)
+                   eta=args.eta, restore=restore, schedule=schedule, alpha=float(args.alpha), **kwargs)
 
     def lr_changed(self) -> None:
         """Set rho for the lr the next steps use (--rho_schedule; constant: rho throughout)."""
@@ -82,10 +86,16 @@ class FTSAM(FineTune):
                                              self.args.rho_auto_settings)
         return float(ddp.all_gather_objects(rho, self.dist)[0])  # every rank takes rank 0's choice
 
+    def train_epoch(self, model, train_set, epoch: int):
+        self.optimizer.schedule.set_epoch(epoch)  # for --sam_epochs
+        return super().train_epoch(model, train_set, epoch)
+
     def train_step(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
         from ftsam_plugin.optim import freeze_bn
 
         sam, scaler = self.optimizer, self.scaler
+        if not sam.sam_step_due():
+            return self._plain_step(model, x, y)
         sam.zero_grad(set_to_none=True)
         with ddp.no_sync(model):
             with self.autocast():
@@ -100,8 +110,23 @@ class FTSAM(FineTune):
         sam.second_step(zero_grad=True, grad_scaler=scaler)
         return loss.detach(), logits.detach()
 
+    def _plain_step(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """A step the schedule makes plain: FT's step (gradient all-reduced under DDP), through the SAM object."""
+        sam, scaler = self.optimizer, self.scaler
+        sam.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits = model(x)
+            loss = self.loss_fn(logits, y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        sam.plain_step(zero_grad=True, grad_scaler=scaler)
+        return loss.detach(), logits.detach()
+
+    def epoch_start_metrics(self) -> dict:
+        return {"rho": float(self.optimizer.param_groups[0]["rho"])}  # the epoch's first step's (--rho_schedule)
+
     def extra_metrics(self) -> dict:
-        return {"rho": float(self.optimizer.param_groups[0]["rho"])}
+        schedule = self.optimizer.schedule  # sam_steps: SAM steps so far (all of them without a cheaper schedule)
+        return {"sam_steps": schedule.sam_steps}
 
 
 if __name__ == "__main__":

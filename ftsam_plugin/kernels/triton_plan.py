@@ -3,10 +3,12 @@
 A `TritonPlan` groups the tensors by (param dtype, grad dtype, aligned), checks their layouts, writes one device
 table and work list per group (see `sam_triton`) in a single host-to-device copy, allocates one `saved` buffer
 (or takes the `saved` tensors given) and the norm's scratch (partials, ticket counter, result). After that a
-call is one launch per group, under the parameters' device, with prebuilt arguments: nothing is allocated,
-nothing waits for the GPU, and the same launches can be captured in a CUDA graph. The plan holds raw addresses,
-so it is valid only while the params, grads and `saved` stay where they were; `ftsam_plugin.optim.SAM` checks
-the addresses every step and builds a new plan when they move.
+call is one launch per group, under the parameters' device, with arguments prepared once (`sam_triton.Launch`:
+after the first, each launch is a call of the compiled kernel's launcher): nothing is allocated, nothing waits
+for the GPU, and the same launches can be captured in a CUDA graph. The plan holds raw addresses, so it is valid
+only while the params, grads and `saved` stay where they were; `ftsam_plugin.optim.SAM` checks them every step
+and builds a new plan when they move. A plan serves one CUDA stream at a time: two streams running its kernels
+at once would race on its norm scratch (the partial sums and the ticket counter).
 """
 
 import contextlib
@@ -26,6 +28,15 @@ class LayoutError(ValueError):
     """The Triton kernels cannot take these tensors (dtype pair or memory layout); foreach can."""
 
 
+def same_layout(shape, stride, other_shape, other_stride):
+    """Whether two tensors put every element at the same offset: equal shapes, and equal strides wherever the
+    size is > 1 (PyTorch's own rule: a size-1 dimension's stride is never used, and an empty tensor has none)."""
+    if shape != other_shape:
+        return False
+    return stride == other_stride or 0 in shape or all(a == b for n, a, b in zip(shape, stride, other_stride)
+                                                         if n > 1)
+
+
 def _dense(t):
     fmt = _STRIDE_FORMATS.get(t.ndim)
     return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
@@ -41,7 +52,7 @@ def _layout_problem(p, g, s):
         return f"a non-dense parameter (strides {p.stride()})"
     stride, shape = p.stride(), p.shape
     for name, t in (("grad", g), ("saved", s)):
-        if t is not None and (t.stride() != stride or t.shape != shape):
+        if t is not None and not same_layout(t.shape, t.stride(), shape, stride):
             return f"{name} shape/strides {tuple(t.shape)}/{t.stride()} differ from the parameter's {stride}"
     if s is not None and s.dtype != p.dtype:
         return f"saved dtype {_short(s.dtype)} differs from the parameter's {_short(p.dtype)}"
@@ -82,12 +93,13 @@ def device_guard(device):
 
 
 def check_device(device):
-    if device.type != "cuda" and not (device.type == "cpu" and st.INTERPRET):
+    if device.type != "cuda" and not (device.type == "cpu" and st.LAUNCH_ON_CPU):
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='auto'")
 
 
 class _Group:
-    """One launch's worth of tensors: a (param dtype, grad dtype, aligned) group with its device table."""
+    """One launch's worth of tensors: a (param dtype, grad dtype, aligned) group with its device table, and its
+    three launches with their arguments prepared (`sam_triton.Launch`)."""
 
     def __init__(self, key, idx, table, work, pid_offset):
         self.w_dtype, self.g_dtype, self.aligned = key
@@ -95,6 +107,17 @@ class _Group:
         self.n, self.n_work = len(idx), work.shape[1]
         self.grid = (self.n_work,)
         self.options = {kind: st.launch_options(kind, *key) for kind in st.KERNELS}
+
+    def bind(self, plan):
+        """The norm, perturb (norm and rho given per call) and restore launches of this group in `plan`."""
+        head = (self.table, self.work)
+        self.norm = st.Launch("sumsq", self.grid, (*head, plan._partials, plan._counter, plan._out, self.n,
+                                                   self.n_work, self.pid_offset, plan._n_total, plan.eta),
+                              self.options["sumsq"])
+        self.perturb = st.Launch("perturb", self.grid, (*head, plan._out, self.n, self.n_work, 0.0, plan.eta,
+                                                        plan.subtract), self.options["perturb"], vary=(2, 5))
+        self.restore = st.Launch("restore", self.grid, (*head, self.n, self.n_work, plan.subtract),
+                                 self.options["restore"])
 
 
 class TritonPlan:
@@ -104,6 +127,7 @@ class TritonPlan:
     perturb(norm, rho) -> `saved` (old w for restore="copy", e for "subtract"), the plan's own buffer;
     restore() -> w = saved (copy) or w -= saved (subtract).
     Raises LayoutError where the kernels cannot take a tensor, RuntimeError off CUDA (unless interpreted).
+    Not for two CUDA streams at once: their norms would share one set of partial sums and one ticket counter.
     """
 
     def __init__(self, params, adaptive=False, eta=0.0, weights_only=False, restore="copy", saved=None):
@@ -121,14 +145,18 @@ class TritonPlan:
             if problem:
                 raise LayoutError(f"backend='triton' cannot take parameter {i} (shape {tuple(p.shape)}): {problem}; "
                                   "use backend='foreach'")
+        self._layouts = [(p.shape, p.stride()) for p in self.params]  # what the table's NUMEL row was built for
         flags = scaled_flags(self.params, adaptive, weights_only)
         self._groups = self._build_groups(grads, flags)
         self._n_total = sum(g.n_work for g in self._groups)
         f32 = dict(dtype=torch.float32, device=self.device)
         self._partials = torch.empty(max(self._n_total, 1), **f32)
         self._counter = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._norm_open = False  # True from a norm's first launch to its last: a norm that never finished
         self._out = torch.zeros((), **f32)  # stays 0 when there is nothing to sum
         self._guard = device_guard(self.device)
+        for g in self._groups:
+            g.bind(self)
 
     def _host(self, values):
         """`values` as an int64 host tensor that copies to the device without making the host wait."""
@@ -139,7 +167,7 @@ class TritonPlan:
         return self._host(values).to(self.device, non_blocking=True)
 
     def _write_row(self, group, row, values):
-        group.table[row.value * group.n:(row.value + 1) * group.n].copy_(self._host(values), non_blocking=True)
+        group.table[row * group.n:(row + 1) * group.n].copy_(self._host(values), non_blocking=True)
 
     def _saved_ptrs(self, idx):
         return [self.saved[i].data_ptr() for i in idx] if self.saved is not None else [0] * len(idx)
@@ -172,9 +200,12 @@ class TritonPlan:
 
     def grad_norm(self):
         with self._guard:
+            if self._norm_open:  # the last norm stopped between two launches (an exception, Ctrl-C): its
+                self._counter.zero_()  # tickets were taken and never reset by a last program; start again at 0
+            self._norm_open = True
             for g in self._groups:
-                st.launch("sumsq", g.grid, (g.table, g.work, self._partials, self._counter, self._out, g.n,
-                                            g.n_work, g.pid_offset, self._n_total, self.eta), g.options["sumsq"])
+                g.norm()
+            self._norm_open = False
         return self._out
 
     def _allocate_saved(self):
@@ -185,18 +216,22 @@ class TritonPlan:
     def update_grads(self):
         """Write the grads' new addresses into the tables (grads reallocated, e.g. after zero_grad(None)).
 
-        False, changing nothing, when a grad no longer fits its group (None, another dtype, shape or strides, or
-        no longer 16-byte aligned in an aligned group): then build a new plan.
+        False, changing nothing, when a grad no longer fits its group (None, another dtype, or a shape or strides
+        other than its parameter's when the plan was built, or no longer 16-byte aligned in an aligned group):
+        then build a new plan.
         """
         rows = []
         for g in self._groups:
             ptrs = []
             for i in g.idx:
-                p, grad = self.params[i], self.params[i].grad
-                if (grad is None or grad.dtype != g.g_dtype or grad.shape != p.shape or grad.stride() != p.stride()
-                        or (g.aligned and grad.data_ptr() % 16)):
+                grad = self.params[i].grad
+                if grad is None or grad.dtype != g.g_dtype or not same_layout(grad.shape, grad.stride(),
+                                                                              *self._layouts[i]):
                     return False
-                ptrs.append(grad.data_ptr())
+                ptr = grad.data_ptr()
+                if g.aligned and ptr % 16:
+                    return False
+                ptrs.append(ptr)
             rows.append(ptrs)
         for g, ptrs in zip(self._groups, rows):
             self._write_row(g, st.ROW_G, ptrs)
@@ -207,11 +242,12 @@ class TritonPlan:
             self._allocate_saved()
         if norm is not self._out:
             norm = norm.to(device=self.device, dtype=torch.float32)
+            if norm.data_ptr() % 16:  # the launches were prepared for a 16-byte aligned norm (a fresh tensor is)
+                norm = norm.clone()
         rho = float(rho)
         with self._guard:
             for g in self._groups:
-                st.launch("perturb", g.grid, (g.table, g.work, norm, g.n, g.n_work, rho, self.eta, self.subtract),
-                          g.options["perturb"])
+                g.perturb(norm, rho)
         return self.saved
 
     def restore(self):
@@ -219,7 +255,7 @@ class TritonPlan:
             raise RuntimeError("TritonPlan.restore before perturb: nothing is saved yet")
         with self._guard:
             for g in self._groups:
-                st.launch("restore", g.grid, (g.table, g.work, g.n, g.n_work, self.subtract), g.options["restore"])
+                g.restore()
 
 
-__all__ = ["LayoutError", "TritonPlan", "check_device", "device_guard", "flat_like", "work_list"]
+__all__ = ["LayoutError", "TritonPlan", "check_device", "device_guard", "flat_like", "same_layout", "work_list"]

@@ -1,6 +1,7 @@
-"""Optimizers: SAM/ASAM (davda54/sam protocol) and the BatchNorm freeze used in SAM's second pass."""
+"""Optimizers: SAM/ASAM (davda54/sam protocol), its step schedule, and the BatchNorm freeze of SAM's second pass."""
 
 from .sam import SAM
 from .sam import freeze_bn
+from .schedule import SamSchedule
 
-__all__ = ["SAM", "freeze_bn"]
+__all__ = ["SAM", "SamSchedule", "freeze_bn"]

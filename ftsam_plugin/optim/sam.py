@@ -10,6 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ftsam_plugin import kernels
 
 from .gsam import gradient_decompose
+from .schedule import SamSchedule
 from .step_plans import MOVED
 from .step_plans import STALE
 from .step_plans import StepPlans
@@ -29,6 +30,9 @@ class SAM(torch.optim.Optimizer):
         restore: "copy" (exact, default) or "subtract" (w -= e, the ASAM/BackdoorBench way).
         adaptive_weights_only: T = 1 for biases and norm layers (params with ndim <= 1), as official ASAM.
         backend: "auto" | "triton" | "foreach" | "loop", passed to ftsam_plugin.kernels.
+        schedule: a `SamSchedule` choosing which steps are SAM steps (default: every step). Before each step ask
+            `sam_step_due()`: True -> first_step + second_step; False -> one forward/backward (under DDP the normal,
+            all-reducing one) and `plain_step`, the base optimizer's step. Its counters are in `state_dict`.
         alpha: GSAM's gradient decomposition (optim/gsam.py, BackdoorBench's `sam_alpha`): the base step uses
             h - alpha * (g's component orthogonal to h), g the grad at w, h the grad at w + e. 0 (default, FT-SAM's
             value) skips it; otherwise first_step keeps a copy of g (one more param-sized buffer) and second_step
@@ -67,7 +71,7 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, eta=0.0, restore="copy",
-                 adaptive_weights_only=False, backend="auto", alpha=0.0, **base_kwargs):
+                 adaptive_weights_only=False, backend="auto", schedule=None, alpha=0.0, **base_kwargs):
         if not rho > 0.0:
             raise ValueError(f"rho must be > 0, got {rho}")
         if not math.isfinite(alpha):
@@ -80,12 +84,15 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError("base_optimizer must be an optimizer class such as torch.optim.SGD")
+        if schedule is not None and not isinstance(schedule, SamSchedule):
+            raise ValueError(f"schedule must be a SamSchedule or None, got {type(schedule).__name__}")
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self.restore, self.weights_only, self.backend, self.alpha = restore, adaptive_weights_only, backend, alpha
+        self.schedule = schedule if schedule is not None else SamSchedule()
         self._first_grads = None  # alpha != 0: {param: its grad at w}, kept by first_step for second_step
         self._plans = None  # StepPlans, reused while valid
         self._perturbed = None  # the StepPlans whose perturbation second_step undoes
@@ -151,6 +158,24 @@ class SAM(torch.optim.Optimizer):
         else:
             self.base_optimizer.step()
         self._opt_called = True  # what an LRScheduler's step() wrapper records; first/second_step bypass step()
+        self.schedule.advance(sam=True)
+        if zero_grad:
+            self.zero_grad()
+
+    def sam_step_due(self):
+        """Whether the schedule makes the coming step a SAM step (False: take `plain_step` instead)."""
+        return self.schedule.is_sam_step()
+
+    def plain_step(self, zero_grad=False, grad_scaler=None):
+        """The base optimizer's step on the current grads (w unperturbed), counted by the schedule; with an
+        enabled GradScaler: scaler.step(base) (unscales, skips on non-finite grads) and scaler.update()."""
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            grad_scaler.step(self.base_optimizer)
+            grad_scaler.update()
+        else:
+            self.base_optimizer.step()
+        self._opt_called = True
+        self.schedule.advance(sam=False)
         if zero_grad:
             self.zero_grad()
 
@@ -165,9 +190,13 @@ class SAM(torch.optim.Optimizer):
         gradient_decompose([g for g, _ in pairs], [h for _, h in pairs], self.alpha)
 
     def step(self, closure=None, grad_scaler=None):
-        """One SAM update; grads at w must exist; `closure` re-does forward and backward (at w + e)."""
+        """One update; grads at w must exist; `closure` re-does forward and backward (at w + e). A step the
+        schedule makes plain is `plain_step` (the closure is not called; returns None)."""
         if closure is None:
             raise ValueError("SAM.step needs a closure doing a full forward and backward pass")
+        if not self.sam_step_due():
+            self.plain_step(grad_scaler=grad_scaler)
+            return None
         closure = torch.enable_grad()(closure)
         self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         loss = closure()
@@ -177,10 +206,22 @@ class SAM(torch.optim.Optimizer):
     def zero_grad(self, set_to_none=True):
         self.base_optimizer.zero_grad(set_to_none)
 
+    def state_dict(self):
+        state = super().state_dict()
+        state["sam_schedule"] = self.schedule.state_dict()  # the step counters: resuming continues the rule
+        return state
+
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        schedule = state_dict.pop("sam_schedule", None)
+        if schedule is None and not self.schedule.always:
+            raise ValueError("the optimizer state has no SAM schedule counters (saved by an older version); it "
+                             "cannot continue a schedule that skips SAM steps")
         super().load_state_dict(state_dict)
         self.base_optimizer.param_groups = self.param_groups  # re-link (davda54/sam#: schedulers, momentum)
         self.base_optimizer.state = self.state
+        if schedule is not None:
+            self.schedule.load_state_dict(schedule)
 
 
 @contextlib.contextmanager

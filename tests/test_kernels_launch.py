@@ -1,0 +1,101 @@
+"""The plans' fast launch path, checked on the CPU with a stand-in CUDA driver (ftsam_plugin.kernels.null_driver).
+
+Kernels compile for sm_90 (Triton ships ptxas) and the driver's launcher records what it is handed instead of
+launching; runs in a subprocess without TRITON_INTERPRET (the session's kernels are interpreted). A fast launch
+must hand the launcher exactly what Triton's own `kernel[grid](...)` hands it, on the current stream; launch
+hooks (a profiler) and FAST_LAUNCH=False keep Triton's path. The interpreted fallback is what every other
+kernel test runs.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ftsam_plugin import kernels
+
+SCRIPT = r"""
+import torch
+from triton import knobs
+from ftsam_plugin import kernels
+from ftsam_plugin.kernels import null_driver, sam_triton
+
+def params():
+    ps = []
+    for shape, dtype in (((300,), torch.float32), ((5, 7), torch.float32), ((200,), torch.bfloat16)):
+        p = torch.randn(shape).to(dtype).requires_grad_()
+        p.grad = torch.randn(shape).to(dtype)
+        ps.append(p)
+    return ps
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return a is b
+    return type(a) is type(b) and a == b
+
+def run(plan):
+    plan.grad_norm(); plan.perturb(plan._out, 0.5); plan.restore()
+
+def hooked(record):  # Triton's own path passes its launch metadata and (empty) hook chains; the fast path None
+    return record.hooks != (None, None, None)
+
+with null_driver.installed(arch=90, record=True) as driver:
+    ps, norm = params(), torch.tensor(3.0)
+    plan = kernels.create_plan(ps, adaptive=True, backend="triton")
+    assert len(plan._groups) == 2
+    run(plan)  # each launch's first call: Triton's path, compiling
+    slow = list(driver.launches)
+    assert len(slow) == 6 and all(hooked(r) for r in slow)
+    driver.launches.clear()
+    driver.stream = 7  # the current stream: taken at each launch
+    run(plan)
+    fast = list(driver.launches)
+    assert len(fast) == 6 and not any(hooked(r) for r in fast), [r.hooks for r in fast]
+    for s, f in zip(slow, fast):
+        assert (s.grid, s.function, s.metadata) == (f.grid, f.function, f.metadata), (s, f)
+        assert f.stream == 7 and s.stream == 0
+        assert len(s.args) == len(f.args) and all(map(same, s.args, f.args)), (s.args, f.args)
+    driver.launches.clear()
+    plan.perturb(norm, 0.25)  # another norm tensor and rho: the two arguments given per call
+    for s, f in zip(slow[2:4], driver.launches):
+        assert f.args[2] is norm and f.args[5] == 0.25 and s.args[5] == 0.5
+        assert all(same(a, b) for i, (a, b) in enumerate(zip(s.args, f.args)) if i not in (2, 5))
+
+    calls = []
+    hook = lambda metadata: calls.append(metadata)
+    knobs.runtime.launch_enter_hook.add(hook)  # a profiler: Triton's path, which feeds it
+    driver.launches.clear()
+    plan.grad_norm()
+    assert all(hooked(r) for r in driver.launches) and len(driver.launches) == 2
+    knobs.runtime.launch_enter_hook.remove(hook)
+    driver.launches.clear()
+    plan.grad_norm()
+    assert not any(hooked(r) for r in driver.launches)
+
+    sam_triton.FAST_LAUNCH = False  # plans built now keep Triton's path
+    off = kernels.create_plan(params(), backend="triton")
+    driver.launches.clear()
+    for _ in range(2):
+        off.grad_norm()
+    assert len(driver.launches) == 4 and all(hooked(r) for r in driver.launches)
+print("fast launch ok")
+"""
+
+
+def test_fast_launches_hand_the_launcher_what_triton_does():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "fast launch ok" in proc.stdout
+
+
+def test_interpreted_launches_keep_tritons_path():
+    ps = [torch.randn(5).requires_grad_()]
+    ps[0].grad = torch.randn(5)
+    plan = kernels.create_plan(ps, backend="triton")
+    plan.grad_norm()
+    plan.grad_norm()
+    assert plan._groups[0].norm._fast is False  # the interpreter returns no compiled kernel: no fast path
