@@ -107,7 +107,7 @@ def test_unknown_yaml_keys_warn(tmp_path, caplog):
     (["--ratio", "1.5"], "ratio must be a finite number in (0, 1]"),
     (["--epochs", "0"], "epochs must be an integer >= 1"),
     (["--batch_size", "0"], "batch_size must be an integer >= 1"),
-    (["--alpha", "0.5"], "alpha"),
+    (["--alpha", "inf"], "alpha must be a finite number"),
 ])
 def test_validation_errors(argv, needle):
     with pytest.raises(FtsamError) as info:
@@ -257,7 +257,8 @@ def test_backdoorbench_protocol_uses_the_references_effective_sam_values(tmp_pat
     assert (fixed.args.rho, fixed.args.label_smoothing, fixed.args.adaptive) == (8.0, 0.0, False)
     bb = FTSAM(parse(["--yaml_path", str(path), "--device", "cpu", "--protocol", "backdoorbench"]))
     assert (bb.args.rho, bb.args.label_smoothing, bb.args.adaptive, bb.args.eta) == (2.0, 0.1, True, 0.0)
-    assert bb.args.protocol_overrides == {"rho": (8.0, 2.0), "label_smoothing": (0.0, 0.1), "adaptive": (False, True)}
+    assert bb.args.protocol_overrides == {"rho": (8.0, 2.0), "label_smoothing": (0.0, 0.1), "adaptive": (False, True),
+                                          "rho_min": (None, 2.0), "rho_schedule": ("constant", "proportional")}
     given = FTSAM(parse(["--yaml_path", str(path), "--device", "cpu", "--protocol", "backdoorbench", "--rho", "8",
                          "--label_smoothing", "0"]))
     assert (given.args.rho, given.args.label_smoothing, given.args.adaptive) == (8.0, 0.0, True)

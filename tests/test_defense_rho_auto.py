@@ -58,6 +58,9 @@ class _FakeDefense:
         self.model, self.accuracies, self.trained_with = model, list(accuracies), []
         self.scheduler, self.step_per_batch, self.plateau = None, False, False
 
+    def end_epoch_schedule(self, train_loss):
+        pass
+
     def build_train_set(self, indices):
         return list(indices)
 

@@ -33,9 +33,11 @@ CHECKPOINT_FORMAT = "ftsam-defense-checkpoint"
 RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd", "random_seed",
                "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
                "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
-               "amp", "amp_dtype", "eval_every", "num_workers", "sam_every", "sam_prob", "sam_epochs")
+               "amp", "amp_dtype", "eval_every", "num_workers", "sam_every", "sam_prob", "sam_epochs", "rho_schedule",
+               "rho_min", "checkpoint_path")
 FIX = "delete it or run without --resume"  # what to do with a checkpoint that cannot be resumed
-SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore", "sam_every", "sam_prob", "sam_epochs")  # not in FT
+SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore", "sam_every", "sam_prob", "sam_epochs", "rho_schedule",
+                 "rho_min")  # not in FT
 
 
 def resume_config(cfg: dict, uses_sam: bool) -> dict:
@@ -43,6 +45,8 @@ def resume_config(cfg: dict, uses_sam: bool) -> dict:
     cfg = dict(cfg)
     if not cfg.get("amp"):
         cfg["amp_dtype"] = None  # unused without AMP
+    if cfg.get("rho_schedule") != "proportional":
+        cfg["rho_min"] = None  # unused by a constant rho
     if not uses_sam:
         for key in SAM_ONLY_KEYS:
             cfg[key] = None

@@ -19,6 +19,7 @@ from ftsam_plugin.settings import str2bool  # re-exported for compatibility
 
 from .factories import BASE_OPTIMIZERS, SCHEDULERS
 from .protocols import PROTOCOLS, get_recipe
+from .rho_schedule import RHO_SCHEDULES
 
 __all__ = [
     "add_arguments",
@@ -63,7 +64,7 @@ BB_KEYS = {
     # ft-sam extras
     "rho", "rho_max", "rho_min", "adaptive", "label_smoothing", "alpha",
 }
-OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width",
+OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width", "rho_schedule",
             "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout",
             "sam_every", "sam_prob", "sam_epochs"}
 RHO_AUTO = "auto"  # `--rho auto`: chosen from the clean subset (rho_auto.py)
@@ -103,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("-pf", "--prefetch", type=str2bool, help="accepted for BackdoorBench compatibility; unused")
     add("--amp", type=str2bool, help="mixed precision (true/false); dtype from --amp_dtype")
     add("--amp_dtype", type=str, choices=AMP_DTYPES, help="bf16 (no loss scaling) or fp16 (GradScaler)")
-    add("--checkpoint_load", type=str, help="accepted for BackdoorBench compatibility; unused (see --resume)")
+    add("--checkpoint_load", type=str, help="accepted for BackdoorBench compatibility; unused (see --resume and "
+                                            "--checkpoint_path)")
     add("--checkpoint_save", type=str, help="checkpoint folder (default <save_path>/checkpoint/)")
     add("--log", type=str, help="log folder (default <save_path>/log/)")
     add("--dataset_path", type=str, help="data root holding <dataset>/ (default: where the record says)")
@@ -141,12 +143,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rho_auto_grid", type=_float_list, help="--rho auto: the rho values probed, smallest first (default 0.5,1,2,4,8,16)")
     add("--rho_auto_epochs", type=int, help="--rho auto: epochs per probe (default 3)")
     add("--rho_auto_holdout", type=float, help="--rho auto: fraction of the clean subset held out (default 0.2)")
-    add("--rho_max", type=float, help="BackdoorBench alias of --rho")
-    add("--rho_min", type=float, help="BackdoorBench alias of --rho (must equal rho_max)")
+    add("--rho_max", type=float, help="BackdoorBench alias of --rho (the rho at the configured lr)")
+    add("--rho_min", type=float, help="--rho_schedule proportional: the rho at lr 0 (BackdoorBench's rho_min)")
+    add("--rho_schedule", type=str, choices=sorted(RHO_SCHEDULES),
+        help="constant (default): rho throughout; proportional: rho follows the lr from --rho down to --rho_min, "
+             "as BackdoorBench's ProportionScheduler (the backdoorbench protocol's default)")
     add("--adaptive", type=str2bool, nargs="?", const=BARE_FLAG,
         help="ASAM (true, default) or SAM (false); a bare --adaptive is refused (in BackdoorBench it turns ASAM off)")
     add("--eta", type=float, help="ASAM eta: T_w = |w| + eta (0 in FT-SAM)")
-    add("--alpha", type=float, help="GSAM alpha; only 0 is supported (BackdoorBench's value)")
+    add("--alpha", type=float, help="GSAM alpha: the step drops alpha x the first-pass gradient's component "
+                                    "orthogonal to the second-pass one (0, FT-SAM's value: plain ASAM)")
     add("--label_smoothing", type=float, help="epsilon: 1-eps on the true class, eps/(C-1) on the others")
     add("--restore", type=str, choices=("copy", "subtract"), help="how SAM undoes the perturbation")
     # cheaper SAM schedules (docs/optimizer.md): the other steps are plain steps of the base optimizer
@@ -162,7 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--force", action="store_true", default=None,
         help="start over even if the checkpoint holds an unfinished run (it is overwritten); flag only, not a YAML key")
     add("--bd_yaml_path", type=str, help="accepted for BackdoorBench compatibility; unused")
-    add("--checkpoint_path", type=str, help="accepted for BackdoorBench compatibility; unused")
+    add("--checkpoint_path", type=str,
+        help="start from an earlier defense result instead of the attack's model: a folder holding "
+             "defense_result.pt (a name under ./record/, e.g. badnet_0_1/defense/ft, as BackdoorBench's) or the file")
     return parser
 
 
@@ -234,6 +242,7 @@ DEFAULTS = {
     "epochs": 100, "batch_size": 256, "num_workers": 0, "lr": 0.01, "lr_scheduler": "CosineAnnealingLR",
     "client_optimizer": "sgd", "sgd_momentum": 0.9, "wd": 5e-4, "random_seed": 0, "ratio": 0.05,
     "rho": 2.0, "adaptive": True, "eta": 0.0, "alpha": 0.0, "label_smoothing": 0.1, "eval_every": 1,
+    "rho_schedule": "constant",
     "protocol": "fixed", "resume": False, "steplr_gamma": 0.1, "steplr_stepsize": 30,
     "sam_every": 1, "sam_prob": 1.0,  # SAM on every step (sam_epochs None: in every epoch)
 }
@@ -326,11 +335,41 @@ def _rho_auto_settings(cfg: Dict):
 
 def apply_protocol(cfg: Dict, uses_sam: bool, given=()) -> Dict[str, tuple]:
     """Set the values cfg['protocol']'s recipe imposes (see `protocols.Recipe`), except for the keys in `given`
-    (flags given on the command line). Returns {key: (config value, value used)} for what changed."""
+    (flags given on the command line). Returns {key: (config value, value used)} for what changed; the recipe's
+    notes on flags the reference ignored go to cfg['protocol_notes']."""
     given = set(given)
+    recipe = get_recipe(cfg["protocol"], uses_sam)
+    cfg["protocol_notes"] = recipe.notes(cfg, given) if uses_sam else []
+    if "rho" in given and not given & {"rho_min", "rho_schedule"}:
+        # our --rho X is a constant X (it wins over --rho_max; the reference ignored it): no rho schedule imposed
+        given |= {"rho_min", "rho_schedule"}
+        cfg["rho_min"], cfg["rho_schedule"] = None, "constant"
     if "rho_max" in given:
         given.add("rho")
-    return get_recipe(cfg["protocol"], uses_sam).apply(cfg, given)
+    return recipe.apply(cfg, given)
+
+
+def _check_rho_schedule(cfg: Dict) -> None:
+    """rho_schedule a known name; rho_min only where it means something (proportional), and at most rho."""
+    name = cfg["rho_schedule"]
+    if not isinstance(name, str) or name not in RHO_SCHEDULES:
+        raise FtsamError(f"rho_schedule must be one of {', '.join(sorted(RHO_SCHEDULES))}, got {quote(name)}; "
+                         f"{FIX.format(key='rho_schedule')}")
+    rho, rho_min = cfg["rho"], cfg.get("rho_min")
+    if rho_min is not None and cfg["rho_auto"]:
+        if name == "constant":
+            raise FtsamError(f"rho_min {rho_min} means nothing with --rho auto and a constant rho; drop rho_min or "
+                             f"pass --rho_schedule proportional")
+        rho = min(cfg["rho_auto_settings"].grid)  # the smallest rho it may choose
+    if rho_min is None:
+        return
+    if name == "constant" and float(rho_min) != float(rho):
+        raise FtsamError(f"rho_min {rho_min} differs from rho {rho} but rho_schedule is constant; pass "
+                         f"--rho_schedule proportional (rho follows the lr from rho down to rho_min, as BackdoorBench's "
+                         f"ft-sam.py) or drop rho_min")
+    if name == "proportional" and float(rho_min) > float(rho):
+        raise FtsamError(f"rho_min {rho_min} is above rho {rho}; the proportional schedule goes from rho (at the "
+                         f"configured lr) down to rho_min (at lr 0): fix --rho_min or --rho")
 
 
 def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
@@ -384,12 +423,7 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
     if str(cfg["amp_dtype"]) not in AMP_DTYPES:
         raise FtsamError(f"amp_dtype must be bf16 or fp16, got {quote(cfg['amp_dtype'])}; fix --amp_dtype")
     if uses_sam:
-        if cfg["alpha"] != 0.0:
-            raise FtsamError(f"alpha (GSAM) = {cfg['alpha']} is not supported; set alpha to 0")
-        rmin, rmax = cfg.get("rho_min"), cfg.get("rho_max")
-        if rmin is not None and rmax is not None and float(rmin) != float(rmax):
-            logger.warning("rho_min %s != rho_max %s: the proportional rho schedule is not implemented, "
-                           "using a constant rho = %s", rmin, rmax, cfg["rho"])
+        _check_rho_schedule(cfg)
     if cfg.get("restore") is None:
         cfg["restore"] = get_recipe(cfg["protocol"], uses_sam).restore
     return cfg

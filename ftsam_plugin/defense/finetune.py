@@ -74,11 +74,16 @@ class FineTune:
     def __init__(self, args: argparse.Namespace):
         cli = dict(vars(args))
         dataset = cli.get("dataset")
-        if cli.get("yaml_path") is None and dataset is None and cli.get("result_file"):
-            dataset = peek_record_dataset(cli["result_file"])
-        yaml_cfg = load_yaml(cli.get("yaml_path"), dataset, self.config_folder)
+        # the record decides the dataset (as `_adopt_record` does later): the protocol's per-dataset values (epochs,
+        # scheduler) follow it even when the YAML names none (`--yaml_path cpu`) or another one
+        recorded = _record_dataset(cli["result_file"], needed=cli.get("yaml_path") is None and dataset is None) \
+            if cli.get("result_file") else None
+        yaml_cfg = load_yaml(cli.get("yaml_path"), dataset or recorded, self.config_folder)
         cfg = merge_config(yaml_cfg, cli)
-        if cfg.get("dataset") is None:
+        if recorded is not None:
+            _warn_record_differs("dataset", cfg.get("dataset"), recorded)
+            cfg["dataset"] = recorded
+        elif cfg.get("dataset") is None:
             cfg["dataset"] = dataset
         cfg = validate(cfg, self.uses_sam, given={k for k, v in cli.items() if v is not None})
         cfg["terminal_info"] = list(sys.argv)
@@ -92,6 +97,8 @@ class FineTune:
         self._image_digests: Dict[str, str] = {}  # of the clean subset's files, from the pre-flight image check
         self._data: Optional[dict] = None  # the fingerprint of the data this run trains on (checked on --resume)
         self._handlers: List[logging.Handler] = []
+        self._start_from: Optional[str] = None  # --checkpoint_path: the defense_result.pt the run starts from
+        self._start_model: Optional[torch.nn.Module] = None
         self.dist = ddp.DistInfo()
         ddp.resolve_device(self.args.device, int(os.environ.get("LOCAL_RANK", "0")))  # fail before loading data
         if self.args.result_file is not None:
@@ -121,6 +128,7 @@ class FineTune:
             self.result = load_attack_result(record_dir, dataset_path=self._data_path())
             self._record_dir = record_dir
             self._adopt_record()
+            self._load_start_model()  # --checkpoint_path: a bad file fails here, before anything is written
             subset = self.choose_subset()  # an impossible subset fails here, before anything is written
             self._image_digests = check_record_images(self.result, subset)  # so does an unreadable image
             self._keep_unfinished_checkpoint()
@@ -163,6 +171,11 @@ class FineTune:
             logger.info("protocol %s: using %s (the config said %s; pass the flag to choose)", self.args.protocol,
                         ", ".join(f"{k}={v[1]}" for k, v in overrides.items()),
                         ", ".join(f"{k}={v[0]}" for k, v in overrides.items()))
+        for note in getattr(self.args, "protocol_notes", None) or ():
+            logger.warning("protocol %s: %s", self.args.protocol, note)
+        if self._start_from is not None:
+            logger.info("starting from the defense result %s (--checkpoint_path), not the attack's model",
+                        self._start_from)
 
     def set_devices(self) -> None:
         """Check --device and join the torchrun process group if there is one."""
@@ -206,7 +219,7 @@ class FineTune:
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = False
 
-        model = self.result["model"].to(dev)
+        model = (self._start_model if self._start_model is not None else self.result["model"]).to(dev)
         indices = self.choose_subset()
         self._data = data_identity(self.result, indices, self._image_digests, model=weights_digest(model))
         train_set = self.build_train_set(indices)
@@ -264,6 +277,7 @@ class FineTune:
         for epoch in bar:
             test_pause(epoch, 0, self._stop)
             lr_used = self.optimizer.param_groups[0]["lr"]  # per-batch stepping: the epoch's first step's lr
+            first_step = self.epoch_start_metrics()  # likewise (FT-SAM's rho)
             started = time.perf_counter()
             loss, acc = self.train_epoch(model, train_set, epoch)
             train_seconds = time.perf_counter() - started
@@ -271,6 +285,7 @@ class FineTune:
             self.end_epoch_schedule(loss)
             row = dict.fromkeys(CSV_COLUMNS)
             row.update(epoch=epoch, train_epoch_loss_avg_over_batch=loss, train_acc=acc, lr=lr_used)
+            row.update(first_step)
             row.update(self.extra_metrics())
             if self.dist.is_main and (epoch % args.eval_every == 0 or epoch == args.epochs):
                 row.update(self.evaluate(ddp.unwrap(model)))
@@ -299,6 +314,10 @@ class FineTune:
         protocol steps it per batch."""
         if self.scheduler is not None and not self.step_per_batch:
             self.scheduler.step(train_loss) if self.plateau else self.scheduler.step()
+            self.lr_changed()
+
+    def lr_changed(self) -> None:
+        """Called after every lr scheduler step and once the optimizer is built (FT-SAM moves rho with the lr)."""
 
     def _stop_requested(self) -> bool:
         """Whether a SIGINT or SIGTERM arrived on any rank."""
@@ -332,6 +351,7 @@ class FineTune:
         self.scheduler = create_scheduler(target, vars(args), self.recipe)
         self.plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.step_per_batch = self.recipe.step_per_batch and not self.plateau
+        self.lr_changed()
 
     # ------------------------------------------------------------------ hooks FT-SAM overrides
     def create_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -355,8 +375,12 @@ class FineTune:
             opt.step()
         return loss.detach(), logits.detach()
 
+    def epoch_start_metrics(self) -> dict:
+        """Extra per-epoch CSV columns read before the epoch's first step, as `lr` (FT-SAM adds rho)."""
+        return {}
+
     def extra_metrics(self) -> dict:
-        """Extra per-epoch CSV columns (FT-SAM adds rho)."""
+        """Extra per-epoch CSV columns read after the epoch (FT-SAM adds sam_steps)."""
         return {}
 
     def _after_epoch(self, epoch: int) -> None:
@@ -435,6 +459,7 @@ class FineTune:
                                        dtype=torch.float64)
                 if self.step_per_batch:
                     self.scheduler.step()
+                    self.lr_changed()
                 if step % 10 == 0 or step == len(loader):
                     steps.set_postfix(loss=f"{value:.4f}")
         finally:
@@ -492,6 +517,29 @@ class FineTune:
         if self._lock is not None:
             self._lock.release()
 
+    def _load_start_model(self) -> None:
+        """--checkpoint_path: build the model of that defense result (BackdoorBench's ft-sam.py starts from
+        `record/<checkpoint_path>/defense_result.pt`); the attack's model otherwise."""
+        if not self.args.checkpoint_path:
+            return
+        from ftsam_plugin.data.records import load_defense_model
+        from ftsam_plugin.io import safe_load
+
+        from .locations import resolve_defense_result
+
+        path = self._start_from = resolve_defense_result(self.args.checkpoint_path)
+        raw = safe_load(path, what="defense result")
+        if isinstance(raw, dict):
+            mine = (raw.get("model_name"), raw.get("num_classes"))
+            theirs = (self.result["model_name"], int(self.result["num_classes"]))
+            if None not in mine and (str(mine[0]), int(mine[1])) != theirs:
+                raise FtsamError(f"--checkpoint_path {path} holds a {mine[0]} with {mine[1]} classes, the record a "
+                                 f"{theirs[0]} with {theirs[1]}; pass a defense result of this record")
+        try:
+            self._start_model = load_defense_model(path, self.result)
+        except FtsamError as exc:
+            raise FtsamError(f"--checkpoint_path {path}: {exc}") from None
+
     def _data_path(self) -> Optional[str]:
         path = self.cli_dataset_path
         if path is None:
@@ -503,10 +551,7 @@ class FineTune:
         """The record decides dataset and model; warn where the config said otherwise."""
         args, res = self.args, self.result
         for key, value in (("dataset", res["clean_data"]), ("model", res["model_name"])):
-            mine = getattr(args, key, None)
-            if mine is not None and str(mine).lower() != str(value).lower():
-                logger.warning("config says %s=%s but the record was made with %s; using %s", key, quote(mine), value,
-                               value)
+            _warn_record_differs(key, getattr(args, key, None), value)
             setattr(args, key, value)
         args.num_classes = int(res["num_classes"])
         args.img_size = tuple(int(v) for v in res["img_size"])
@@ -517,6 +562,23 @@ class FineTune:
             pkg_logger.removeHandler(handler)
             handler.close()
         self._handlers = []
+
+
+def _record_dataset(result_file, needed: bool) -> Optional[str]:
+    """The record's dataset; None if it cannot be read and is not `needed` (then `set_result` names the problem,
+    after the config's own errors)."""
+    try:
+        return peek_record_dataset(result_file)
+    except FtsamError:
+        if needed:
+            raise
+        return None
+
+
+def _warn_record_differs(key: str, mine, recorded) -> None:
+    if mine is not None and str(mine).lower() != str(recorded).lower():
+        logger.warning("config says %s=%s but the record was made with %s; using %s", key, quote(mine), recorded,
+                       recorded)
 
 
 def _holds_output_lock() -> bool:

@@ -15,6 +15,7 @@ import torch
 from . import ddp
 from .config import RHO_AUTO
 from .finetune import FineTune
+from .rho_schedule import apply_rho_schedule
 from .registry import DEFENSES
 
 logger = logging.getLogger("ftsam_plugin.defense")
@@ -30,7 +31,8 @@ class FTSAM(FineTune):
 
     Each step: forward/backward at w (under DDP's `no_sync`, forward included: each rank perturbs with its local
     gradient), w += e, forward/backward at w + e with BatchNorm running statistics frozen (the gradient all-reduce
-    happens here), restore w, base-optimizer step with that gradient. With a cheaper schedule (--sam_every,
+    happens here), restore w, base-optimizer step with that gradient (GSAM-decomposed when --alpha is not 0).
+    rho follows --rho_schedule (rho_schedule.py) after every lr change. With a cheaper schedule (--sam_every,
     --sam_prob, --sam_epochs; `ftsam_plugin.optim.SamSchedule`) the other steps are FT's plain steps.
     """
 
@@ -50,7 +52,12 @@ class FTSAM(FineTune):
         schedule = SamSchedule(every=int(args.sam_every), prob=float(args.sam_prob), seed=int(args.random_seed),
                                epochs=tuple(args.sam_epochs) if args.sam_epochs is not None else None)
         return SAM([p for p in model.parameters() if p.requires_grad], cls, rho=args.rho, adaptive=args.adaptive,
-                   eta=args.eta, restore=restore, schedule=schedule, **kwargs)
+                   eta=args.eta, restore=restore, schedule=schedule, alpha=float(args.alpha), **kwargs)
+
+    def lr_changed(self) -> None:
+        """Set rho for the lr the next steps use (--rho_schedule; constant: rho throughout)."""
+        args = self.args
+        apply_rho_schedule(self.optimizer.param_groups, args.rho_schedule, args.rho, args.rho_min, args.lr)
 
     def choose_subset(self):
         self._subset = super().choose_subset()
@@ -116,9 +123,12 @@ class FTSAM(FineTune):
         sam.plain_step(zero_grad=True, grad_scaler=scaler)
         return loss.detach(), logits.detach()
 
+    def epoch_start_metrics(self) -> dict:
+        return {"rho": float(self.optimizer.param_groups[0]["rho"])}  # the epoch's first step's (--rho_schedule)
+
     def extra_metrics(self) -> dict:
         schedule = self.optimizer.schedule  # sam_steps: SAM steps so far (all of them without a cheaper schedule)
-        return {"rho": float(self.optimizer.param_groups[0]["rho"]), "sam_steps": schedule.sam_steps}
+        return {"sam_steps": schedule.sam_steps}
 
 
 if __name__ == "__main__":

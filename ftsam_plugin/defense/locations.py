@@ -8,7 +8,7 @@ from typing import Optional
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import make_output_folder  # re-exported: where the defense pipeline has always found it
 
-__all__ = ["resolve_record", "make_output_folder", "peek_record_dataset"]
+__all__ = ["resolve_record", "resolve_defense_result", "make_output_folder", "peek_record_dataset"]
 
 
 def resolve_record(result_file) -> str:
@@ -29,6 +29,22 @@ def resolve_record(result_file) -> str:
     raise FtsamError(f"no attack_result.pt: record folder {' or '.join(repr(c) for c in candidates)} does not exist; "
                      f"pass --result_file <record name under ./record/ or a record folder> (make one with "
                      f"`ftsam attack`)")
+
+
+def resolve_defense_result(path) -> str:
+    """The defense_result.pt that `--checkpoint_path` names: the file, a folder holding it, or (as BackdoorBench's
+    ft-sam.py reads it) a folder under ./record/, e.g. `badnet_0_1/defense/ft`."""
+    text = str(path)
+    if os.path.isfile(text):
+        return text
+    candidates = [text] if os.path.isabs(text) else [text, os.path.join("record", text)]
+    for candidate in candidates:
+        file = os.path.join(candidate, "defense_result.pt")
+        if os.path.isfile(file):
+            return file
+    raise FtsamError(f"--checkpoint_path {text}: no defense_result.pt in {' or '.join(repr(c) for c in candidates)}; "
+                     f"pass a defense result folder (e.g. badnet_0_1/defense/ft, under ./record/) or its "
+                     f"defense_result.pt")
 
 
 def peek_record_dataset(result_file) -> Optional[str]:

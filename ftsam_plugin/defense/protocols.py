@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 __all__ = ["Recipe", "Protocol", "PROTOCOLS", "AMP_POLICIES", "get_recipe"]
 
@@ -54,6 +54,8 @@ class Recipe:
         amp: the AMP policy, an `AMP_POLICIES` key.
         train_loss_per_sample: the train-loss CSV column is the mean over samples (batch losses weighted by batch
             size); False: the plain mean of the batch losses.
+        ignored_flags: flag -> (the reference's key it used instead, that key's default): flags we apply and the
+            reference ignored; a run given one logs what the reference would have run (`notes`).
     """
 
     subset: str = "class_balanced"
@@ -65,6 +67,7 @@ class Recipe:
     by_dataset: Mapping[str, Mapping[str, object]] = field(default_factory=_frozen)
     amp: str = "config"
     train_loss_per_sample: bool = True
+    ignored_flags: Mapping[str, Tuple[str, object]] = field(default_factory=_frozen)
 
     def imposed(self, cfg: Mapping) -> Dict[str, object]:
         """Every value this recipe sets on the config `cfg` (before flags given on the command line win)."""
@@ -86,6 +89,17 @@ class Recipe:
                 cfg[key] = value
                 changed[key] = (old, value)
         return changed
+
+    def notes(self, cfg: Mapping, given: Iterable[str]) -> List[str]:
+        """A log line per flag in `given` that the reference ignored, saying what it would have run."""
+        given = set(given)
+        lines = []
+        for flag, (used, default) in self.ignored_flags.items():
+            if flag in given:
+                ref = cfg.get(used) if used in given else default
+                lines.append(f"--{flag} {cfg.get(flag)} is applied; the reference ignores --{flag} and would have "
+                             f"run {flag} = {ref} (its --{used})")
+        return lines
 
 
 @dataclass(frozen=True)
@@ -112,17 +126,20 @@ FIXED = Protocol(
 BACKDOORBENCH = Protocol(
     name="backdoorbench",
     help="reproduce the reference: ftsam as defense/ft-sam.py ran (class-balanced choose_by_class subset, cosine "
-         "T_max 100 stepped per batch, restore by subtraction, rho 2 / label smoothing 0.1 on every dataset, no "
-         "AMP); ft-baseline as defense/ft.py (uniform choose_index subset, its epochs and scheduler per dataset "
+         "T_max 100 stepped per batch, restore by subtraction, rho 2 / label smoothing 0.1 on every dataset, rho "
+         "following the lr from --rho_max to --rho_min, no AMP); ft-baseline as defense/ft.py (uniform choose_index subset, its epochs and scheduler per dataset "
          "stepped per epoch, plain cross-entropy, fp16 AMP on CUDA); flags given win",
     # ft-sam.py: its non-None argparse defaults beat its YAML (rho_max 8 / label_smoothing 0 on gtsrb, tiny); its
-    # `amp: True` is never read; its train loss is an AverageMeter weighted by batch size. Its tiny YAML's
-    # ReduceLROnPlateau crashed when stepped per batch without a metric: our tiny config's cosine is kept.
+    # `amp: True` is never read; its train loss is an AverageMeter weighted by batch size; its rho follows the lr
+    # (ProportionScheduler, rho_max -> rho_min: constant 2 unless --rho_max/--rho_min are given); it ignores --rho.
+    # Its tiny YAML's ReduceLROnPlateau crashed when stepped per batch without a metric: our tiny config's cosine
+    # is kept.
     sam=Recipe(subset="choose_by_class", step_per_batch=True, cos_t_max=100, restore="subtract",
-               effective=_frozen({"rho": 2.0, "label_smoothing": 0.1, "adaptive": True, "eta": 0.0}),
+               effective=_frozen({"rho": 2.0, "rho_min": 2.0, "rho_schedule": "proportional", "alpha": 0.0,
+                                  "label_smoothing": 0.1, "adaptive": True, "eta": 0.0}),
                by_dataset=_frozen({"cifar10": {"epochs": 100}, "cifar100": {"epochs": 100}, "gtsrb": {"epochs": 50},
                                    "tiny": {"epochs": 100}}),
-               amp="off"),
+               amp="off", ignored_flags=_frozen({"rho": ("rho_max", 2.0)})),
     # ft.py: PureCleanModelTrainer (scheduler stepped per epoch, plateau with the epoch's mean batch loss, train
     # loss the plain mean over batches), config/defense/ft/<dataset>.yaml
     plain=Recipe(subset="uniform", cos_t_max=100, restore="subtract",

@@ -135,8 +135,7 @@ def choose_rho(defense, model, indices: Sequence[int], labels: Sequence[int],
             defense.setup_training(model)
             for epoch in range(1, settings.probe_epochs + 1):
                 loss, _ = defense.train_epoch(model, train_set, epoch)
-                if defense.scheduler is not None and not defense.step_per_batch:
-                    defense.scheduler.step(loss) if defense.plateau else defense.scheduler.step()
+                defense.end_epoch_schedule(loss)
             acc = accuracy()
             reference = probes[0].holdout_acc if probes else acc
             probe = Probe(rho, acc, acc >= reference - settings.budget, time.perf_counter() - start)

@@ -1,6 +1,7 @@
 """SAM / ASAM as a `torch.optim.Optimizer` wrapping a base optimizer (the davda54/sam protocol)."""
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -8,6 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ftsam_plugin import kernels
 
+from .gsam import gradient_decompose
 from .schedule import SamSchedule
 from .step_plans import MOVED
 from .step_plans import STALE
@@ -31,6 +33,13 @@ class SAM(torch.optim.Optimizer):
         schedule: a `SamSchedule` choosing which steps are SAM steps (default: every step). Before each step ask
             `sam_step_due()`: True -> first_step + second_step; False -> one forward/backward (under DDP the normal,
             all-reducing one) and `plain_step`, the base optimizer's step. Its counters are in `state_dict`.
+        alpha: GSAM's gradient decomposition (optim/gsam.py, BackdoorBench's `sam_alpha`): the base step uses
+            h - alpha * (g's component orthogonal to h), g the grad at w, h the grad at w + e. 0 (default, FT-SAM's
+            value) skips it; otherwise first_step keeps a copy of g (one more param-sized buffer) and second_step
+            spends two norms and an inner product (plain torch, not fused). Under DDP, h is the all-reduced grad.
+
+    rho is read from the param groups at every first_step: a schedule may set group["rho"] between steps
+    (ftsam_plugin.defense.rho_schedule does) without rebuilding any plan.
 
     The kernel plans (ftsam_plugin.kernels.create_plan: for Triton the device pointer table, work list and one
     persistent `saved` buffer) are built at the first step and reused while every param and grad keeps its
@@ -62,9 +71,11 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, eta=0.0, restore="copy",
-                 adaptive_weights_only=False, backend="auto", schedule=None, **base_kwargs):
+                 adaptive_weights_only=False, backend="auto", schedule=None, alpha=0.0, **base_kwargs):
         if not rho > 0.0:
             raise ValueError(f"rho must be > 0, got {rho}")
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha}")
         if eta < 0.0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if restore not in kernels.RESTORE_MODES:
@@ -80,8 +91,9 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
-        self.restore, self.weights_only, self.backend = restore, adaptive_weights_only, backend
+        self.restore, self.weights_only, self.backend, self.alpha = restore, adaptive_weights_only, backend, alpha
         self.schedule = schedule if schedule is not None else SamSchedule()
+        self._first_grads = None  # alpha != 0: {param: its grad at w}, kept by first_step for second_step
         self._plans = None  # StepPlans, reused while valid
         self._perturbed = None  # the StepPlans whose perturbation second_step undoes
         self._skipped = False
@@ -101,7 +113,7 @@ class SAM(torch.optim.Optimizer):
     # it themselves), and entering it would add host time to every step
     def first_step(self, zero_grad=False, grad_scaler=None):
         """w += e (e from the current grads). With an enabled GradScaler: unscale, skip on non-finite grads."""
-        self._skipped, self._perturbed = False, None
+        self._skipped, self._perturbed, self._first_grads = False, None, None
         amp = grad_scaler is not None and grad_scaler.is_enabled()
         if amp:
             grad_scaler.unscale_(self)  # SAM counts as its own optimizer; scaler.step(base) handles pass two
@@ -113,7 +125,10 @@ class SAM(torch.optim.Optimizer):
                 bad = self._any_rank(bad, grad_scaler)
             self._skipped = bool(bad)
         if not self._skipped and norm is not None:
-            plans.perturb(norm)
+            if self.alpha != 0:
+                self._first_grads = {p: p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                                     if p.grad is not None}
+            plans.perturb(norm, self.param_groups)
             self._perturbed = plans
         if zero_grad:
             self.zero_grad()
@@ -131,6 +146,8 @@ class SAM(torch.optim.Optimizer):
 
     def second_step(self, zero_grad=False, grad_scaler=None):
         """Restore w, then the base step with the grad at w + e (via scaler.step + scaler.update if given)."""
+        if self._first_grads is not None:
+            self._decompose(grad_scaler)
         if self._perturbed is not None:
             self._perturbed.restore()
             self._perturbed = None
@@ -161,6 +178,16 @@ class SAM(torch.optim.Optimizer):
         self.schedule.advance(sam=False)
         if zero_grad:
             self.zero_grad()
+
+    def _decompose(self, grad_scaler):
+        """alpha != 0: GSAM's decomposition of the second-pass grads (unscaled first under a GradScaler)."""
+        first, self._first_grads = self._first_grads, None
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            if self._skipped:
+                return
+            grad_scaler.unscale_(self.base_optimizer)  # scaler.step(base) then finds them unscaled
+        pairs = [(g, p.grad) for p, g in first.items() if p.grad is not None]
+        gradient_decompose([g for g, _ in pairs], [h for _, h in pairs], self.alpha)
 
     def step(self, closure=None, grad_scaler=None):
         """One update; grads at w must exist; `closure` re-does forward and backward (at w + e). A step the

@@ -6,9 +6,10 @@ pointers (`torch._C._tensors_data_ptrs_at_indices_equal`, what CUDA-graph trees 
 shape and strides (`TensorGuards`, what torch.compile's guards use), each with a Python fallback where a torch
 lacks it. `p.data = p.data[:32]` keeps the address but not the element count: the second call catches it.
 When only the grads moved (set to None and reallocated elsewhere), their new addresses are written into the
-plans' tables (one small copy per plan). Anything else (a param's storage or layout, a group's rho/adaptive/eta
-or size, a param gaining or losing its grad, a grad changing dtype or layout) makes the plans stale, and the
-optimizer builds new ones.
+plans' tables (one small copy per plan). rho is read from the groups at every perturbation (a rho schedule
+changes it every step), so a new rho rebuilds nothing. Anything else (a param's storage or layout, a group's
+adaptive/eta or size, which groups share a rho, a param gaining or losing its grad, a grad changing dtype or
+layout) makes the plans stale, and the optimizer builds new ones.
 """
 
 import torch
@@ -29,6 +30,12 @@ def _ptrs_equal(tensors, ptrs, index):
     if _PTRS_EQUAL is not None:
         return _PTRS_EQUAL(tensors, ptrs, index)
     return [t.data_ptr() for t in tensors] == ptrs
+
+
+def _rho_owners(param_groups):
+    """Per group, the index of the first group with the same rho (the groups that share one perturbation)."""
+    rhos = [g["rho"] for g in param_groups]
+    return [rhos.index(r) for r in rhos]
 
 
 def _key(t):
@@ -60,7 +67,8 @@ class _Layouts:
 
 
 def _settings(param_groups):
-    return [(g["rho"], bool(g["adaptive"]), g["eta"], len(g["params"])) for g in param_groups]
+    return [(owner, bool(g["adaptive"]), g["eta"], len(g["params"]))
+            for owner, g in zip(_rho_owners(param_groups), param_groups)]
 
 
 class StepPlans:
@@ -69,14 +77,15 @@ class StepPlans:
     def __init__(self, param_groups, weights_only, restore, backend):
         self._settings = _settings(param_groups)
         buckets, self._gradless = {}, []
-        for group in param_groups:
+        for owner, group in zip(_rho_owners(param_groups), param_groups):
             for p in group["params"]:
                 if p.grad is None:
                     self._gradless.append(p)
                 else:
-                    buckets.setdefault((group["rho"], bool(group["adaptive"]), group["eta"]), []).append(p)
-        self.plans = [(kernels.create_plan(ps, adaptive, eta, weights_only, restore, backend), rho)
-                      for (rho, adaptive, eta), ps in buckets.items()]
+                    buckets.setdefault((owner, bool(group["adaptive"]), group["eta"]), []).append(p)
+        # (plan, index of the group whose rho it perturbs with)
+        self.plans = [(kernels.create_plan(ps, adaptive, eta, weights_only, restore, backend), owner)
+                      for (owner, adaptive, eta), ps in buckets.items()]
         self._params = [p for ps in buckets.values() for p in ps]
         n = len(self._params)
         tensors = self._params + [p.grad for p in self._params]
@@ -126,9 +135,10 @@ class StepPlans:
         norms = [plan.grad_norm() for plan, _ in self.plans]
         return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
-    def perturb(self, norm):
-        for plan, rho in self.plans:
-            plan.perturb(norm, rho)
+    def perturb(self, norm, param_groups):
+        """w += e with each bucket's rho as its groups say now."""
+        for plan, owner in self.plans:
+            plan.perturb(norm, param_groups[owner]["rho"])
 
     def restore(self):
         for plan, _ in self.plans:
