@@ -422,8 +422,17 @@ def load_results(results: str) -> Dict[Tuple[str, str], dict]:
     for path in sorted(glob.glob(os.path.join(results, "*", "*.json"))):
         with open(path) as handle:
             item = json.load(handle)
-        out[(item["run"]["attack"], item["tag"])] = item
+        out[(item["run"]["attack"], item["tag"])] = with_run_wall(item)
     return out
+
+
+def with_run_wall(item: dict) -> dict:
+    """`wall_s` is the last process's wall time; a resumed run's whole wall time is the defense's own cumulative
+    `wall_time_s` (training and evaluations, all its processes), which the report uses instead."""
+    last = item["rows"][-1].get("wall_time_s") if item.get("rows") else None
+    if item.get("resumed") and last:
+        item = dict(item, wall_s=last, wall_s_last_process=item["wall_s"])
+    return item
 
 
 def record_ready(record: str) -> bool:
