@@ -891,7 +891,13 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
                 checks.append(f"blended: FT leaves ≥ 20% ASR: {'yes' if ft_asr >= 0.2 else 'no'} ({100 * ft_asr:.2f}%)")
             t_ft = [i["times"]["train"] for i in ft_got if i["times"]["train"]]
             t_sam = [i["times"]["train"] for i in sam_got if i["times"]["train"]]
-            if t_ft and t_sam:
+            machines = {i.get("machine") for i in ft_got + sam_got}
+            if t_ft and t_sam and len(machines) > 1:
+                checks.append(f"{attack}: FT-SAM epoch time ≤ 2.0× FT's: **not measured comparably** (the FT and "
+                              f"FT-SAM runs were made on different machines under different loads: "
+                              f"{'; '.join(sorted(str(m) for m in machines))}; ratio as logged "
+                              f"{mean(t_sam) / mean(t_ft):.2f}×)")
+            elif t_ft and t_sam:
                 ratio = mean(t_sam) / mean(t_ft)
                 checks.append(f"{attack}: FT-SAM epoch time ≤ 2.0× FT's: **{'met' if ratio <= 2.0 else 'NOT met'}** "
                               f"({ratio:.2f}×, from the runs' logs on a shared machine)")
