@@ -225,11 +225,12 @@ def full_plan() -> List[Run]:
                      Run(attack, "ft-baseline", 100, seed, eval_every=10, group="seeds"),
                      Run(attack, "ft-baseline", RECOMMENDED["epochs"], seed, eval_every=5, group="seeds"),
                      Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho="auto", eval_every=5, group="seeds")]
-    for rho in ("2", "8", "4", "1"):  # the full-length rho sweep, where the relapse shows
-        plan.append(Run("blended", "ftsam", 100, 0, rho=rho, eval_every=10, group="sweep"))
-    plan.append(Run("blended", "ftsam", 100, 0, rho="2", protocol="backdoorbench", eval_every=10, group="protocol"))
-    plan.append(Run("badnet", "ftsam", 100, 0, rho="2", eval_every=10, group="sweep"))
-    return plan + cheap_plan()
+    # the relapse (issue 17's last group): rho 2 over 100 epochs first, then issue 22's cheaper schedules, then the
+    # rest of the full-length sweep
+    sweep = [Run("blended", "ftsam", 100, 0, rho=rho, eval_every=10, group="sweep") for rho in ("2", "8", "4", "1")]
+    rest = [Run("blended", "ftsam", 100, 0, rho="2", protocol="backdoorbench", eval_every=10, group="protocol"),
+            Run("badnet", "ftsam", 100, 0, rho="2", eval_every=10, group="sweep")]
+    return plan + sweep[:1] + cheap_plan() + sweep[1:] + rest
 
 
 # Issue 22: cheaper FT-SAM schedules against today's FT-SAM (rho 4, 20 epochs) and FT over 100 epochs (the time
@@ -249,9 +250,10 @@ def cheap_run(attack: str, seed: int, **variant) -> Run:
 
 def cheap_plan() -> List[Run]:
     plan: List[Run] = []
-    for attack in ("blended", "badnet"):
-        plan += [Run(attack, "ft-baseline", 100, 0, eval_every=5, group="cheap"), cheap_run(attack, 0)]
-        plan += [cheap_run(attack, 0, **variant) for variant in CHEAP_VARIANTS]
+    for attack in ("blended", "badnet"):  # today's FT-SAM and the candidate first, FT-100 (the time reference) next
+        plan += [cheap_run(attack, 0), cheap_run(attack, 0, **CHEAP_CANDIDATE),
+                 Run(attack, "ft-baseline", 100, 0, eval_every=5, group="cheap")]
+        plan += [cheap_run(attack, 0, **variant) for variant in CHEAP_VARIANTS if variant != CHEAP_CANDIDATE]
     for seed in (1, 2):
         plan += [cheap_run(attack, seed, **CHEAP_CANDIDATE) for attack in ("blended", "badnet")]
     return plan
