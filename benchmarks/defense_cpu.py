@@ -443,12 +443,15 @@ def record_ready(record: str) -> bool:
 
 def worker(mode: Mode, plan: List[Run], data: str, cache: str, results: str, threads: int,
            attacks: Sequence[str]) -> None:
-    """Take runs in plan order until none is left; records are trained on demand (one process each)."""
+    """Take runs in plan order until none is left; records are trained on demand (one process each). A run that
+    fails is logged and left to the next worker: this one goes on with the rest of the plan."""
+    failed = set()
     while True:
         done = load_results(results)
-        todo = [r for r in plan if r.attack in attacks and (r.attack, r.tag) not in done]
+        todo = [r for r in plan if r.attack in attacks and (r.attack, r.tag) not in done and r.tag + r.attack
+                not in failed]
         if not todo:
-            log("worker: nothing left to run")
+            log(f"worker: nothing left to run{f' ({len(failed)} failed here)' if failed else ''}")
             return
         progressed = False
         for run in todo:
@@ -460,6 +463,9 @@ def worker(mode: Mode, plan: List[Run], data: str, cache: str, results: str, thr
             if claim(run_folder(cache, record, run)):
                 try:
                     execute(mode, run, record, data, cache, results, threads)
+                except SystemExit as err:  # e.g. its folder still locked by a killed run's exiting process
+                    log(f"worker: {run.attack} {run.tag} failed ({err}); going on without it")
+                    failed.add(run.tag + run.attack)
                 finally:
                     os.unlink(os.path.join(run_folder(cache, record, run), "claim.pid"))
                 progressed = True
