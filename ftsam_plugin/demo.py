@@ -89,8 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--ratio", type=float, help=f"clean fraction of the demo's train set the defenses get (default {DEFAULTS['ratio']:g})")
     add("--rho", type=float, help=f"FT-SAM neighbourhood size (default {DEFAULTS['rho']:g}, from the demo sweep)")
     add("--lr", type=float, help=f"FT and FT-SAM learning rate (default {DEFAULTS['lr']:g})")
-    add("--threads", type=int, help="torch CPU threads (default: torch's, all cores; results depend on the thread "
-                                    "count: --threads 1 prints the sweep's numbers for the seed)")
+    add("--threads", type=int, default=1,
+        help="torch CPU threads (default 1: the sweep's setting, so a seed prints its sweep row, and on a 2-core "
+             "machine faster than 2 threads; results depend on the thread count)")
     add("--no_retune", action="store_true", help="skip the retuning attack (the P-ASR column)")
     add("--batch_size", type=int, help=f"FT and FT-SAM batch size (default {DEFAULTS['batch_size']})")
     add("--train_per_class", type=int, help="train images per class copied from CIFAR-10 (default 500)")
@@ -520,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
             raise FtsamError(f"--epochs/--defense_epochs must be at least 1, got {key} {value}")
     if not 0.0 < ratio <= 1.0:
         raise FtsamError(f"--ratio {ratio} is outside (0, 1]; pass e.g. --ratio 0.1")
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads
     torch.set_num_threads(threads)  # CPU results depend on the thread count: it is part of the seed's identity
     n_clean = 10 * int(data.n_train * ratio / 10)
     print(f"data: {data.description}\n      image folder {data.path}")
