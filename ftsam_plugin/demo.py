@@ -90,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rho", type=float, help=f"FT-SAM neighbourhood size (default {DEFAULTS['rho']:g}, from the demo sweep)")
     add("--lr", type=float, help=f"FT and FT-SAM learning rate (default {DEFAULTS['lr']:g})")
     add("--threads", type=int, default=1,
-        help="torch CPU threads (default 1: the sweep's setting, so a seed prints its sweep row, and on a 2-core "
-             "machine faster than 2 threads; results depend on the thread count)")
+        help="torch CPU threads (default 1: the sweep's setting, so a seed prints its sweep row; results depend on "
+             "the thread count)")
     add("--no_retune", action="store_true", help="skip the retuning attack (the P-ASR column)")
     add("--batch_size", type=int, help=f"FT and FT-SAM batch size (default {DEFAULTS['batch_size']})")
     add("--train_per_class", type=int, help="train images per class copied from CIFAR-10 (default 500)")
