@@ -716,6 +716,11 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
         if last.get("sam_steps") is not None and per_epoch:
             steps += f" ({100 * last['sam_steps'] / (per_epoch * p.epochs):.0f}%)"
         status = f"unfinished (epoch {p.epochs})" if item.get("partial") else "done"
+        if item.get("timing_invalid"):  # e.g. the process was stopped (SIGSTOP) for a while: its clock ran on
+            lines.append(f"| {describe(item)} | {steps} | epoch {p.epoch if p.purified else 'never'} | – | "
+                         f"{pct(p.final_acc)} | {pct(p.final_asr)} | – | – | {status}; times not comparable: "
+                         f"{item['timing_invalid']} |")
+            continue
         lines.append(f"| {describe(item)} | {steps if item['run']['defense'] == 'ftsam' else '0'} | {p.when()} | "
                      f"{_ratio(p.train_s, ref_train) if p.purified else 'never'} | {pct(p.final_acc)} | "
                      f"{pct(p.final_asr)} | {_ratio(p.total_train_s, ref_train)} | "
