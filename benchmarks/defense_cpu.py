@@ -448,8 +448,7 @@ def worker(mode: Mode, plan: List[Run], data: str, cache: str, results: str, thr
     failed = set()
     while True:
         done = load_results(results)
-        todo = [r for r in plan if r.attack in attacks and (r.attack, r.tag) not in done and r.tag + r.attack
-                not in failed]
+        todo = [r for r in plan if r.attack in attacks and (r.attack, r.tag) not in done | failed]
         if not todo:
             log(f"worker: nothing left to run{f' ({len(failed)} failed here)' if failed else ''}")
             return
@@ -465,7 +464,7 @@ def worker(mode: Mode, plan: List[Run], data: str, cache: str, results: str, thr
                     execute(mode, run, record, data, cache, results, threads)
                 except SystemExit as err:  # e.g. its folder still locked by a killed run's exiting process
                     log(f"worker: {run.attack} {run.tag} failed ({err}); going on without it")
-                    failed.add(run.tag + run.attack)
+                    failed.add((run.attack, run.tag))
                 finally:
                     os.unlink(os.path.join(run_folder(cache, record, run), "claim.pid"))
                 progressed = True
@@ -691,6 +690,7 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
     from ftsam_plugin.purify import time_to_purify
 
     ref_item = cheap.get(cheap_reference(attack).tag)
+    ref_item = None if ref_item and ref_item.get("partial") else ref_item  # ratios only to a finished FT-100
     ref_p = time_to_purify(ref_item["rows"]) if ref_item else None
     ref_train = ref_p.total_train_s if ref_p else None
     ref_wall = ref_item.get("wall_s") if ref_item else None
@@ -716,16 +716,16 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
         if last.get("sam_steps") is not None and per_epoch:
             steps += f" ({100 * last['sam_steps'] / (per_epoch * p.epochs):.0f}%)"
         status = f"unfinished (epoch {p.epochs})" if item.get("partial") else "done"
-        if item.get("timing_invalid"):  # e.g. the process was stopped (SIGSTOP) for a while: its clock ran on
-            lines.append(f"| {describe(item)} | {steps} | epoch {p.epoch if p.purified else 'never'} | – | "
-                         f"{pct(p.final_acc)} | {pct(p.final_asr)} | – | – | {status}; times not comparable: "
-                         f"{item['timing_invalid']} |")
-            continue
-        lines.append(f"| {describe(item)} | {steps if item['run']['defense'] == 'ftsam' else '0'} | {p.when()} | "
-                     f"{_ratio(p.train_s, ref_train) if p.purified else 'never'} | {pct(p.final_acc)} | "
-                     f"{pct(p.final_asr)} | {_ratio(p.total_train_s, ref_train)} | "
-                     f"{_ratio(item.get('wall_s'), ref_wall)} | {status} |")
-        curves.append((describe(item), item["rows"]))
+        invalid = item.get("timing_invalid")  # e.g. the process was stopped (SIGSTOP) for a while: its clock ran on
+        when = (f"epoch {p.epoch}" if p.purified else "never") if invalid else p.when()
+        to_purify = "–" if invalid else _ratio(p.train_s, ref_train) if p.purified else "never"
+        train, wall = (("–", "–") if invalid else
+                       (_ratio(p.total_train_s, ref_train), _ratio(item.get("wall_s"), ref_wall)))
+        status += f"; times not comparable: {invalid}" if invalid else ""
+        lines.append(f"| {describe(item)} | {steps if item['run']['defense'] == 'ftsam' else '0'} | {when} | "
+                     f"{to_purify} | {pct(p.final_acc)} | {pct(p.final_asr)} | {train} | {wall} | {status} |")
+        if not invalid:
+            curves.append((describe(item), item["rows"]))
     lines.append("")
     if ref_train and plot_cheap(attack, curves, ref_train, png):
         lines += [f"![ASR against training time, {attack}]({os.path.basename(png)})", ""]
