@@ -516,11 +516,6 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch_size or (None if tiny else DEFAULTS["batch_size"])
     lr = args.lr or (None if tiny else DEFAULTS["lr"])  # --tiny: the cpu config's
     eval_every = 1 if tiny else DEFAULTS["eval_every"]
-    for key, value in (("--epochs", epochs), ("--defense_epochs", defense_epochs)):
-        if value < 1:
-            raise FtsamError(f"--epochs/--defense_epochs must be at least 1, got {key} {value}")
-    if not 0.0 < ratio <= 1.0:
-        raise FtsamError(f"--ratio {ratio} is outside (0, 1]; pass e.g. --ratio 0.1")
     threads = args.threads
     torch.set_num_threads(threads)  # CPU results depend on the thread count: it is part of the seed's identity
     n_clean = 10 * int(data.n_train * ratio / 10)
