@@ -448,7 +448,8 @@ def worker(mode: Mode, plan: List[Run], data: str, cache: str, results: str, thr
     failed = set()
     while True:
         done = load_results(results)
-        todo = [r for r in plan if r.attack in attacks and (r.attack, r.tag) not in done | failed]
+        todo = [r for r in plan if r.attack in attacks
+                and (r.attack, r.tag) not in done and (r.attack, r.tag) not in failed]
         if not todo:
             log(f"worker: nothing left to run{f' ({len(failed)} failed here)' if failed else ''}")
             return
