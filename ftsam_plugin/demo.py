@@ -90,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rho", type=float, help=f"FT-SAM neighbourhood size (default {DEFAULTS['rho']:g}, from the demo sweep)")
     add("--lr", type=float, help=f"FT and FT-SAM learning rate (default {DEFAULTS['lr']:g})")
     add("--threads", type=int, default=1,
-        help="torch CPU threads (default 1: the sweep's setting, so a seed prints its sweep row; results depend on "
-             "the thread count)")
+        help="torch CPU threads per process (default 1: the sweep's setting, so a seed prints its sweep row; results "
+             "depend on the thread count). On CPU with 2 x threads cores, FT and FT-SAM run side by side")
     add("--no_retune", action="store_true", help="skip the retuning attack (the P-ASR column)")
     add("--batch_size", type=int, help=f"FT and FT-SAM batch size (default {DEFAULTS['batch_size']})")
     add("--train_per_class", type=int, help="train images per class copied from CIFAR-10 (default 500)")
@@ -403,6 +403,54 @@ def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optio
             "probes": [asdict(p) for p in getattr(obj, "rho_probes", [])]}
 
 
+def side_by_side(device: str, threads: int) -> bool:
+    """Whether FT and FT-SAM run at once, in two processes: on CPU when the machine has a core set for each
+    (2 x --threads). Each process keeps --threads torch threads, so the numbers equal a one-after-the-other run."""
+    return device == "cpu" and (os.cpu_count() or 1) >= 2 * threads
+
+
+def _defense_child(conn, job: dict, threads: int) -> None:
+    """Entry point of the second process of `run_defenses_side_by_side`: run one defense, send back its result."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        conn.send(("ok", run_defense(**job)))
+    except BaseException as exc:  # reported by the parent as one line
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def run_defenses_side_by_side(first: dict, second: dict, threads: int) -> Tuple[dict, dict]:
+    """`run_defense(**first)` here and `run_defense(**second)` in a spawned process at the same time (different
+    defense folders of one record, so one writer per folder); returns both results. The child is stopped if this
+    process fails or is interrupted."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state inherited through fork
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_defense_child, args=(send, second, threads), name=f"ftsam-demo-{second['defense']}")
+    child.start()
+    send.close()
+    try:
+        mine = run_defense(**first)
+        try:
+            status, other = receive.recv()
+        except EOFError:
+            child.join()
+            raise FtsamError(f"the {second['defense']} process ended without a result (exit code {child.exitcode}); "
+                             f"rerun with --threads {2 * threads} to run the defenses one after the other") from None
+        if status != "ok":
+            raise FtsamError(f"{second['defense']} failed in its process: {other}")
+        return mine, other
+    finally:
+        if child.is_alive():
+            child.terminate()
+        child.join()
+        receive.close()
+
+
 def retune_rows(record: str, device: str, rows: Sequence[dict], tiny: bool = False) -> None:
     """Add `p_asr` (the ASR after `ftsam retune`'s attack, its reference defaults; `tiny`: a 2-poison, 1-epoch
     attack on half the data, for the seconds-long pipeline check) to each row's metrics."""
@@ -524,7 +572,8 @@ def run(args: argparse.Namespace) -> int:
     name = f"demo_{args.attack}"
     _prepare_record_dir(args.out, name)  # an earlier demo record is moved aside, never deleted
     bars = bool(args.progress) and sys.stderr.isatty()  # piped to a file: one line per stage instead
-    stage(f"[1/3] attack: {args.attack}, 10% poison, all-to-one target 0, PreAct-ResNet18 width {width}, "
+    parallel = side_by_side(device, threads)  # FT and FT-SAM at once, one process each
+    stage(f"[1/{2 if parallel else 3}] attack: {args.attack}, 10% poison, all-to-one target 0, PreAct-ResNet18 width {width}, "
           f"{epochs} epochs ...")
     start = time.perf_counter()
     record = run_attack(data, args.out, name, args.attack, epochs, width, device, args.seed, bars)
@@ -536,13 +585,25 @@ def run(args: argparse.Namespace) -> int:
     common = (f"class-balanced {ratio:g} clean subset ({n_clean} images), {defense_epochs} epochs"
               + (f", batch {batch}" if batch else "") + (f", lr {lr:g}" if lr else "")
               + f", evaluated every {eval_every} epoch(s)")
-    stage(f"[2/3] FT (plain fine-tuning), {common} ...")
-    ft = run_defense("ft-baseline", record, defense_epochs, ratio, None, device, args.seed, eval_every, batch, lr)
-    stage(f"      done in {ft['seconds']:.0f} s: ACC {100 * ft['test_acc']:.1f}, ASR {100 * ft['test_asr']:.1f}")
-    stage(f"[3/3] FT-SAM (ASAM, rho {rho}), {common} ...")
-    sam = run_defense("ftsam", record, defense_epochs, ratio, str(rho), device, args.seed, eval_every, batch, lr)
-    stage(f"      done in {sam['seconds']:.0f} s: ACC {100 * sam['test_acc']:.1f}, "
-          f"ASR {100 * sam['test_asr']:.1f}")
+    ft_job = dict(defense="ft-baseline", record=record, epochs=defense_epochs, ratio=ratio, rho=None, device=device,
+                  seed=args.seed, eval_every=eval_every, batch_size=batch, lr=lr)
+    sam_job = dict(ft_job, defense="ftsam", rho=str(rho))
+
+    def done(label: str, m: dict) -> None:
+        stage(f"      {label} done in {m['seconds']:.0f} s: ACC {100 * m['test_acc']:.1f}, ASR {100 * m['test_asr']:.1f}")
+
+    if parallel:
+        stage(f"[2/2] FT (plain fine-tuning) and FT-SAM (ASAM, rho {rho}) side by side, one process each, "
+              f"{common} ...")
+        ft, sam = run_defenses_side_by_side(ft_job, sam_job, threads)
+        done("FT", ft)
+    else:
+        stage(f"[2/3] FT (plain fine-tuning), {common} ...")
+        ft = run_defense(**ft_job)
+        done("FT", ft)
+        stage(f"[3/3] FT-SAM (ASAM, rho {rho}), {common} ...")
+        sam = run_defense(**sam_job)
+    done("FT-SAM", sam)
     if not args.no_retune:
         stage("[+] retuning attack on each model (Min et al., NeurIPS 2024; `ftsam retune`'s defaults: 2% clean "
               "data holding 5 poisoned samples, 5 epochs" + ("; --tiny: 50%, 2, 1 epoch" if tiny else "") + ") -> P-ASR ...")
@@ -555,8 +616,8 @@ def run(args: argparse.Namespace) -> int:
                       [("FT", ft), ("FT-SAM", sam)], backdoored)
     print()
     print(f"{args.attack} on {label} data, seed {args.seed}, FT-SAM rho {sam['rho']:g} (percent; time = wall seconds "
-          f"for the stage" + ("; P-ASR = ASR after the retuning attack, `ftsam retune`'s defaults)"
-                              if not args.no_retune else ")"))
+          f"of the stage" + (", FT and FT-SAM side by side" if parallel else "")
+          + ("; P-ASR = ASR after the retuning attack, `ftsam retune`'s defaults)" if not args.no_retune else ")"))
     print(format_table(rows, backdoored))
     print()
     setting = ((ratio, defense_epochs, batch, lr, f"{float(rho):g}")

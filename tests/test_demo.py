@@ -25,7 +25,8 @@ def test_demo_tiny_runs_attack_and_both_defenses(tmp_path):
     assert list(table) == ["no defense", "FT", "FT-SAM"]
     assert all(0.0 <= float(cells[4]) <= 100.0 for cells in table.values())  # P-ASR
     assert "seed 0" in stdout and "it/s" not in stdout + stderr  # piped: no progress bars, one line per stage
-    assert [line[:5] for line in lines if line.startswith("[")] == ["[1/3]", "[2/3]", "[3/3]", "[+] r"]
+    stages = ["[1/2]", "[2/2]"] if demo.side_by_side("cpu", 1) else ["[1/3]", "[2/3]", "[3/3]"]
+    assert [line[:5] for line in lines if line.startswith("[")] == stages + ["[+] r"]
     png = next(line.split(": ", 1)[1] for line in lines if line.startswith("per-epoch ACC and ASR: "))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     for label, cells in table.items():
@@ -153,3 +154,49 @@ def test_demo_quotes_the_sweeps_held_out_result_for_its_defaults():
     for key in ("ft_asr", "sam_asr", "ft_acc", "sam_acc"):
         assert quoted[key] == sweep.mean_std(held[key]), key
     assert held["passes"]  # the demo's claim holds on seeds the choice never saw
+
+
+def _table(stdout: str) -> dict:
+    """The demo's printed table: {row label: cells without the time column}."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["defense", "ACC", "ASR", "RA", "DER"])
+    return {line[:12].strip(): line[12:].split()[:-1] for line in lines[header + 1:header + 4]}
+
+
+def test_side_by_side_defenses_print_what_one_after_the_other_prints(tmp_path, monkeypatch):
+    """FT-SAM in a second process (next to FT) gives the same numbers as both in this process, one after the other;
+    the time column aside, the tables are equal digit for digit."""
+    pytest.importorskip("sklearn")
+    tables, stages = {}, {}
+    for parallel in (False, True):
+        monkeypatch.setattr(demo, "side_by_side", lambda device, threads, parallel=parallel: parallel)
+        code, stdout, stderr = run_cli(["demo", "--tiny", "--offline", "--attack", "blended", "--out",
+                                        str(tmp_path / f"record{parallel}"), "--cache_dir", str(tmp_path / "cache"),
+                                        "--progress", "False", "--no_retune"])
+        assert code == 0, stderr
+        tables[parallel] = _table(stdout)
+        stages[parallel] = [line[:5] for line in stdout.splitlines() if line.startswith("[")]
+    assert stages == {False: ["[1/3]", "[2/3]", "[3/3]"], True: ["[1/2]", "[2/2]"]}
+    assert list(tables[True]) == ["no defense", "FT", "FT-SAM"]
+    assert tables[True] == tables[False]
+    # the tiny run's rounded table hardly moves with the seed; its losses do: compare every logged number
+    import csv
+
+    for name in ("ft-baseline", "ftsam"):
+        logged = []
+        for parallel in (False, True):
+            path = tmp_path / f"record{parallel}" / "demo_blended" / "defense" / name / f"{name}_df.csv"
+            with open(path, newline="") as handle:
+                logged.append([{k: v for k, v in row.items() if not k.endswith("time_s")}
+                               for row in csv.DictReader(handle)])
+        assert logged[0] and logged[1] == logged[0], name
+
+
+def test_a_failing_side_by_side_defense_is_one_error_line(tmp_path, monkeypatch):
+    """The second process's failure (here: no record) reaches the user as one FtsamError naming the defense and the
+    cause, not a hang or a traceback; this process's own defense is stubbed (the child runs the real one)."""
+    monkeypatch.setattr(demo, "run_defense", lambda **job: {"defense": job["defense"]})
+    job = dict(defense="ftsam", record=str(tmp_path / "no_record"), epochs=1, ratio=0.5, rho="2", device="cpu",
+               seed=0)
+    with pytest.raises(FtsamError, match="ftsam failed in its process: .*no_record"):
+        demo.run_defenses_side_by_side(dict(job, defense="ft-baseline"), job, 1)
