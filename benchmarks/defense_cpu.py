@@ -685,6 +685,14 @@ def _steps_per_epoch(item: dict) -> Optional[int]:
     return -(-int(size) // int(load_yaml("cifar10")["batch_size"])) if size else None
 
 
+def _train_one_eval_s(item: dict) -> Optional[float]:
+    """Training seconds plus one evaluation (the mean of the run's own evaluations): what the run would take evaluated
+    only at its end, derived from its per-epoch times (process setup, ~10 s, excluded)."""
+    last, n = item["rows"][-1], len(evals_of(item))
+    train, wall = last.get("train_time_s"), last.get("wall_time_s")
+    return None if train is None or wall is None or not n else train + (wall - train) / n
+
+
 def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], png: str) -> Tuple[List[str], List[str]]:
     """Issue 22's table (time to purify, final ACC/ASR, total time, as ratios to FT-100's of this group), the
     recommended candidate over seeds, and the targets."""
@@ -695,16 +703,20 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
     ref_p = time_to_purify(ref_item["rows"]) if ref_item else None
     ref_train = ref_p.total_train_s if ref_p else None
     ref_wall = ref_item.get("wall_s") if ref_item else None
+    ref_one = _train_one_eval_s(ref_item) if ref_item else None
     lines = [f"### Cheaper FT-SAM schedules (issue 22), seed 0: times as ratios to FT's 100-epoch run", "",
              "All runs of this table ran in the `cheap` group of the plan (same machine and load as each other), "
              "FT-SAM ones evaluated every epoch, FT every 5. Time to purify: the first evaluated epoch from which "
              "ASR stays ≤ 5% to the end of the run, and the training seconds up to it (`ftsam_plugin.purify`, "
              "from the run's per-epoch CSV; evaluation time excluded). Training: all training seconds of the run; "
-             "wall: the whole `ftsam defend` process (setup and evaluations included). FT-100 here: "
-             f"{secs(ref_train)} s training, "
+             "wall: the whole `ftsam defend` process as run (setup and its 20 evaluations included). + 1 eval: "
+             "training plus one evaluation (the mean of the run's own), i.e. the run evaluated only at its end, "
+             "derived from its per-epoch times (setup, ~10 s a process, excluded). FT-100 here: "
+             f"{secs(ref_train)} s training, {secs(ref_one)} s + 1 eval, "
              f"{secs(ref_wall)} s wall" + ("" if ref_item else " (not finished yet: no ratios)") + ".", "",
-             "| run | SAM steps | purified at | time to purify | final ACC | final ASR | training | wall | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | SAM steps | purified at | time to purify | final ACC | final ASR | training | + 1 eval | wall "
+             "| status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     order = [r.tag for r in cheap_plan() if r.attack == attack]
     seed0 = sorted(((t, i) for t, i in cheap.items() if i["run"]["seed"] == 0),
                    key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
@@ -720,11 +732,12 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
         invalid = item.get("timing_invalid")  # e.g. the process was stopped (SIGSTOP) for a while: its clock ran on
         when = (f"epoch {p.epoch}" if p.purified else "never") if invalid else p.when()
         to_purify = "–" if invalid else _ratio(p.train_s, ref_train) if p.purified else "never"
-        train, wall = (("–", "–") if invalid else
-                       (_ratio(p.total_train_s, ref_train), _ratio(item.get("wall_s"), ref_wall)))
+        train, one, wall = (("–", "–", "–") if invalid else
+                            (_ratio(p.total_train_s, ref_train), _ratio(_train_one_eval_s(item), ref_one),
+                             _ratio(item.get("wall_s"), ref_wall)))
         status += f"; times not comparable: {invalid}" if invalid else ""
         lines.append(f"| {describe(item)} | {steps if item['run']['defense'] == 'ftsam' else '0'} | {when} | "
-                     f"{to_purify} | {pct(p.final_acc)} | {pct(p.final_asr)} | {train} | {wall} | {status} |")
+                     f"{to_purify} | {pct(p.final_acc)} | {pct(p.final_asr)} | {train} | {one} | {wall} | {status} |")
         if not invalid:
             curves.append((describe(item), item["rows"]))
     lines.append("")
@@ -740,6 +753,7 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
     label = describe(candidate[0])
     trains = [p.total_train_s / ref_train for p in ps if p.total_train_s] if ref_train else []
     walls = [i["wall_s"] / ref_wall for i in candidate if i.get("wall_s")] if ref_wall else []
+    ones = [_train_one_eval_s(i) / ref_one for i in candidate if _train_one_eval_s(i)] if ref_one else []
     fts = [runs[t] for t in (Run(attack, "ft-baseline", 100, s).tag for s in SEEDS) if t in runs
            and not runs[t].get("partial")] or ([ref_item] if ref_item and not ref_item.get("partial") else [])
     ft_acc = [evals_of(i)[-1]["test_acc"] for i in fts]
@@ -755,10 +769,11 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
     if ft_acc:
         targets.append(f"{attack}: cheaper FT-SAM ACC ≥ FT-100's: **{'met' if acc >= mean(ft_acc) else 'NOT met'}** "
                        f"({100 * acc:.2f} vs {100 * mean(ft_acc):.2f}) {n}")
-    if trains:
-        whole = f", whole process {mean(walls):.3f}× (evaluations included)" if walls else ""
-        targets.append(f"{attack}: cheaper FT-SAM total time ≤ 0.25× FT-100's: training "
-                       f"**{'met' if mean(trains) <= 0.25 else 'NOT met'}** ({mean(trains):.3f}×){whole}")
+    if ones:  # the verdict on training + one evaluation: a defense run as a defender runs it, evaluated at its end
+        whole = f"; whole process as run {mean(walls):.3f}× (20 evaluations each)" if walls else ""
+        targets.append(f"{attack}: cheaper FT-SAM total time ≤ 0.25× FT-100's: training + one evaluation "
+                       f"**{'met' if mean(ones) <= 0.25 else 'NOT met'}** ({mean(ones):.3f}×; training alone "
+                       f"{mean(trains):.3f}×){whole}")
     return lines, targets
 
 
