@@ -1,0 +1,131 @@
+"""What an epoch of each cheaper FT-SAM schedule costs against a plain FT epoch, side by side in one run (issue 22).
+
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/schedule_cost.py --rounds 3 --epochs 2
+
+The cheap table of `defense_cpu.py` compares runs made at different times on a shared machine, so its time ratios
+carry the machine's drift. Here each round runs one short `ftsam defend` process per kind of epoch, in a rotated
+order: FT; FT-SAM rho 4 (SAM on every step); SAM on every 2nd step; SAM with probability 0.5. All on the CPU
+study's Blended record and clean subset, `--epochs` epochs each, evaluated once at the end. From each process's
+per-epoch CSV it takes the training seconds of every epoch and the one evaluation's seconds; the report gives each
+kind's median epoch time as a ratio to FT's, and from those the cost of each schedule of the cheap table as a ratio
+to FT over 100 epochs, both evaluated once at the end (training + one evaluation; setup excluded).
+Needs the study's cache (`benchmarks/.cache`: data and the Blended record, made by `defense_cpu.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+from datetime import datetime
+from typing import Dict, List, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import defense_cpu as study  # noqa: E402  (the study's record, data and run helpers)
+
+# kind of epoch -> the FT-SAM flags that make it (None: plain FT)
+KINDS: Dict[str, Tuple[str, dict]] = {
+    "FT": ("ft-baseline", {}),
+    "SAM": ("ftsam", {}),
+    "SAM every 2nd step": ("ftsam", {"sam_every": 2}),
+    "SAM with p=0.5": ("ftsam", {"sam_prob": 0.5}),
+}
+# the cheap table's schedules as epochs of each kind
+SCHEDULES: List[Tuple[str, Dict[str, int]]] = [
+    ("FT, 100 epochs", {"FT": 100}),
+    ("FT-SAM ρ=4, 20 epochs", {"SAM": 20}),
+    ("FT-SAM ρ=4, SAM in epochs 1-5 only, 20 epochs", {"SAM": 5, "FT": 15}),
+    ("FT-SAM ρ=4, SAM in epochs 1-5 only, 15 epochs", {"SAM": 5, "FT": 10}),
+    ("FT-SAM ρ=4, SAM every 2 steps, 20 epochs", {"SAM every 2nd step": 20}),
+    ("FT-SAM ρ=4, SAM with p=0.5, 20 epochs", {"SAM with p=0.5": 20}),
+    ("FT-SAM ρ=4, 10 epochs", {"SAM": 10}),
+    ("FT-SAM ρ=4, SAM in epochs 1-10 only, 20 epochs", {"SAM": 10, "FT": 10}),
+]
+
+
+def measure(kind: str, rnd: int, epochs: int, record: str, data: str, cache: str, threads: int) -> dict:
+    """One `ftsam defend` process of this kind; its per-epoch training seconds and its one evaluation's seconds."""
+    defense, flags = KINDS[kind]
+    run = study.Run("blended", defense, epochs, 0, rho=study.RECOMMENDED["rho"] if defense == "ftsam" else None,
+                    eval_every=epochs, group="schedule_cost", **flags)
+    folder = os.path.join(cache, "schedule_cost", f"{run.tag}_r{rnd}")
+    shutil.rmtree(folder, ignore_errors=True)
+    rec = study.link_record(record, folder)
+    cmd = [sys.executable, "-m", "ftsam_plugin", *study.defense_argv(study.MODES["full"], run, rec, data)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    study.run_logged(cmd, os.path.join(folder, "defend.log"), env=env)
+    rows = study.read_rows(os.path.join(rec, "defense", defense, f"{defense}_df.csv"))
+    train = [r["train_time_s"] for r in rows]
+    last = rows[-1]
+    return {"kind": kind, "round": rnd, "epochs_s": [b - a for a, b in zip([0.0] + train[:-1], train)],
+            "eval_s": last["wall_time_s"] - last["train_time_s"],
+            "sam_steps": last.get("sam_steps")}
+
+
+def report(items: List[dict], args: argparse.Namespace, out: str) -> None:
+    per_kind = {k: [s for i in items if i["kind"] == k for s in i["epochs_s"]] for k in KINDS}
+    med = {k: statistics.median(v) for k, v in per_kind.items() if v}
+    evaluation = statistics.median(i["eval_s"] for i in items)
+    ft = med["FT"]
+    ref = 100 * ft + evaluation
+    lines = ["# Cost of the cheaper FT-SAM schedules, side by side (issue 22)", "",
+             f"Command: `nice -n 10 env OMP_NUM_THREADS={args.threads} python benchmarks/schedule_cost.py --rounds "
+             f"{args.rounds} --epochs {args.epochs}`  ",
+             f"Commit: {study.commit()}  ",
+             f"Machine: {study.machine()}  ",
+             f"Finished: {datetime.now().isoformat(timespec='seconds')}", "",
+             f"Each of {args.rounds} rounds ran one `ftsam defend` process per kind of epoch, in a rotated order, on "
+             f"the CPU study's Blended record (PreAct-ResNet18 width 0.25, 2,500 clean CIFAR-10 images, batch 128: "
+             f"20 steps an epoch), {args.epochs} epochs each, evaluated once at the end (the 19,000 test images). "
+             "Median over all their epochs; ratios to the median FT epoch.", "",
+             "| kind of epoch | epochs timed | median s | vs FT |", "|---|---|---|---|"]
+    for k in KINDS:
+        lines.append(f"| {k} | {len(per_kind[k])} | {med[k]:.2f} | {med[k] / ft:.2f}× |")
+    lines += ["", f"One evaluation: {evaluation:.1f} s (median of {len(items)}).", "",
+              "Each schedule of the cheap table from these parts, evaluated once at the end, as a ratio to FT over "
+              "100 epochs evaluated once at the end (setup, ~10 s a process, excluded):", "",
+              "| schedule | epochs (kind × count) | training + one evaluation, s | vs FT-100 |", "|---|---|---|---|"]
+    for name, mix in SCHEDULES:
+        total = sum(med[k] * n for k, n in mix.items()) + evaluation
+        parts = " + ".join(f"{n} × {k}" for k, n in mix.items())
+        lines.append(f"| {name} | {parts} | {total:.0f} | {total / ref:.3f}× |")
+    lines += ["", "Runs (training seconds per epoch, evaluation seconds):", ""]
+    lines += [f"- round {i['round']}, {i['kind']}: " + ", ".join(f"{s:.1f}" for s in i["epochs_s"])
+              + f"; eval {i['eval_s']:.1f}" for i in items]
+    with open(out + ".tmp", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.replace(out + ".tmp", out)
+    with open(os.path.splitext(out)[0] + ".json.tmp", "w") as handle:
+        json.dump({"args": vars(args), "items": items, "commit": study.commit(), "machine": study.machine_short()},
+                  handle, indent=1)
+    os.replace(os.path.splitext(out)[0] + ".json.tmp", os.path.splitext(out)[0] + ".json")
+    study.log(f"report: {out}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per process (default 2)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", default=os.path.join(study.REPO, "benchmarks", ".cache"))
+    parser.add_argument("--out", default=os.path.join(study.REPO, "benchmarks", "results", "schedule_cost.md"))
+    args = parser.parse_args()
+    cache = os.path.abspath(args.cache)
+    record = os.path.join(cache, "record", study.record_name(study.MODES["full"], "blended"))
+    if not study.record_ready(record):
+        sys.exit(f"error: {record} not found; run benchmarks/defense_cpu.py first (it makes the record)")
+    data = study.unpack(cache)
+    kinds = list(KINDS)
+    items = []
+    for rnd in range(args.rounds):
+        for kind in kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]:
+            items.append(measure(kind, rnd, args.epochs, record, data, cache, args.threads))
+    report(items, args, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
