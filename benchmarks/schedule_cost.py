@@ -78,8 +78,8 @@ def report(items: List[dict], args: argparse.Namespace, out: str) -> None:
              f"Machine: {study.machine()}  ",
              f"Finished: {datetime.now().isoformat(timespec='seconds')}", "",
              f"Each of {args.rounds} rounds ran one `ftsam defend` process per kind of epoch, in a rotated order, on "
-             f"the CPU study's Blended record (PreAct-ResNet18 width 0.25, 2,500 clean CIFAR-10 images, batch 128: "
-             f"20 steps an epoch), {args.epochs} epochs each, evaluated once at the end (the 19,000 test images). "
+             f"the CPU study's Blended record (PreAct-ResNet18 width 0.25, 2,500 clean CIFAR-10 images, batch 256: "
+             f"10 steps an epoch), {args.epochs} epochs each, evaluated once at the end (the 19,000 test images). "
              "Median over all their epochs; ratios to the median FT epoch.", "",
              "| kind of epoch | epochs timed | median s | vs FT |", "|---|---|---|---|"]
     for k in KINDS:
