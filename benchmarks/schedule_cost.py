@@ -84,7 +84,8 @@ def report(items: List[dict], args: argparse.Namespace, out: str, made: Optional
              f"Each of {args.rounds} rounds ran one `ftsam defend` process per kind of epoch, in a rotated order, on "
              f"the CPU study's Blended record (PreAct-ResNet18 width 0.25, 2,500 clean CIFAR-10 images, batch 256: "
              f"10 steps an epoch), {args.epochs} epochs each, evaluated once at the end (the 19,000 test images). "
-             "Median over all their epochs; ratios to the median FT epoch.", "",
+             "Median over all their epochs; ratios to the median FT epoch."
+             + (f" Load: {args.load_note}" if getattr(args, "load_note", "") else ""), "",
              "| kind of epoch | epochs timed | median s | vs FT |", "|---|---|---|---|"]
     for k in KINDS:
         lines.append(f"| {k} | {len(per_kind[k])} | {med[k]:.2f} | {med[k] / ft:.2f}× |")
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--cache", default=os.path.join(study.REPO, "benchmarks", ".cache"))
     parser.add_argument("--out", default=os.path.join(study.REPO, "benchmarks", "results", "schedule_cost.md"))
     parser.add_argument("--report_only", action="store_true", help="rewrite the report from its JSON (no runs)")
+    parser.add_argument("--load_note", default="", help="what else ran on the machine meanwhile (for the report)")
     args = parser.parse_args()
     if args.report_only:
         with open(os.path.splitext(args.out)[0] + ".json") as handle:
