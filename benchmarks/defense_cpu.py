@@ -24,6 +24,7 @@ import argparse
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -785,7 +786,8 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
         invalid = item.get("timing_invalid")  # e.g. the process was stopped (SIGSTOP) for a while: its clock ran on
         when = (f"epoch {p.epoch}" if p.purified else "never") if invalid else p.when()
         to_purify = "–" if invalid else _ratio(p.train_s, ref_train) if p.purified else "never"
-        train, wall = ("–", "–") if invalid else (_ratio(p.total_train_s, ref_train), _ratio(item.get("wall_s"), ref_wall))
+        train, wall = (("–", "–") if invalid else
+                       (_ratio(p.total_train_s, ref_train), _ratio(item.get("wall_s"), ref_wall)))
         typical, one = _ratio(typical_cost_s(item)[0], ref_typ), _ratio(_one_eval(item), ref_one)
         status += f"; times as run not comparable: {invalid}" if invalid else ""
         lines.append(f"| {describe(item)} | {steps if item['run']['defense'] == 'ftsam' else '0'} | {when} | "
@@ -808,7 +810,7 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
             continue
         ps = [time_to_purify(i["rows"]) for i in candidate]
         label = describe(candidate[0])
-        ones = [_one_eval(i) / ref_one for i in candidate if _one_eval(i)] if ref_one else []
+        ones = [one / ref_one for one in map(_one_eval, candidate) if one] if ref_one else []
         walls = [i["wall_s"] / ref_wall for i in candidate if i.get("wall_s") and not i.get("timing_invalid")] \
             if ref_wall else []
         cost = costs.get(label)
@@ -834,7 +836,7 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
     return lines, targets
 
 
-def plot_cheap(attack: str, curves: List[Tuple[str, dict]], ref_train: float, path: str) -> Optional[str]:
+def plot_cheap(attack: str, curves: List[Tuple[str, dict]], ref_typ: float, path: str) -> Optional[str]:
     """ASR per evaluated epoch against the run's cumulative typical training time over FT-100's typical total."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -844,8 +846,8 @@ def plot_cheap(attack: str, curves: List[Tuple[str, dict]], ref_train: float, pa
     ax = fig.add_subplot(1, 1, 1)
     drawn = 0
     for n, (label, item) in enumerate(curves):
-        epochs = typical_epochs_s(item)[0] or []
-        pts = [(sum(epochs[:k + 1]) / ref_train, 100 * r["test_asr"]) for k, r in enumerate(item["rows"][:len(epochs)])
+        elapsed = itertools.accumulate(typical_epochs_s(item)[0] or [])  # typical training seconds at each epoch
+        pts = [(t / ref_typ, 100 * r["test_asr"]) for t, r in zip(elapsed, item["rows"])
                if r.get("test_asr") is not None]
         if pts:
             ax.plot(*zip(*pts), "-o", ms=2.5, color=f"C{n % 10}", label=label)

@@ -61,8 +61,10 @@ BUDGET_PICKS: Tuple[Tuple[Setting, str], ...] = (((0.3, 20, 32, 0.002), "2"), ((
 
 def work(setting: Setting, n_train: int = 1433) -> int:
     """FT-SAM's image-epochs at a setting (the demo's class-balanced clean subset of the 1,433 digits)."""
+    from ftsam_plugin.demo import clean_subset_size
+
     ratio, epochs, _, _ = setting
-    return 10 * int(n_train * ratio / 10) * epochs
+    return clean_subset_size(n_train, ratio) * epochs
 
 
 def chosen() -> Tuple[Setting, str]:
@@ -258,9 +260,8 @@ def report(results: str, out: str) -> None:
               "limit, then the picks within the 3-minute budget in the rule's order), each knowing the earlier ones' "
               "results, and the default is the first 3-minute pick that passed here: as a gate, they took part in "
               "the choice.", ""]
-    checked = [x for x in [first[0]] + list(BUDGET_PICKS) if compare(runs, *x, HELD_OUT_SEEDS)]
-    for k, (st, r) in enumerate(checked, 1):
-        held = compare(runs, st, r, HELD_OUT_SEEDS)
+    checked = [(x, held) for x in [first[0]] + list(BUDGET_PICKS) if (held := compare(runs, *x, HELD_OUT_SEEDS))]
+    for k, ((st, r), held) in enumerate(checked, 1):
         verdict = ("passes" if held["passes"] else "does not pass" if held["n"] == len(HELD_OUT_SEEDS)
                    else "pending (not all seeds ran)")
         lines += [f"### 2.{k}. {describe_setting(st, r)} ({work(st):,} image-epochs"

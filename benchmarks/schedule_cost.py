@@ -93,13 +93,13 @@ def report(items: List[dict], args: argparse.Namespace, out: str, made: Optional
               "Each schedule of the cheap table from these parts, evaluated once at the end, as a ratio to FT over "
               "100 epochs evaluated once at the end (setup, ~10 s a process, excluded):", "",
               "| schedule | epochs (kind × count) | training + one evaluation, s | vs FT-100 |", "|---|---|---|---|"]
+    totals = {name: sum(med[k] * n for k, n in mix.items()) + evaluation for name, mix in SCHEDULES}
     for name, mix in SCHEDULES:
-        total = sum(med[k] * n for k, n in mix.items()) + evaluation
         parts = " + ".join(f"{n} × {k}" for k, n in mix.items())
-        lines.append(f"| {name} | {parts} | {total:.0f} | {total / ref:.3f}× |")
+        lines.append(f"| {name} | {parts} | {totals[name]:.0f} | {totals[name] / ref:.3f}× |")
     lines += ["", "`defense_cpu.md`'s cheap table quotes the last column (its `side by side` column) and judges the "
                   "time target on it."]
-    ratios = {name: (sum(med[k] * n for k, n in mix.items()) + evaluation) / ref for name, mix in SCHEDULES}
+    ratios = {name: total / ref for name, total in totals.items()}
     lines += ["", "Runs (training seconds per epoch, evaluation seconds):", ""]
     lines += [f"- round {i['round']}, {i['kind']}: " + ", ".join(f"{s:.1f}" for s in i["epochs_s"])
               + f"; eval {i['eval_s']:.1f}" for i in items]

@@ -127,6 +127,11 @@ def default_cache_dir() -> str:
     return os.path.join(base, "ftsam", "demo")
 
 
+def clean_subset_size(n_train: int, ratio: float, num_classes: int = 10) -> int:
+    """Images in the defenses' class-balanced clean subset: int(n_train * ratio / num_classes) per class."""
+    return num_classes * int(n_train * ratio / num_classes)
+
+
 def _write_folder(dest: str, splits: Sequence[Tuple[str, Sequence[Tuple[np.ndarray, int]]]],
                   classes: Sequence[str], note: str) -> str:
     """Write images (HWC uint8) to dest/<split>/<class>/NNNNN.png via a temp folder renamed into place."""
@@ -590,7 +595,7 @@ def run(args: argparse.Namespace) -> int:
     eval_every = 1 if tiny else DEFAULTS["eval_every"]
     threads = args.threads
     torch.set_num_threads(threads)  # CPU results depend on the thread count: it is part of the seed's identity
-    n_clean = 10 * int(data.n_train * ratio / 10)
+    n_clean = clean_subset_size(data.n_train, ratio)
     print(f"data: {data.description}\n      image folder {data.path}")
     print(f"seed {args.seed} (data subset, attack, both defenses, loaders), {threads} torch threads, device {device}")
     name = f"demo_{args.attack}"
