@@ -47,6 +47,17 @@ def _as_loader(data: DataLike, batch_size: int, num_workers: int, device: torch.
 
 
 @contextlib.contextmanager
+def _own_rng(device: torch.device):
+    """Evaluation leaves the global random state as it found it: a DataLoader draws its base seed from torch's global
+    generator, which training's augmentations also use, so without this evaluating more often would change the
+    trained model. (CPU state always; the device's too on CUDA.)"""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        yield
+
+
+@contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     # Restore each submodule's own flag, not just the root's: frozen-BN setups mix modes.
     modes = [(module, module.training) for module in model.modules()]
@@ -103,7 +114,7 @@ def count_correct(
     autocast = (
         torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )
-    with _eval_mode(model), torch.no_grad():
+    with _own_rng(device), _eval_mode(model), torch.no_grad():
         for batch in loader:
             if not isinstance(batch, (list, tuple)) or len(batch) <= max(fields):
                 raise ValueError(
