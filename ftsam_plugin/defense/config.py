@@ -17,6 +17,8 @@ from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.settings import TRAINING_RULES, Number, Text, check_numbers, quote, read_yaml
 from ftsam_plugin.settings import str2bool  # re-exported for compatibility
 
+from ftsam_plugin.optim.sam import PERTURBATIONS
+
 from .factories import BASE_OPTIMIZERS, SCHEDULERS
 from .protocols import PROTOCOLS, get_recipe
 from .rho_schedule import RHO_SCHEDULES
@@ -53,6 +55,7 @@ BARE_FLAG = _BareFlag()
 # the registries' keys (scheduler names matched case-insensitively)
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 OPTIMIZER_NAMES = tuple(BASE_OPTIMIZERS)
+PERTURBATION_NAMES = tuple(sorted(PERTURBATIONS))  # what a SAM step perturbs along (optim/sam.py)
 
 # Keys a YAML may hold. BackdoorBench's keys first (some are accepted and unused: they appear in its YAMLs).
 BB_KEYS = {
@@ -66,7 +69,7 @@ BB_KEYS = {
 }
 OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width", "rho_schedule",
             "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout",
-            "sam_every", "sam_prob", "sam_epochs"}
+            "sam_every", "sam_prob", "sam_epochs", "perturbation", "path_rho"}
 RHO_AUTO = "auto"  # `--rho auto`: chosen from the clean subset (rho_auto.py)
 KNOWN_KEYS = BB_KEYS | OUR_KEYS
 
@@ -160,6 +163,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--sam_prob", type=float, help="SAM on each (k-th) step with this probability, seeded by --random_seed "
                                        "(default 1)")
     add("--sam_epochs", type=str, help="SAM only in epochs FIRST-LAST, e.g. 1-5 (default: every epoch)")
+    # the perturbation (docs/optimizer.md#path-aware-perturbation)
+    add("--perturbation", type=str, choices=PERTURBATION_NAMES,
+        help="what a SAM step perturbs along: gradient (default: ASAM, two passes) or path (towards the backdoored "
+             "weights theta0, radius --rho absolute, one pass: PAM)")
+    add("--path_rho", type=float, help="> 0: the steps the SAM schedule makes plain are path steps of this absolute "
+                                       "radius instead (e.g. --sam_epochs 1-5 --path_rho 0.5); default 0")
     # run control
     add("--eval_every", type=int, help="evaluate ACC/ASR/RA every k epochs (the last epoch always)")
     add("--protocol", type=str, choices=sorted(PROTOCOLS),
@@ -245,6 +254,7 @@ DEFAULTS = {
     "rho_schedule": "constant",
     "protocol": "fixed", "resume": False, "steplr_gamma": 0.1, "steplr_stepsize": 30,
     "sam_every": 1, "sam_prob": 1.0,  # SAM on every step (sam_epochs None: in every epoch)
+    "perturbation": "gradient", "path_rho": 0.0,
 }
 BOOL_KEYS = ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "prefetch")
 LIST_KEYS = {"steplr_milestones", "rho_auto_grid", "sam_epochs"}  # every other key holds one value
@@ -268,11 +278,12 @@ SAM_RULES = {  # checked for SAM defenses only (plain fine-tuning ignores them)
     "alpha": Number(),
     "sam_every": Number(integer=True, low=1),
     "sam_prob": Number(low=0, high=1, low_open=True),
+    "path_rho": Number(low=0),
 }
 # paths and names: text only (a YAML `index: 5` would open file descriptor 5, `log: true` a folder named True)
 PATH_RULES = {key: Text() for key in ("checkpoint_save", "log", "dataset_path", "result_file", "index", "yaml_path")}
 PATH_RULES.update(dataset=Text("a dataset name"), model=Text("a model name"))
-CHOICES = {"restore": ("copy", "subtract")}  # the flags' argparse choices, for values from the YAML too
+CHOICES = {"restore": ("copy", "subtract"), "perturbation": PERTURBATION_NAMES}  # the flags' argparse choices, for values from the YAML too
 FIX = "fix --{key} (or {key} in the YAML)"
 
 

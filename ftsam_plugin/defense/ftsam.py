@@ -51,8 +51,10 @@ class FTSAM(FineTune):
         # the same counter-based rule on every rank: the same steps are SAM steps everywhere
         schedule = SamSchedule(every=int(args.sam_every), prob=float(args.sam_prob), seed=int(args.random_seed),
                                epochs=tuple(args.sam_epochs) if args.sam_epochs is not None else None)
+        # built before any checkpoint is loaded: the params are the starting weights, theta0 of a path perturbation
         return SAM([p for p in model.parameters() if p.requires_grad], cls, rho=args.rho, adaptive=args.adaptive,
-                   eta=args.eta, restore=restore, schedule=schedule, alpha=float(args.alpha), **kwargs)
+                   eta=args.eta, restore=restore, schedule=schedule, alpha=float(args.alpha),
+                   perturbation=args.perturbation, path_rho=float(args.path_rho), **kwargs)
 
     def lr_changed(self) -> None:
         """Set rho for the lr the next steps use (--rho_schedule; constant: rho throughout)."""
@@ -96,8 +98,9 @@ class FTSAM(FineTune):
         from ftsam_plugin.optim import freeze_bn
 
         sam, scaler = self.optimizer, self.scaler
-        if not sam.sam_step_due():
-            return self._plain_step(model, x, y)
+        kind = sam.step_kind()
+        if kind != "gradient":
+            return self._one_pass_step(model, x, y, path=kind == "path")
         sam.zero_grad(set_to_none=True)
         with ddp.no_sync(model):
             with self.autocast():
@@ -112,23 +115,33 @@ class FTSAM(FineTune):
         sam.second_step(zero_grad=True, grad_scaler=scaler)
         return loss.detach(), logits.detach()
 
-    def _plain_step(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
-        """A step the schedule makes plain: FT's step (gradient all-reduced under DDP), through the SAM object."""
+    def _one_pass_step(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, path: bool):
+        """A step with one forward/backward (gradient all-reduced under DDP): FT's plain step, or a path step taken
+        at w + rho * (theta0 - w) / ||theta0 - w|| (BatchNorm statistics update in its one pass, as in a plain step).
+        The loss and logits returned are those at the point the gradient was taken."""
         sam, scaler = self.optimizer, self.scaler
         sam.zero_grad(set_to_none=True)
+        if path:
+            sam.perturb_path()
         with self.autocast():
             logits = model(x)
             loss = self.loss_fn(logits, y)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        sam.plain_step(zero_grad=True, grad_scaler=scaler)
+        if path:
+            sam.second_step(zero_grad=True, grad_scaler=scaler)
+        else:
+            sam.plain_step(zero_grad=True, grad_scaler=scaler)
         return loss.detach(), logits.detach()
 
     def epoch_start_metrics(self) -> dict:
         return {"rho": float(self.optimizer.param_groups[0]["rho"])}  # the epoch's first step's (--rho_schedule)
 
     def extra_metrics(self) -> dict:
-        schedule = self.optimizer.schedule  # sam_steps: SAM steps so far (all of them without a cheaper schedule)
-        return {"sam_steps": schedule.sam_steps}
+        sam = self.optimizer  # sam_steps: SAM steps so far (all of them without a cheaper schedule)
+        extra = {"sam_steps": sam.schedule.sam_steps}
+        if sam.path_rho > 0:  # path steps taken in place of plain ones
+            extra["path_steps"] = sam.path_steps
+        return extra
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ftsam_plugin import kernels
 
 from .gsam import gradient_decompose
+from .path import PathAnchor
 from .schedule import SamSchedule
 from .step_plans import MOVED
 from .step_plans import STALE
@@ -33,6 +34,11 @@ class SAM(torch.optim.Optimizer):
         schedule: a `SamSchedule` choosing which steps are SAM steps (default: every step). Before each step ask
             `sam_step_due()`: True -> first_step + second_step; False -> one forward/backward (under DDP the normal,
             all-reducing one) and `plain_step`, the base optimizer's step. Its counters are in `state_dict`.
+        perturbation: what a SAM step perturbs along (PERTURBATIONS): "gradient" (default; SAM/ASAM, two passes:
+            first_step + second_step) or "path" (PAM, optim/path.py: towards theta0, the params at construction,
+            radius rho absolute; one pass: perturb_path + second_step).
+        path_rho: > 0: the steps the schedule makes plain are path steps of this radius instead (e.g. ASAM in epochs
+            1-5, path-aware after); 0 (default): plain steps. Ask `step_kind()` before each step.
         alpha: GSAM's gradient decomposition (optim/gsam.py, BackdoorBench's `sam_alpha`): the base step uses
             h - alpha * (g's component orthogonal to h), g the grad at w, h the grad at w + e. 0 (default, FT-SAM's
             value) skips it; otherwise first_step keeps a copy of g (one more param-sized buffer) and second_step
@@ -71,7 +77,12 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, eta=0.0, restore="copy",
-                 adaptive_weights_only=False, backend="auto", schedule=None, alpha=0.0, **base_kwargs):
+                 adaptive_weights_only=False, backend="auto", schedule=None, alpha=0.0, perturbation="gradient",
+                 path_rho=0.0, **base_kwargs):
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {sorted(PERTURBATIONS)}, got {perturbation!r}")
+        if not (math.isfinite(path_rho) and path_rho >= 0.0):
+            raise ValueError(f"path_rho must be a finite number >= 0, got {path_rho}")
         if not rho > 0.0:
             raise ValueError(f"rho must be > 0, got {rho}")
         if not math.isfinite(alpha):
@@ -99,6 +110,18 @@ class SAM(torch.optim.Optimizer):
         self._skipped = False
         self.plan_builds = 0  # plans built (first step, storage moved)
         self.grad_moves = 0  # steps whose grads had moved, re-pointed without a rebuild
+        self.perturbation, self.path_rho = perturbation, float(path_rho)
+        uses_path = perturbation == "path" or self.path_rho > 0
+        self.path = PathAnchor([p for g in self.param_groups for p in g["params"]]) if uses_path else None
+        self.path_steps = 0  # path steps taken in place of plain ones (path_rho > 0)
+        self._due = False  # whether the step under way is one the schedule chose (counted as a SAM step)
+
+    def step_kind(self):
+        """The coming step: "gradient" (first_step, second pass, second_step), "path" (perturb_path, one pass,
+        second_step) or "plain" (one pass, plain_step)."""
+        if self.schedule.is_sam_step():
+            return self.perturbation
+        return "path" if self.path_rho > 0 else "plain"
 
     def _current_plans(self):
         plans = self._plans
@@ -113,7 +136,7 @@ class SAM(torch.optim.Optimizer):
     # it themselves), and entering it would add host time to every step
     def first_step(self, zero_grad=False, grad_scaler=None):
         """w += e (e from the current grads). With an enabled GradScaler: unscale, skip on non-finite grads."""
-        self._skipped, self._perturbed, self._first_grads = False, None, None
+        self._skipped, self._perturbed, self._first_grads, self._due = False, None, None, True
         amp = grad_scaler is not None and grad_scaler.is_enabled()
         if amp:
             grad_scaler.unscale_(self)  # SAM counts as its own optimizer; scaler.step(base) handles pass two
@@ -130,6 +153,20 @@ class SAM(torch.optim.Optimizer):
                                      if p.grad is not None}
             plans.perturb(norm, self.param_groups)
             self._perturbed = plans
+        if zero_grad:
+            self.zero_grad()
+
+    def perturb_path(self, zero_grad=False):
+        """w += rho * (theta0 - w) / ||theta0 - w|| (needs no grads): before the step's one forward/backward, which
+        second_step then restores from and steps with. rho: each group's on the schedule's steps (perturbation
+        "path"), path_rho on the others."""
+        if self.path is None:
+            raise ValueError("perturb_path needs perturbation='path' or path_rho > 0")
+        self._skipped, self._first_grads = False, None
+        self._due = self.schedule.is_sam_step()
+        rhos = [g["rho"] if self._due else self.path_rho for g in self.param_groups]
+        self.path.perturb(rhos, [len(g["params"]) for g in self.param_groups])
+        self._perturbed = self.path
         if zero_grad:
             self.zero_grad()
 
@@ -158,13 +195,15 @@ class SAM(torch.optim.Optimizer):
         else:
             self.base_optimizer.step()
         self._opt_called = True  # what an LRScheduler's step() wrapper records; first/second_step bypass step()
-        self.schedule.advance(sam=True)
+        self.path_steps += not self._due
+        self.schedule.advance(sam=self._due)
+        self._due = False
         if zero_grad:
             self.zero_grad()
 
     def sam_step_due(self):
-        """Whether the schedule makes the coming step a SAM step (False: take `plain_step` instead)."""
-        return self.schedule.is_sam_step()
+        """Whether the coming step is a gradient SAM step (else see `step_kind`: a path or a plain step)."""
+        return self.step_kind() == "gradient"
 
     def plain_step(self, zero_grad=False, grad_scaler=None):
         """The base optimizer's step on the current grads (w unperturbed), counted by the schedule; with an
@@ -194,11 +233,12 @@ class SAM(torch.optim.Optimizer):
         schedule makes plain is `plain_step` (the closure is not called; returns None)."""
         if closure is None:
             raise ValueError("SAM.step needs a closure doing a full forward and backward pass")
-        if not self.sam_step_due():
+        kind = self.step_kind()
+        if kind == "plain":
             self.plain_step(grad_scaler=grad_scaler)
             return None
         closure = torch.enable_grad()(closure)
-        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        PERTURBATIONS[kind](self, grad_scaler)
         loss = closure()
         self.second_step(grad_scaler=grad_scaler)
         return loss
@@ -209,11 +249,20 @@ class SAM(torch.optim.Optimizer):
     def state_dict(self):
         state = super().state_dict()
         state["sam_schedule"] = self.schedule.state_dict()  # the step counters: resuming continues the rule
+        if self.path is not None:  # theta0 itself comes from the record: its digest proves it is the same one
+            state["path"] = {"steps": self.path_steps, "anchor_sha256": self.path.digest}
         return state
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         schedule = state_dict.pop("sam_schedule", None)
+        path = state_dict.pop("path", None)
+        if (path is None) != (self.path is None):
+            raise ValueError("the optimizer state was saved " + ("without" if path is None else "with") +
+                             " a path anchor and this optimizer has " + ("one" if path is None else "none"))
+        if path is not None and path.get("anchor_sha256") != self.path.digest:
+            raise ValueError("the optimizer state's path anchor (theta0) differs from this optimizer's: resume "
+                             "from the same starting weights")
         if schedule is None and not self.schedule.always:
             raise ValueError("the optimizer state has no SAM schedule counters (saved by an older version); it "
                              "cannot continue a schedule that skips SAM steps")
@@ -222,6 +271,15 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.state = self.state
         if schedule is not None:
             self.schedule.load_state_dict(schedule)
+        if path is not None:
+            self.path_steps = int(path["steps"])
+
+
+# what a step perturbs along, by `step_kind` (step() calls it before the closure's forward/backward)
+PERTURBATIONS = {
+    "gradient": lambda sam, scaler: sam.first_step(zero_grad=True, grad_scaler=scaler),  # SAM/ASAM
+    "path": lambda sam, scaler: sam.perturb_path(zero_grad=True),  # PAM: towards theta0, one pass
+}
 
 
 @contextlib.contextmanager
