@@ -9,6 +9,8 @@ a resumed run continues from the checkpoint's totals, the lost part of an interr
 evaluation; "never" when the last evaluation is above it. ASR is only known at the evaluated epochs (every
 `--eval_every` epochs and the last), so the epoch is an upper bound, exact to within that granularity, which is
 reported with it. Works on BackdoorBench's own per-epoch CSVs too (without the time columns: epochs only).
+Epochs are 1-based (our CSVs' `epoch` column: the first epoch is 1); BackdoorBench's trainer writes a 0-based
+`epoch` (`ft_df.csv`), read here as the same 1-based count.
 """
 
 from __future__ import annotations
@@ -129,9 +131,13 @@ def _number(value) -> Optional[float]:
         return None
 
 
-def _epoch(value, position: int) -> int:
-    number = _number(value)
-    return int(number) if number is not None and math.isfinite(number) else position
+def _epochs(rows: Sequence[Mapping[str, Any]]) -> List[int]:
+    """Each row's 1-based epoch: its `epoch` value, else its position (BackdoorBench's ft-sam CSV has no `epoch`).
+    A column whose smallest value is 0 counts from 0 (BackdoorBench's trainer, `ft_df.csv`): shifted by one."""
+    values = [_number(r.get("epoch")) for r in rows]
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    shift = 1 if known and min(known) == 0 else 0
+    return [int(v) + shift if v is not None and math.isfinite(v) else i + 1 for i, v in enumerate(values)]
 
 
 def _secs(value: float) -> str:
@@ -143,9 +149,10 @@ def _pct(value: Optional[float]) -> str:
 
 
 def time_to_purify(rows: Sequence[Mapping[str, Any]], threshold: float = PURIFIED_ASR) -> TimeToPurify:
-    """The time to purify of a run from its per-epoch rows (dicts of numbers or CSV strings; `epoch` 1-based,
-    else the row's position; evaluated rows hold `test_asr`)."""
-    epochs = [_epoch(r.get("epoch"), i + 1) for i, r in enumerate(rows)]
+    """The time to purify of a run from its per-epoch rows (dicts of numbers or CSV strings; `epoch` 1-based as
+    ours, or 0-based as BackdoorBench's trainer writes it, else the row's position; see `_epochs`; evaluated rows
+    hold `test_asr`)."""
+    epochs = _epochs(rows)
     evaluated = [(e, r) for e, r in zip(epochs, rows) if _number(r.get("test_asr")) is not None]
     start = None
     for k in range(len(evaluated) - 1, -1, -1):

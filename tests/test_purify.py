@@ -63,10 +63,10 @@ def test_no_evaluation_is_unknown_not_never():
 def test_backdoorbench_csv_without_time_columns(tmp_path):
     path = tmp_path / "d-sam_df.csv"  # BackdoorBench's Metric_Aggregator layout: index column, strings
     path.write_text(",epoch,test_acc,test_asr,test_ra\n0,0,0.9,0.6,0.3\n1,1,0.88,0.04,0.8\n2,2,0.87,0.03,0.8\n")
-    p = time_to_purify(read_history(str(path)))
-    assert (p.epoch, p.train_s, p.total_train_s, p.epochs) == (1, None, None, 2)
-    assert p.when() == "epoch 1" and p.total() == "2 epochs"
-    assert "epoch 1 of 2;" in p.describe()
+    p = time_to_purify(read_history(str(path)))  # its trainer counts epochs from 0: three epochs, 1-based 1..3
+    assert (p.epoch, p.train_s, p.total_train_s, p.epochs) == (2, None, None, 3)
+    assert p.when() == "epoch 2" and p.total() == "3 epochs"
+    assert "epoch 2 of 3;" in p.describe()
     no_epoch = [{"test_asr": "0.5"}, {"test_asr": "0.01"}]  # no epoch column: the row's position
     assert time_to_purify(no_epoch).epoch == 2
 
