@@ -168,6 +168,242 @@ def cmd_run(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ the diagnosis
+def eval_subsets(loaded: dict) -> Dict[str, List[int]]:
+    """The fixed during-run subsets: the first CLEAN_PER_CLASS clean test images of each class; BD_TOTAL poisoned
+    test images taken evenly from each original class (in index order)."""
+    import numpy as np
+
+    from ftsam_plugin.defense.subsets import dataset_labels, raw_dataset
+
+    clean = np.asarray(dataset_labels(raw_dataset(loaded["clean_test"])))
+    clean_idx = sorted(int(i) for c in np.unique(clean) for i in np.flatnonzero(clean == c)[:CLEAN_PER_CLASS])
+    original = np.asarray(loaded["bd_test"].original_index_array)
+    bd_labels = clean[original]
+    classes = np.unique(bd_labels)
+    per = BD_TOTAL // len(classes)
+    bd_idx = sorted(int(i) for c in classes for i in np.flatnonzero(bd_labels == c)[:per])
+    return {"clean": clean_idx, "bd": bd_idx}
+
+
+def params_only(state: dict) -> Dict[str, "torch.Tensor"]:
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
+
+
+def l2(tensors) -> float:
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors))
+
+
+def cmd_analyse(args) -> int:
+    """ASR/ACC on the fixed subsets, distance to theta0, neuron norms/TAC, BN statistics along the snapshots; the
+    loss/ACC/ASR on the straight line from chosen snapshots back to theta0."""
+    import glob
+
+    import numpy as np
+    import torch
+    from torch.utils.data import Subset
+
+    from ftsam_plugin.data.records import load_attack_result
+    from ftsam_plugin.metrics import evaluate_backdoor
+    from ftsam_plugin.norms import PairedTriggerSet, channel_weight_norms, resolve_layer, trigger_activated_change
+
+    torch.set_num_threads(1)
+    cache = os.path.abspath(args.cache)
+    data = unpack_data(cache)
+    record = record_dir(cache, args.attack)
+    folder = run_dir(cache, args.attack, args.tag)
+    import csv
+
+    rows = []  # the run's CSV (its lr column), also while it is still running
+    for path in glob.glob(os.path.join(folder, "rec", "defense", "*", "*_df.csv")):
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    lr_of = {int(r["epoch"]): float(r["lr"]) for r in rows}
+    loaded = load_attack_result(record, dataset_path=data)
+    model = loaded["model"]
+    theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    subsets = eval_subsets(loaded)
+    clean = Subset(loaded["clean_test"], subsets["clean"])
+    bd = Subset(loaded["bd_test"], subsets["bd"])
+    path_clean = Subset(loaded["clean_test"], subsets["clean"][::4])
+    path_bd = Subset(loaded["bd_test"], subsets["bd"][::4])
+    pairs = PairedTriggerSet(loaded["bd_test"], loaded["clean_test"], num_samples=500)
+    layer, conv = resolve_layer(model, None)
+    tac0 = trigger_activated_change(model, layer, pairs)
+    top = np.argsort(-tac0)[: max(1, len(tac0) // 10)]  # the backdoored model's top-10% TAC channels
+    rest = np.setdiff1d(np.arange(len(tac0)), top)
+    bn_keys = [k for k in theta0 if k.endswith("running_mean") or k.endswith("running_var")]
+
+    def measure(state: dict, epoch: int) -> dict:
+        model.load_state_dict(state)
+        m = evaluate_backdoor(model, clean, bd, batch_size=256, with_loss=True)
+        norms = channel_weight_norms(dict(model.named_modules())[layer])
+        tac = trigger_activated_change(model, layer, pairs)
+        mixed = dict(state)
+        mixed.update({k: theta0[k] for k in bn_keys})  # this snapshot's weights with theta0's BN statistics
+        model.load_state_dict(mixed)
+        swap = evaluate_backdoor(model, clean, bd, batch_size=256)
+        p_now, p_0 = params_only(state), params_only(theta0)
+        keys = list(p_0)
+        return {
+            "epoch": epoch, "lr": lr_of.get(epoch), "acc": m["acc"], "asr": m["asr"], "ra": m["ra"],
+            "clean_loss": m["clean_loss"], "bd_loss": m["bd_loss"],
+            "dist_theta0": l2([p_now[k] - p_0[k] for k in keys]), "rel_dist_theta0": l2([p_now[k] - p_0[k]
+                                                                                       for k in keys]) / l2(p_0.values()),
+            "top_tac_norm": float(norms[top].mean()), "rest_norm": float(norms[rest].mean()),
+            "top_tac_tac": float(tac[top].mean()), "rest_tac": float(tac[rest].mean()),
+            "bn_rel_dist": l2([state[k] - theta0[k] for k in bn_keys]) / l2([theta0[k] for k in bn_keys]),
+            "asr_with_theta0_bn": swap["asr"], "acc_with_theta0_bn": swap["acc"],
+        }
+
+    log(f"{args.attack} {args.tag}: analysing (layer {layer}, top-TAC channels {sorted(int(c) for c in top)})")
+    files = sorted(glob.glob(os.path.join(folder, "snapshots", "epoch_*.pt")))
+    if not files:
+        raise SystemExit(f"error: no snapshots in {folder}; run the study first")
+    from ftsam_plugin.io import safe_load
+
+    snaps = {0: theta0}
+    for path in files:
+        item = safe_load(path, what="snapshot")
+        snaps[int(item["epoch"])] = item["model"]
+    along = [measure(state, epoch) for epoch, state in sorted(snaps.items())]
+    last = max(snaps)
+    line_from = sorted({e for e in (10, last) if e in snaps})
+    lines = {}
+    for epoch in line_from:
+        points = []
+        for i in range(PATH_POINTS):
+            alpha = i / (PATH_POINTS - 1)
+            state = {k: (snaps[epoch][k].double() + alpha * (theta0[k].double() - snaps[epoch][k].double())
+                         ).to(theta0[k].dtype) if theta0[k].is_floating_point() else snaps[epoch][k]
+                     for k in theta0}
+            model.load_state_dict(state)
+            m = evaluate_backdoor(model, path_clean, path_bd, batch_size=256, with_loss=True)
+            points.append({"alpha": alpha, "acc": m["acc"], "asr": m["asr"], "clean_loss": m["clean_loss"]})
+        lines[str(epoch)] = points
+    out = {"tag": args.tag, "attack": args.attack, "layer": layer, "top_tac_channels": sorted(int(c) for c in top),
+           "subset_sizes": {k: len(v) for k, v in subsets.items()}, "path_subset_sizes": [len(path_clean),
+                                                                                           len(path_bd)],
+           "along": along, "lines": lines, "machine": machine(), "commit": git_commit(REPO),
+           "finished": datetime.now().isoformat(timespec="seconds")}
+    atomic_json(os.path.join(RESULTS, args.attack, args.tag + ".analysis.json"), out)
+    log(f"{args.attack} {args.tag}: analysis written")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ the report
+def pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def load_runs() -> Dict[str, Dict[str, dict]]:
+    """{attack: {tag: {"summary": ..., "analysis": ... or None}}} from benchmarks/results/lasting_runs/."""
+    import glob
+
+    runs: Dict[str, Dict[str, dict]] = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*", "*.json"))):
+        if path.endswith(".analysis.json"):
+            continue
+        with open(path) as handle:
+            summary = json.load(handle)
+        analysis_path = path[:-len(".json")] + ".analysis.json"
+        analysis = None
+        if os.path.isfile(analysis_path):
+            with open(analysis_path) as handle:
+                analysis = json.load(handle)
+        runs.setdefault(summary["attack"], {})[summary["tag"]] = {"summary": summary, "analysis": analysis}
+    return runs
+
+
+def worst_after(along: List[dict], first_epoch: int = 10) -> Optional[float]:
+    """The largest subset ASR at the evaluations from `first_epoch` on (the relapse measure)."""
+    values = [a["asr"] for a in along if a["epoch"] >= first_epoch]
+    return max(values) if values else None
+
+
+def plot_run(attack: str, tag: str, analysis: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    along = analysis["along"]
+    epochs = [a["epoch"] for a in along]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    ax = axes[0]
+    ax.plot(epochs, [100 * a["asr"] for a in along], "r.-", label="ASR")
+    ax.plot(epochs, [100 * a["acc"] for a in along], "b.-", label="ACC")
+    ax.plot(epochs, [100 * a["asr_with_theta0_bn"] for a in along], "m:", label="ASR, theta0's BN statistics")
+    ax.set_xlabel("epoch"), ax.set_ylabel("%"), ax.legend(fontsize=7), ax.set_title("on the fixed test subsets")
+    twin = ax.twinx()
+    twin.plot([a["epoch"] for a in along if a["lr"] is not None], [a["lr"] for a in along if a["lr"] is not None],
+              "k--", lw=0.8)
+    twin.set_ylabel("lr (dashed)")
+    ax = axes[1]
+    ax.plot(epochs, [a["dist_theta0"] for a in along], "g.-")
+    ax.set_xlabel("epoch"), ax.set_ylabel("||theta - theta0||"), ax.set_title("distance to the backdoored weights")
+    ax = axes[2]
+    ax.plot(epochs, [a["top_tac_norm"] / a["rest_norm"] for a in along], "c.-", label="norm ratio")
+    ax.plot(epochs, [a["top_tac_tac"] / max(a["rest_tac"], 1e-12) for a in along], "y.-", label="TAC ratio")
+    ax.set_xlabel("epoch"), ax.legend(fontsize=7)
+    ax.set_title(f"top-10% TAC channels of theta0 / rest\n({analysis['layer']})", fontsize=9)
+    ax = axes[3]
+    for start, points in sorted(analysis["lines"].items(), key=lambda kv: int(kv[0])):
+        alphas = [p["alpha"] for p in points]
+        ax.plot(alphas, [100 * p["asr"] for p in points], ".-", label=f"ASR from epoch {start}")
+        ax.plot(alphas, [100 * p["acc"] for p in points], ".--", label=f"ACC from epoch {start}")
+    twin = ax.twinx()
+    for start, points in sorted(analysis["lines"].items(), key=lambda kv: int(kv[0])):
+        twin.plot([p["alpha"] for p in points], [p["clean_loss"] for p in points], ":", lw=1)
+    twin.set_ylabel("clean loss (dotted)")
+    ax.set_xlabel("alpha: (1 - alpha) theta_t + alpha theta0"), ax.set_ylabel("%"), ax.legend(fontsize=7)
+    ax.set_title("the straight line back to theta0")
+    fig.suptitle(f"{attack} {tag}")
+    fig.tight_layout()
+    fig.savefig(out + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(out + ".tmp.png", out)
+
+
+def cmd_report(args) -> int:
+    runs = load_runs()
+    lines = ["# Removal that lasts: long runs and what comes back (issue 29)", "",
+             "Written by `python benchmarks/lasting.py report` from `benchmarks/results/lasting_runs/` (each run's "
+             "summary and its analysis; the commands are in the files). Records: the study's "
+             "(`../shared/records`, CIFAR-10, PreAct-ResNet18 width 0.25, 15 attack epochs, 10% poison). Defenses: "
+             "packaged CIFAR-10 config (lr 0.01 cosine, batch 256, label smoothing 0.1), 5% class-balanced clean "
+             "subset, one thread. ACC / ASR / RA at the end on the whole test set (in-run); along the run on the "
+             f"fixed subsets ({CLEAN_PER_CLASS} clean test images per class, {BD_TOTAL} poisoned test images evenly "
+             "from the non-target classes) from weight snapshots every 5 epochs. **Worst ASR after epoch 10**: the "
+             "largest subset ASR at the evaluations from epoch 10 on (the target: ≤ 5% at every one).", ""]
+    for attack, tags in sorted(runs.items()):
+        lines += [f"## {attack}", "", "| run | settings | ACC | ASR | RA | worst ASR, epochs 10–end | subset ASR at "
+                  "epochs 10 / 20 / 40 / 60 / 80 / 100 | machine | commit |", "|---|---|---|---|---|---|---|---|---|"]
+        for tag, item in sorted(tags.items()):
+            summary, analysis = item["summary"], item["analysis"]
+            last = summary["rows"][-1]
+            along = analysis["along"] if analysis else []
+            at = {a["epoch"]: a["asr"] for a in along}
+            m = summary["machine"]
+            lines.append(f"| {tag} | `{' '.join(summary['flags'])}` | {pct(float(last['test_acc']))} | "
+                         f"{pct(float(last['test_asr']))} | {pct(float(last['test_ra']))} | "
+                         f"{pct(worst_after(along)) if along else '–'} | "
+                         + " / ".join(pct(at.get(e)) for e in (10, 20, 40, 60, 80, 100)) +
+                         f" | {m['cpu']}, {m['threads']} thread(s), torch {m['torch']} | {summary['commit']} |")
+        lines.append("")
+        for tag, item in sorted(tags.items()):
+            if item["analysis"]:
+                name = f"lasting_{attack}_{tag}.png"
+                plot_run(attack, tag, item["analysis"], os.path.join(os.path.dirname(REPORT), name))
+                lines += [f"![{attack} {tag}]({name})", ""]
+    text = "\n".join(lines) + "\n"
+    with open(REPORT + ".tmp", "w") as handle:
+        handle.write(text)
+    os.replace(REPORT + ".tmp", REPORT)
+    log(f"wrote {REPORT}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=os.path.join(REPO, "benchmarks", ".cache"))
@@ -177,8 +413,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--tag", required=True)
     run.add_argument("--snapshot_every", type=int, default=5)
     run.add_argument("flags", nargs=argparse.REMAINDER, help="-- then `ftsam defend` flags")
+    analyse = sub.add_parser("analyse", help="the diagnosis along a finished run's snapshots")
+    analyse.add_argument("--attack", required=True)
+    analyse.add_argument("--tag", required=True)
+    sub.add_parser("report", help="benchmarks/results/lasting.md and its plots from the committed files")
     args = parser.parse_args(argv)
-    return {"run": cmd_run}[args.command](args)
+    return {"run": cmd_run, "analyse": cmd_analyse, "report": cmd_report}[args.command](args)
 
 
 if __name__ == "__main__":
