@@ -291,6 +291,60 @@ def cmd_analyse(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ P-ASR
+RETUNE_SEEDS = (42, 43, 44)
+POISON_NUM = 5  # the retuning set: 2% of the training set (1,000 images) holding 5 poisoned ones; control: none
+
+
+def cmd_retune(args) -> int:
+    """`ftsam retune` on a finished run's model: the attack (5 poisoned images) and its control (none) for each
+    retuning seed, each a subprocess; results collected in <tag>.retune.json (a finished pair is kept)."""
+    import subprocess
+
+    cache = os.path.abspath(args.cache)
+    data = unpack_data(cache)
+    folder = run_dir(cache, args.attack, args.tag)
+    with open(os.path.join(RESULTS, args.attack, args.tag + ".json")) as handle:
+        summary = json.load(handle)
+    defense = summary["flags"][summary["flags"].index("--defense") + 1] if "--defense" in summary["flags"] \
+        else "ftsam"
+    rec = os.path.join(folder, "rec")
+    out_path = os.path.join(RESULTS, args.attack, args.tag + ".retune.json")
+    done = {}
+    if os.path.isfile(out_path):
+        with open(out_path) as handle:
+            done = {(r["poison_num"], r["seed"]): r for r in json.load(handle)["runs"]}
+    for seed in args.seeds:
+        for poison in (POISON_NUM, 0):
+            if (poison, seed) in done:
+                continue
+            argv = ["retune", "--result_file", rec, "--defense", defense, "--dataset_path", data, "--device", "cpu",
+                    "--poison_num", str(poison), "--random_seed", str(seed), "--eval_every", "5", "--force"]
+            argv += ["--eval_before", "false"] if poison == 0 else []
+            started = time.time()
+            log_path = os.path.join(cache, "logs", f"lasting_{args.attack}_{args.tag}_retune_p{poison}_s{seed}.log")
+            with open(log_path, "w") as handle:
+                code = subprocess.call([sys.executable, "-m", "ftsam_plugin", *argv], stdout=handle,
+                                       stderr=subprocess.STDOUT, cwd=REPO,
+                                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+            if code != 0:
+                raise SystemExit(f"error: ftsam retune failed with exit code {code}; see {log_path}")
+            import glob
+
+            found = sorted(glob.glob(os.path.join(rec, "defense", defense, "retune", f"p{poison}_*_s{seed}",
+                                                  "summary.json")), key=os.path.getmtime)
+            with open(found[-1]) as handle:
+                result = json.load(handle)
+            done[(poison, seed)] = {"poison_num": poison, "seed": seed, "before": result.get("before"),
+                                    "after": result["after"], "settings": result["settings"],
+                                    "wall_s": round(time.time() - started, 1),
+                                    "command": "ftsam " + " ".join(a.replace(cache, "<cache>") for a in argv)}
+            atomic_json(out_path, {"tag": args.tag, "attack": args.attack, "runs": list(done.values()),
+                                   "machine": machine(), "commit": git_commit(REPO)})
+            log(f"{args.attack} {args.tag}: retune poison {poison} seed {seed}: ASR {result['after']['asr']:.4f}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ the report
 def pct(x: Optional[float]) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
@@ -311,8 +365,25 @@ def load_runs() -> Dict[str, Dict[str, dict]]:
         if os.path.isfile(analysis_path):
             with open(analysis_path) as handle:
                 analysis = json.load(handle)
-        runs.setdefault(summary["attack"], {})[summary["tag"]] = {"summary": summary, "analysis": analysis}
+        retune_path = path[:-len(".json")] + ".retune.json"
+        retune = None
+        if os.path.isfile(retune_path):
+            with open(retune_path) as handle:
+                retune = json.load(handle)
+        runs.setdefault(summary["attack"], {})[summary["tag"]] = {"summary": summary, "analysis": analysis,
+                                                                  "retune": retune}
     return runs
+
+
+def p_asr(retune: Optional[dict], poison: int) -> str:
+    """Mean ± sample standard deviation (n - 1) of the ASR after retuning over the seeds, and their count."""
+    if not retune:
+        return "–"
+    values = [r["after"]["asr"] for r in retune["runs"] if r["poison_num"] == poison]
+    if not values:
+        return "–"
+    sd = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{100 * statistics.mean(values):.2f}{sd} (n={len(values)})"
 
 
 def worst_after(along: List[dict], first_epoch: int = 10) -> Optional[float]:
@@ -375,10 +446,14 @@ def cmd_report(args) -> int:
              "subset, one thread. ACC / ASR / RA at the end on the whole test set (in-run); along the run on the "
              f"fixed subsets ({CLEAN_PER_CLASS} clean test images per class, {BD_TOTAL} poisoned test images evenly "
              "from the non-target classes) from weight snapshots every 5 epochs. **Worst ASR after epoch 10**: the "
-             "largest subset ASR at the evaluations from epoch 10 on (the target: ≤ 5% at every one).", ""]
+             "largest subset ASR at the evaluations from epoch 10 on (the target: ≤ 5% at every one). **P-ASR**: "
+             "`ftsam retune` (1,000 clean training images holding 5 poisoned ones, 5 epochs, lr 0.01) on the final "
+             "model, mean ± sample standard deviation over retuning seeds 42–44; **control**: the same without "
+             "poisoned images.", ""]
     for attack, tags in sorted(runs.items()):
         lines += [f"## {attack}", "", "| run | settings | ACC | ASR | RA | worst ASR, epochs 10–end | subset ASR at "
-                  "epochs 10 / 20 / 40 / 60 / 80 / 100 | machine | commit |", "|---|---|---|---|---|---|---|---|---|"]
+                  "epochs 10 / 20 / 40 / 60 / 80 / 100 | P-ASR | control | machine | commit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for tag, item in sorted(tags.items()):
             summary, analysis = item["summary"], item["analysis"]
             last = summary["rows"][-1]
@@ -389,6 +464,7 @@ def cmd_report(args) -> int:
                          f"{pct(float(last['test_asr']))} | {pct(float(last['test_ra']))} | "
                          f"{pct(worst_after(along)) if along else '–'} | "
                          + " / ".join(pct(at.get(e)) for e in (10, 20, 40, 60, 80, 100)) +
+                         f" | {p_asr(item['retune'], POISON_NUM)} | {p_asr(item['retune'], 0)}"
                          f" | {m['cpu']}, {m['threads']} thread(s), torch {m['torch']} | {summary['commit']} |")
         lines.append("")
         for tag, item in sorted(tags.items()):
@@ -416,9 +492,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     analyse = sub.add_parser("analyse", help="the diagnosis along a finished run's snapshots")
     analyse.add_argument("--attack", required=True)
     analyse.add_argument("--tag", required=True)
+    retune = sub.add_parser("retune", help="P-ASR of a finished run's model (attack and control per seed)")
+    retune.add_argument("--attack", required=True)
+    retune.add_argument("--tag", required=True)
+    retune.add_argument("--seeds", type=int, nargs="+", default=list(RETUNE_SEEDS))
     sub.add_parser("report", help="benchmarks/results/lasting.md and its plots from the committed files")
     args = parser.parse_args(argv)
-    return {"run": cmd_run, "analyse": cmd_analyse, "report": cmd_report}[args.command](args)
+    commands = {"run": cmd_run, "analyse": cmd_analyse, "retune": cmd_retune, "report": cmd_report}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
