@@ -74,6 +74,27 @@ with null_driver.installed(arch=90, record=True) as driver:
     plan.grad_norm()
     assert not any(hooked(r) for r in driver.launches)
 
+    # every variant a launch compiles is one compile_check builds ahead: plans whose groups have odd sizes (an odd
+    # table length would leave the next work list 8 bytes off), several groups, an unaligned (masked) group
+    from ftsam_plugin.kernels import compile_check
+    buf = torch.randn(1000)
+    views = [buf[1 + 10 * k:11 + 10 * k].requires_grad_() for k in range(3)]  # 4 bytes past 16: masked
+    for v in views:
+        v.grad = torch.randn(10)
+    for ps in (params() + params()[:1], params()[:1] + params()[2:], views + params()):
+        odd = kernels.create_plan(ps, adaptive=True, backend="triton")
+        run(odd)
+        run(odd)
+    for r in driver.launches:
+        assert all(a.data_ptr() % 16 == 0 for a in r.args if isinstance(a, torch.Tensor)), r.args
+    built = [compile_check.source(*spec) for spec in sam_triton.specialisations()]
+    compiled = [k.src for fn in sam_triton.KERNELS.values() for caches in fn.device_caches.values()
+                for k in caches[0].values()]
+    assert len(compiled) == 9, len(compiled)  # fp32, bf16 and unaligned fp32: three kernels each
+    for src in compiled:
+        assert any(ref.fn is src.fn and ref.constants == src.constants and ref.signature == src.signature
+                   and ref.attrs == {k: v for k, v in src.attrs.items() if v} for ref in built), src.attrs
+
     sam_triton.FAST_LAUNCH = False  # plans built now keep Triton's path
     off = kernels.create_plan(params(), backend="triton")
     driver.launches.clear()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ftsam_plugin import kernels
+from ftsam_plugin.kernels import plan_guard
 from ftsam_plugin.kernels import sam_triton
 from test_kernels_sam import make_params
 from test_kernels_sam import oracle_e
@@ -70,8 +71,10 @@ def test_strides_of_size_one_dims_do_not_matter():
                                    rtol=4e-6, atol=1e-6)
     plan.restore()
     assert all(torch.equal(q.detach(), b) for q, b in zip(ps, before))
-    p.grad = torch.randn(8, 4, 1, 1)  # moved, contiguous again: still the same layout, re-pointed
-    assert plan.update_grads()
+    for impl in plan_guard.IMPLS[1:]:
+        guard = plan_guard.create_guard(ps, plan.grad_alignment(), impl)
+        p.grad = torch.randn(8, 4, 1, 1)  # moved, contiguous again: still the same layout, re-pointed
+        assert guard.check() == (plan_guard.MOVED, -1)
 
 
 def test_auto_keeps_triton_for_size_one_stride_differences(monkeypatch):

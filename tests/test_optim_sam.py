@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from ftsam_plugin.kernels import plan_guard
 from ftsam_plugin.optim import SAM
 from ftsam_plugin.optim import freeze_bn
-from ftsam_plugin.optim import step_plans
 
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 
@@ -320,12 +320,15 @@ def test_float64_model_is_refused_with_a_clear_error():
 
 
 
-@pytest.mark.parametrize("backend,guards", [("triton", True), ("triton", False), ("foreach", True)])
-def test_a_param_shrunk_at_the_same_address_gets_a_new_plan(backend, guards, monkeypatch):
+@pytest.mark.parametrize("backend,guard", [("triton", "compiled"), ("triton", "python"),
+                                           ("triton", "python, no dynamo guards"), ("foreach", "compiled")])
+def test_a_param_shrunk_at_the_same_address_gets_a_new_plan(backend, guard, monkeypatch):
     # `p.data = p.data[:32]` keeps the data pointer: a plan checked by addresses alone keeps the old element count
-    # and reads past the new, shorter grad. guards=False: a torch without dynamo's TensorGuards
-    if not guards:
-        monkeypatch.setattr(step_plans, "_TensorGuards", None)
+    # and reads past the new, shorter grad. Each plan guard (kernels/plan_guard.py); "no dynamo guards": a torch
+    # without TensorGuards
+    monkeypatch.setenv(plan_guard.ENV, guard.split(",")[0])
+    if "no dynamo" in guard:
+        monkeypatch.setattr(plan_guard, "_TensorGuards", None)
     p, q = nn.Parameter(torch.randn(64)), nn.Parameter(torch.randn(5, 3))
     opt = SAM([p, q], torch.optim.SGD, rho=0.5, adaptive=True, backend=backend, lr=0.1)
     gp, gq = torch.randn(64), torch.randn(5, 3)
@@ -344,13 +347,14 @@ def test_a_param_shrunk_at_the_same_address_gets_a_new_plan(backend, guards, mon
     assert opt.plan_builds == 2
 
 
-def test_steps_under_autocast_keep_their_plan():
-    # the quick layout check also compares dispatch keys, which autocast changes: a false alarm, re-checked
+@pytest.mark.parametrize("guard", plan_guard.IMPLS[1:])
+def test_steps_under_autocast_keep_their_plan(guard, monkeypatch):
+    # the Python guard's quick check also compares dispatch keys, which autocast changes: a false alarm, re-checked
+    monkeypatch.setenv(plan_guard.ENV, guard)
     model = tiny_model()
     opt = make_sam(model, rho=0.5, adaptive=True, backend="triton")
     in_place_step(model, opt, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=True):
-        assert not opt._plans._layouts.quick(opt._plans._params + [p.grad for p in opt._plans._params])
         in_place_step(model, opt, 1)
     in_place_step(model, opt, 2)
     assert (opt.plan_builds, opt.grad_moves) == (1, 0)

@@ -74,10 +74,9 @@ def main_loop(ptx):
     return max(counts, key=lambda c: (c["loads_v4"], c["loads_v4"] + c["loads_narrow"]))
 
 
-def compile_variant(kind, w_dtype, g_dtype, aligned, arch):
-    """Compile one variant for sm_<arch>; a dict of what was found (or `error`)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+def source(kind, w_dtype, g_dtype, aligned):
+    """The ASTSource of one variant as a launch would compile it: the plan's constexprs, integers unspecialised,
+    every pointer 16-byte aligned (what the plans pass: tests/test_kernels_launch.py compares the two)."""
     from triton.compiler import ASTSource
 
     from . import sam_triton as st
@@ -87,13 +86,23 @@ def compile_variant(kind, w_dtype, g_dtype, aligned, arch):
     types = dict(st.SIGNATURES[kind], **{name: "constexpr" for name in consts})
     signature = {name: types[name] for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if types[name].startswith("*")}
+    return ASTSource(fn, signature, constexprs=consts, attrs=attrs)
+
+
+def compile_variant(kind, w_dtype, g_dtype, aligned, arch):
+    """Compile one variant for sm_<arch>; a dict of what was found (or `error`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from . import sam_triton as st
+
     row = dict(kind=kind, w_dtype=_name(w_dtype), g_dtype=_name(g_dtype), aligned=bool(aligned), arch=arch)
     start = time.perf_counter()
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: ptxas -v output is printed
-            kernel = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs),
-                                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=st.NUM_WARPS))
+            kernel = triton.compile(source(kind, w_dtype, g_dtype, aligned), target=GPUTarget("cuda", arch, 32),
+                                    options=dict(num_warps=st.NUM_WARPS))
     except Exception as exc:  # a compiler error is a result to report, not a crash of the whole check
         return dict(row, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
     row["seconds"] = round(time.perf_counter() - start, 3)

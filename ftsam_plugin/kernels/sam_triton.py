@@ -11,8 +11,10 @@ kernels tell the compiler so (`tl.multiple_of` on the pointers, CHUNK on the sta
 unmasked, which compiles to 128-bit accesses (`ld.global.v4`); a tensor's last chunk, and groups that are not
 aligned (e.g. views into a DDP bucket), take the masked per-element path. Everything per tensor (SCALED) and per
 call (rho, eta, store e or w, copy or subtract) is a runtime argument: a load predicated off by a uniform flag
-moves no bytes, so only the dtypes and ALIGNED are compile-time, and `specialisations()` lists every variant
-the plans can launch (the compile test builds exactly those).
+moves no bytes, so only the dtypes and ALIGNED are compile-time. Every pointer a plan passes is 16-byte aligned
+(fresh allocations, and each group's table padded to an even word count: `triton_plan.table_words`), so Triton
+specialises them all alike and `specialisations()` lists every variant the plans can launch (the compile test
+builds exactly those; tests/test_kernels_launch.py checks the pointers of every launch).
 
 The norm is deterministic and needs no second launch: each program writes its fp32 partial sum, then takes a
 ticket from an atomic counter; the program that draws the last ticket sums all partials in index order, writes

@@ -7,7 +7,8 @@ call is one launch per group, under the parameters' device, with arguments prepa
 after the first, each launch is a call of the compiled kernel's launcher): nothing is allocated, nothing waits
 for the GPU, and the same launches can be captured in a CUDA graph. The plan holds raw addresses, so it is valid
 only while the params, grads and `saved` stay where they were; `ftsam_plugin.optim.SAM` checks them every step
-and builds a new plan when they move. A plan serves one CUDA stream at a time: two streams running its kernels
+(`plan_guard`), re-points the tables at grads that moved (`point_grads`) and builds a new plan when anything
+else changed. A plan serves one CUDA stream at a time: two streams running its kernels
 at once would race on its norm scratch (the partial sums and the ticket counter).
 """
 
@@ -17,6 +18,7 @@ import functools
 import torch
 
 from . import sam_triton as st
+from .plan_guard import same_layout
 from .reference import scaled_flags
 
 SAVED_ALIGN = 128  # element alignment of each tensor inside the flat `saved` buffer (>= 16 bytes in any dtype)
@@ -26,15 +28,6 @@ _PAIRS = frozenset(st.DTYPE_PAIRS)
 
 class LayoutError(ValueError):
     """The Triton kernels cannot take these tensors (dtype pair or memory layout); foreach can."""
-
-
-def same_layout(shape, stride, other_shape, other_stride):
-    """Whether two tensors put every element at the same offset: equal shapes, and equal strides wherever the
-    size is > 1 (PyTorch's own rule: a size-1 dimension's stride is never used, and an empty tensor has none)."""
-    if shape != other_shape:
-        return False
-    return stride == other_stride or 0 in shape or all(a == b for n, a, b in zip(shape, stride, other_stride)
-                                                         if n > 1)
 
 
 def _dense(t):
@@ -85,6 +78,14 @@ def work_list(numels):
     first = torch.cumsum(counts, 0) - counts  # each tensor's first program
     start = (torch.arange(len(tensor)) - first[tensor]) * st.CHUNK
     return torch.stack([tensor, start])
+
+
+def table_words(n):
+    """int64 words a group of `n` tensors takes before its work list: the table, padded to an even count so every
+    table and work list in the plan's one device block starts 16-byte aligned, as the kernels were compiled for
+    (`compile_check` builds every pointer argument 16-byte aligned; an odd 5n would put the next one at 8 mod 16,
+    and a launch would compile a variant nobody built ahead)."""
+    return st.N_ROWS * n + (st.N_ROWS * n) % 2
 
 
 def device_guard(device):
@@ -145,7 +146,6 @@ class TritonPlan:
             if problem:
                 raise LayoutError(f"backend='triton' cannot take parameter {i} (shape {tuple(p.shape)}): {problem}; "
                                   "use backend='foreach'")
-        self._layouts = [(p.shape, p.stride()) for p in self.params]  # what the table's NUMEL row was built for
         flags = scaled_flags(self.params, adaptive, weights_only)
         self._groups = self._build_groups(grads, flags)
         self._n_total = sum(g.n_work for g in self._groups)
@@ -186,12 +186,13 @@ class TritonPlan:
                     [int(flags[i]) for i in idx]]
             work = work_list(numels)
             layout.append((key, idx, work.shape[1]))
-            host += [torch.tensor(rows, dtype=torch.int64).flatten(), work.flatten()]
+            pad = torch.zeros(table_words(len(idx)) - st.N_ROWS * len(idx), dtype=torch.int64)
+            host += [torch.tensor(rows, dtype=torch.int64).flatten(), pad, work.flatten()]
         dev = self._upload(torch.cat(host) if host else [])
         groups, at, pid_offset = [], 0, 0
         for key, idx, n_work in layout:
             table = dev[at:at + st.N_ROWS * len(idx)]
-            at += st.N_ROWS * len(idx)
+            at += table_words(len(idx))  # even: the work list after it starts 16-byte aligned, as the next table
             work = dev[at:at + 2 * n_work].view(2, n_work)
             at += 2 * n_work
             groups.append(_Group(key, idx, table, work, pid_offset))
@@ -213,29 +214,19 @@ class TritonPlan:
         for g in self._groups:
             self._write_row(g, st.ROW_S, self._saved_ptrs(g.idx))
 
-    def update_grads(self):
-        """Write the grads' new addresses into the tables (grads reallocated, e.g. after zero_grad(None)).
-
-        False, changing nothing, when a grad no longer fits its group (None, another dtype, or a shape or strides
-        other than its parameter's when the plan was built, or no longer 16-byte aligned in an aligned group):
-        then build a new plan.
-        """
-        rows = []
+    def grad_alignment(self):
+        """Per param, what its grad's address must stay a multiple of: 16 in an aligned group, else 1."""
+        align = [1] * len(self.params)
         for g in self._groups:
-            ptrs = []
             for i in g.idx:
-                grad = self.params[i].grad
-                if grad is None or grad.dtype != g.g_dtype or not same_layout(grad.shape, grad.stride(),
-                                                                              *self._layouts[i]):
-                    return False
-                ptr = grad.data_ptr()
-                if g.aligned and ptr % 16:
-                    return False
-                ptrs.append(ptr)
-            rows.append(ptrs)
-        for g, ptrs in zip(self._groups, rows):
-            self._write_row(g, st.ROW_G, ptrs)
-        return True
+                align[i] = 16 if g.aligned else 1
+        return align
+
+    def point_grads(self, ptrs):
+        """Write the grads' addresses `ptrs` (one per param) into the tables, unchecked: for a caller whose own
+        check (plan_guard) found each grad laid out like its param at an address its group allows."""
+        for g in self._groups:
+            self._write_row(g, st.ROW_G, [ptrs[i] for i in g.idx])
 
     def perturb(self, norm, rho):
         if self.saved is None:
@@ -258,4 +249,5 @@ class TritonPlan:
                 g.restore()
 
 
-__all__ = ["LayoutError", "TritonPlan", "check_device", "device_guard", "flat_like", "same_layout", "work_list"]
+__all__ = ["LayoutError", "TritonPlan", "check_device", "device_guard", "flat_like", "same_layout", "table_words",
+           "work_list"]
