@@ -22,6 +22,7 @@ COMMANDS = {
     "leaderboard": ("ftsam_plugin.leaderboard", "tabulate every attack record and defense result under record roots"),
     "norms": ("ftsam_plugin.norms", "per-neuron weight norm vs trigger-activated change, for several models"),
     "retune": ("ftsam_plugin.retune.cli", "retuning attack: does the backdoor of a defended model come back (P-ASR)?"),
+    "grid": ("ftsam_plugin.grid.cli", "run a grid of defenses (records x settings x seeds) on Slurm or here; --status"),
 }
 
 
