@@ -2,11 +2,13 @@
 
     ftsam attack --attack badnet --dataset cifar10 --dataset_path ./data --model preactresnet18 \
         --save_folder_name badnet_0_1
+    BACKDOORBENCH_ROOT=~/BackdoorBench ftsam attack --attack lf ...   # BackdoorBench's own trigger code (catalog.py)
 
 Settings come from (lowest to highest): built-in defaults (BackdoorBench's prototype/attack YAMLs), the
 `--yaml_path` file (BackdoorBench key names), then the command line. The record goes to
 `<record_root>/<save_folder_name>/` (which must not exist yet): attack_result.pt, bd_train_dataset/ and
-bd_test_dataset/ (PNG), attack_df.csv, attack_df_summary.csv, train_poison_index_list.pickle, info.pickle, a log.
+bd_test_dataset/ (PNG), attack_df.csv, attack_df_summary.csv, train_poison_index_list.pickle, info.pickle (the
+settings, plus trigger_source and trigger_settings: whose code and files made the trigger), a log.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import logging
 import os
 import secrets
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Set
 
-import numpy as np
 import torch
 
 from ftsam_plugin.data.backdoor import TransformDataset
@@ -32,9 +33,9 @@ from ftsam_plugin.logfile import LogFile
 from ftsam_plugin.settings import (TRAINING_RULES, Number, Text, check_numbers, quote, read_yaml, seed_everything,
                                    str2bool)
 
+from . import catalog
 from .poison import make_backdoor_datasets
 from .train import train_backdoored_model
-from .triggers import TRIGGERS, create_trigger
 
 __all__ = ["add_arguments", "run", "resolve_config", "DEFAULTS"]
 
@@ -63,11 +64,22 @@ DEFAULTS: Dict[str, Any] = {
 EPOCHS = {"cifar10": 100, "cifar100": 100, "gtsrb": 50, "tiny": 200}
 # BackdoorBench YAML names -> ours
 YAML_ALIASES = {"attack_train_blended_alpha": "blended_alpha"}
+# settings of ftsam's own triggers; BackdoorBench's take theirs from --bd_yaml_path
+FTSAM_TRIGGER_FLAGS = ("blended_alpha", "patch_size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `ftsam attack`'s options (BackdoorBench's spelling; every default is None so the YAML decides)."""
-    parser.add_argument("--attack", choices=sorted(TRIGGERS), help="attack: badnet | blended (default badnet)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the attack list's lines
+    parser.epilog = catalog.overview()
+    parser.add_argument("--attack", choices=catalog.names(), metavar="ATTACK",
+                        help=f"attack (default badnet): {', '.join(catalog.names())}; which need BackdoorBench: "
+                             f"see the list below")
+    parser.add_argument("--trigger_from", choices=catalog.SOURCES,
+                        help="whose trigger code makes the attack: ftsam (badnet, blended) or backdoorbench (needs "
+                             "BACKDOORBENCH_ROOT); default ftsam where ftsam has the attack")
+    parser.add_argument("--bd_yaml_path", help="BackdoorBench's attack settings (with --trigger_from backdoorbench), "
+                                               "default <BACKDOORBENCH_ROOT>/config/attack/<attack>/default.yaml")
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="dataset name (default cifar10)")
     parser.add_argument("--dataset_path", help="folder holding <dataset>/ (default ./data), or the dataset folder")
     parser.add_argument("--model", help="architecture, BackdoorBench's name (default preactresnet18)")
@@ -83,8 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--attack_target", type=int, help="target class (default 0)")
     parser.add_argument("--attack_label_trans", choices=["all2one"], help="label change (only all2one)")
     parser.add_argument("--blended_alpha", "--attack_train_blended_alpha", dest="blended_alpha", type=float,
-                        help="Blended mixing weight of the trigger (default 0.2)")
-    parser.add_argument("--patch_size", type=int, help="BadNets patch side in pixels (default 3)")
+                        help="ftsam's Blended: mixing weight of the trigger (default 0.2)")
+    parser.add_argument("--patch_size", type=int, help="ftsam's BadNets: patch side in pixels (default 3)")
     parser.add_argument("--width", type=float,
                         help="PreAct-ResNet width multiplier (default 1.0), stored in the record")
     parser.add_argument("--device", help="torch device (default cuda if available, else cpu; cuda without a GPU "
@@ -120,15 +132,23 @@ RULES = {
     # paths and names: text only (a YAML `record_root: 5` or `dataset_path: [data]` is refused, not used)
     "record_root": Text(), "dataset_path": Text(), "yaml_path": Text(), "save_folder_name": Text("a folder name"),
     "model": Text("a model name"), "dataset": Text("a dataset name"), "attack": Text("an attack name"),
-    "device": Text("a device name"),
+    "device": Text("a device name"), "trigger_from": Text("a trigger source"), "bd_yaml_path": Text(),
 }
 
 
-def _validate(config: Dict[str, Any]) -> None:
-    """Every setting checked (and numbers parsed in place) before anything is read or written."""
+def _validate(config: Dict[str, Any], given: Set[str]) -> None:
+    """Every setting checked (and numbers parsed in place) before anything is read or written; `given`: the settings
+    set on the command line. Sets config["trigger_from"] to the trigger code that will run."""
     check_numbers(config, RULES)
-    if str(config["attack"]).lower() not in TRIGGERS:
-        raise FtsamError(f"unknown attack {quote(config['attack'])}; choose one of {', '.join(sorted(TRIGGERS))}")
+    config["trigger_from"] = catalog.resolve_source(config["attack"], config.get("trigger_from"))
+    ftsam = config["trigger_from"] == catalog.FTSAM
+    wrong = sorted(set(FTSAM_TRIGGER_FLAGS) & given) if not ftsam else \
+        (["bd_yaml_path"] if config.get("bd_yaml_path") else [])
+    if wrong:
+        raise FtsamError(f"--{wrong[0]} sets {'BackdoorBench' if ftsam else 'ftsam'}'s triggers, but attack "
+                         f"{config['attack']} runs {config['trigger_from']}'s; "
+                         + ("drop it or add --trigger_from backdoorbench" if ftsam else
+                            "set BackdoorBench's trigger in the YAML given by --bd_yaml_path"))
     info = get_dataset_info(config["dataset"])
     if config.get("attack_label_trans", "all2one") != "all2one":
         raise FtsamError(f"attack_label_trans {quote(config['attack_label_trans'])} is not supported; use all2one")
@@ -156,7 +176,7 @@ def _stored_data_path(data_dir: str, root: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run `ftsam attack` (see the module docstring); returns 0. Errors raise FtsamError."""
     config = resolve_config(args)
-    _validate(config)
+    _validate(config, {k for k, v in vars(args).items() if v is not None})
     info = get_dataset_info(config["dataset"])
     attack = str(config["attack"]).lower()
     record_root = os.path.normpath(os.fspath(config["record_root"]))
@@ -170,11 +190,11 @@ def run(args: argparse.Namespace) -> int:
     lock = FolderLock(record_dir, what="record folder")
     if os.path.exists(record_dir):
         raise _taken(record_dir, lock)
-    trigger = create_trigger(attack, info.img_size, blended_alpha=config["blended_alpha"],
-                             patch_size=config["patch_size"])
+    prepared = catalog.prepare(attack, config["trigger_from"], config, info.img_size)
 
     data_dir = resolve_dataset_dir(os.fspath(config["dataset_path"]), info.name)
     raw_train, raw_test = build_clean_datasets(info.name, data_dir)
+    prepared.poisoning.train_indicator(raw_train.targets)  # a dry run: FtsamError (e.g. pratio) before any output
     from ftsam_plugin.defense.ddp import resolve_device
     from ftsam_plugin.models import create_model  # FtsamError for an unknown model, before anything is written
 
@@ -190,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise FtsamError(f"cannot create record folder {record_dir}: {exc.strerror}; check --record_root") from None
     with lock:  # held until the record is complete, so a second run on this name names this one
-        rows = _write_record(config, info, model, trigger, raw_train, raw_test, data_dir, record_root, name)
+        rows = _write_record(config, info, model, prepared, raw_train, raw_test, data_dir, record_root, name)
     last = rows[-1]
     print(f"record written to {record_dir}: test_acc {last['test_acc']:.4f}, test_asr {last['test_asr']:.4f}, "
           f"test_ra {last['test_ra']:.4f}")
@@ -206,7 +226,7 @@ def _taken(record_dir: str, lock: FolderLock) -> FtsamError:
                       f"or remove it")
 
 
-def _write_record(config, info, model, trigger, raw_train, raw_test, data_dir, record_root, name) -> list:
+def _write_record(config, info, model, prepared, raw_train, raw_test, data_dir, record_root, name) -> list:
     """Poison, train and save into the (new, locked) record folder; returns the per-epoch metric rows."""
     record_dir = os.path.join(record_root, name)
     seed = config["random_seed"]
@@ -218,15 +238,14 @@ def _write_record(config, info, model, trigger, raw_train, raw_test, data_dir, r
     old_level = package_logger.level
     package_logger.setLevel(logging.INFO)
     try:
+        config = {**config, "trigger_source": prepared.trigger_source, "trigger_settings": prepared.trigger_settings}
         logger.info("ftsam attack: %s", config)
         atomic_save({k: v for k, v in config.items() if isinstance(v, (str, int, float, bool))},
                     os.path.join(record_dir, "info.pickle"))
         root = os.path.dirname(os.path.abspath(record_root))
         stored_prefix = f"./{os.path.basename(os.path.abspath(record_root))}/{name}"
-        bd_train, bd_test = make_backdoor_datasets(
-            raw_train, raw_test, trigger, int(config["attack_target"]), float(config["pratio"]), info.img_size,
-            record_dir, stored_prefix, rng=np.random.default_rng(seed), progress=bool(config["progress"]),
-        )
+        bd_train, bd_test = make_backdoor_datasets(raw_train, raw_test, prepared.poisoning, seed, record_dir,
+                                                   stored_prefix, progress=bool(config["progress"]))
         atomic_save(bd_train.poison_indicator.copy(), os.path.join(record_dir, "train_poison_index_list.pickle"))
 
         train_tf, test_tf = get_transform(info.name, True), get_transform(info.name, False)

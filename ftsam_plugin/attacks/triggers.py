@@ -3,7 +3,8 @@
   badnet   a size×size white patch in the bottom-right corner (BackdoorBench's 3×3 trigger_image.png)
   blended  round((1 - alpha) * x + alpha * t) with a fixed pattern t generated in code (nothing downloaded)
 
-Triggers are looked up by name in `TRIGGERS`; `create_trigger(name, img_size, **options)` builds one.
+Triggers are looked up by name in `TRIGGERS`; `create_trigger(name, img_size, **options)` builds one. These are
+ftsam's own triggers; BackdoorBench's (its hello_kitty Blended, LF, SIG, ...) run from its checkout: backdoorbench.py.
 """
 
 from __future__ import annotations
@@ -77,11 +78,13 @@ def register_trigger(fn: Callable) -> Callable:
 
 @register_trigger
 def badnet(img_size: Sequence[int], patch_size: int = 3, **_ignored) -> BadNetTrigger:
+    """white patch_size x patch_size patch in the bottom-right corner (as BackdoorBench's 3x3 trigger_image.png)"""
     return BadNetTrigger(size=patch_size)
 
 
 @register_trigger
 def blended(img_size: Sequence[int], blended_alpha: float = 0.2, **_ignored) -> BlendedTrigger:
+    """code-generated pattern (blended_pattern) mixed in with weight blended_alpha"""
     h, w, c = (tuple(img_size) + (3,))[:3]
     return BlendedTrigger(blended_pattern(int(h), int(w), int(c)), alpha=blended_alpha)
 
