@@ -8,16 +8,20 @@ Sized for well under 5 minutes on one H100/H200 (not yet timed on one); writes a
    (fp32 SAM and ASAM, channels_last, bf16, fp16, weights-only ASAM, fp32 weights with bf16 grads, fp32 + bf16
    params in one plan (two launches per norm sharing the ticket counter), the grads a channels_last batch gives
    a contiguous model (their real strides), zero-element and unaligned tensors): norm, perturbation, exact
-   copy-restore and subtract-restore; the Triton norm and perturbation bitwise repeatable; a Triton plan captured
-   in a CUDA graph and replayed equals eager; a stress loop (thousands of eager norms of the two-launch plan, and
-   of graph replays of norm + perturb and of restore) compared bit for bit with the first.
+   copy-restore and subtract-restore; a reused Triton plan's norm bitwise repeatable with its result NaN-filled
+   before each call, and following its grads when they double; the perturbation bitwise repeatable; a Triton
+   plan captured in a CUDA graph and replayed (its norm NaN-filled first) equals eager; a stress loop (thousands
+   of eager norms of the two-launch plan with its grads doubled on every second call, and of graph replays of
+   norm + perturb and of restore) compared bit for bit with the first of each kind. A norm kernel that stops
+   writing its result (a ticket counter never reset) fails each of these.
 2. Kernel-only timings, plan prebuilt, launches queued back to back behind a GPU sleep, L2 flushed before each
    rep, CUDA events: norm / perturb / restore / the whole SAM extra work (ASAM, fp32), as GB/s and as a
    fraction of a measured reference on the same device: a `sum` (read only) for the norms, which only read,
    a `copy_` (read + write) for the rest; for triton, foreach and loop; and the host time to queue each route
    (real launches, GPU kept busy).
-3. End to end: an FT-SAM step (two forward/backward passes, BN frozen in the second, SAM with each backend)
-   against a plain SGD step, PreAct-ResNet18, CIFAR-size batch, bf16 autocast; plan rebuilds counted.
+3. End to end: the defense's own FT-SAM step (`FTSAM.train_step`: two forward/backward passes, BN frozen in the
+   second, SAM with each backend) against a plain SGD step, PreAct-ResNet18, CIFAR-size batch, bf16 autocast;
+   plan rebuilds and steps whose grads had moved counted (target: none moved, the grads are zeroed in place).
 Exit status 1 when a correctness check fails (speed targets are reported, not enforced). Uses only APIs of
 torch 2.1+ / Triton 3.x (the GPU image has torch 2.11, Triton 3.6).
 """
@@ -44,7 +48,6 @@ from gpu_timing import time_wall  # noqa: E402
 from ftsam_plugin import kernels  # noqa: E402
 from ftsam_plugin.kernels.reference import preact_resnet18_shapes  # noqa: E402
 from ftsam_plugin.models import create_model  # noqa: E402
-from ftsam_plugin.optim import SAM, freeze_bn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("triton", "foreach", "loop")
@@ -163,8 +166,7 @@ def check_backend(factory, backend, adaptive, eta, weights_only, rho=0.5):
         if errs["norm rel err"] > NORM_RTOL:
             problems.append(f"norm off by {errs['norm rel err']:.1e}")
         if backend == "triton" and mode == "copy":
-            if not all(torch.equal(plan.grad_norm(), norm) for _ in range(3)):
-                problems.append("norm not bitwise repeatable")
+            problems += reused_norm_problems(plan, ps, norm)
         plan.perturb(norm, rho)
         worst = 0.0
         for p, b, e in zip(ps, before, ref_e):
@@ -192,6 +194,28 @@ def check_backend(factory, backend, adaptive, eta, weights_only, rho=0.5):
     return problems, errs
 
 
+def reused_norm_problems(plan, ps, norm):
+    """The plan's norm, asked again: bitwise repeatable with its result NaN-filled before each call (a norm that is
+    never written again, e.g. a ticket counter never reset, stays NaN), and following the grads when they double
+    (2x the norm up to rounding; then halved back, exactly)."""
+    problems = []
+    repeats = []
+    for _ in range(3):
+        plan.grad_norm().fill_(float("nan"))
+        repeats.append(torch.equal(plan.grad_norm(), norm))
+    if not all(repeats):
+        problems.append("norm not bitwise repeatable")
+    for p in ps:
+        p.grad.mul_(2)
+    doubled = plan.grad_norm().double().item()
+    for p in ps:
+        p.grad.div_(2)
+    if not abs(doubled - 2 * norm.double().item()) <= NORM_RTOL * 2 * norm.double().item():  # NaN fails too
+        problems.append(f"norm of a reused plan does not follow its grads (x2 grads: {doubled:.6g}, want "
+                        f"{2 * norm.double().item():.6g})")
+    return problems
+
+
 def check_graph_capture(device, smoke, rho=0.5):
     """A Triton plan's norm + perturb captured in a CUDA graph and replayed: equal to eager, bitwise."""
     if device.type != "cuda":
@@ -210,6 +234,7 @@ def check_graph_capture(device, smoke, rho=0.5):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         plan_g.perturb(plan_g.grad_norm(), rho)
+    plan_g._out.fill_(float("nan"))  # the replayed norm must write it again, or the perturbation turns NaN
     graph.replay()
     torch.cuda.synchronize()
     same = all(torch.equal(a, b) for a, b in zip(eager, graphed))
@@ -217,19 +242,37 @@ def check_graph_capture(device, smoke, rho=0.5):
 
 
 def check_stress(device, smoke, rho=0.5):
-    """Rows: thousands of norms of a two-launch (fp32 + bf16) Triton plan, and of CUDA-graph replays of its norm +
-    perturb and of its restore, each compared bit for bit with the first (counted on the device, one sync)."""
-    n = 3 if smoke else 2000
+    """Rows: thousands of norms of a two-launch (fp32 + bf16) Triton plan with its grads doubled and halved back
+    between calls, each compared bit for bit with the first of its kind, and CUDA-graph replays of its norm +
+    perturb (result NaN-filled before each) and of its restore, compared with the first (counted on the device,
+    one sync)."""
+    n = 4 if smoke else 2000
     ps = mixed(SMOKE_SHAPES if smoke else preact_resnet18_shapes(), device)
     plan = kernels.create_plan(ps, adaptive=True, backend="triton")
+
+    def scale_grads(factor):
+        for p in ps:
+            p.grad.mul_(factor)
+
     first = plan.grad_norm().clone()
+    scale_grads(2)
+    doubled = plan.grad_norm().clone()
+    scale_grads(0.5)
     bad = torch.zeros((), dtype=torch.int64, device=device)
-    for _ in range(n):
-        bad += plan.grad_norm() != first
+    for i in range(n):  # grads as at first on even calls, doubled on odd ones: a stale norm cannot pass
+        if i % 2:
+            scale_grads(2)
+        bad += plan.grad_norm() != (doubled if i % 2 else first)
+        if i % 2:
+            scale_grads(0.5)
     bad = int(bad)
-    rows = [f"| Stress: {n} norms of the fp32 + bf16 plan (two launches each), bitwise equal to the first | triton "
-            f"| | | {f'{bad} differ' if bad else 'PASS'} |"]
-    name = f"CUDA graph stress: {n} replays of norm + perturb and of restore, bitwise equal to the first"
+    off = not abs(doubled.double().item() - 2 * first.double().item()) <= NORM_RTOL * 2 * first.double().item()
+    result = "; ".join([f"{bad} differ"] * bool(bad) + ["the doubled grads' norm is not 2x"] * off) or "PASS"
+    rows = [f"| Stress: {n} norms of the fp32 + bf16 plan (two launches each) with its grads doubled on every "
+            f"second call, bitwise equal to the first of each | triton | | | {result} |"]
+    bad = bad or off
+    name = (f"CUDA graph stress: {n} replays of norm + perturb (norm NaN-filled before each) and of restore, "
+            "bitwise equal to the first")
     if device.type != "cuda":
         return rows + [f"| {name} | triton | | | skipped: no CUDA |"], bool(bad)
     before = [p.detach().clone() for p in ps]
@@ -249,6 +292,7 @@ def check_stress(device, smoke, rho=0.5):
     restore_graph.replay()
     counts = torch.zeros(3, dtype=torch.int64, device=device)  # norms, perturbed w, restored w that differ
     for i in range(n):
+        plan._out.fill_(float("nan"))  # the replayed norm must write it again (NaN != norm)
         perturb_graph.replay()
         counts[0] += plan._out != norm
         if i % 10 == 0:  # every 10th: comparing 11M elements per replay would dominate the loop
@@ -405,30 +449,40 @@ def end_to_end(device, smoke, steps):
 
     sgd_ms = run(sgd_step, n_steps)
     rows.append(f"| SGD | {sgd_ms:.2f} | 1.00× | |")
+    moves = {}
     for backend in ("triton", "foreach"):
         model = build()
-        sam = SAM(model.parameters(), torch.optim.SGD, rho=2.0, adaptive=True, backend=backend, lr=0.01,
-                  momentum=0.9, weight_decay=5e-4)
-
-        def sam_step():
-            sam.zero_grad(set_to_none=True)
-            with torch.autocast(**autocast):
-                loss = loss_fn(model(x), y)
-            loss.backward()
-            sam.first_step(zero_grad=True)
-            with freeze_bn(model), torch.autocast(**autocast):
-                loss2 = loss_fn(model(x), y)
-            loss2.backward()
-            sam.second_step(zero_grad=True)
-
-        ms = run(sam_step, n_steps)
+        defense = ftsam_defense(device, model, backend)
+        ms = run(lambda: defense.train_step(model, x, y), n_steps)
+        sam = defense.optimizer
+        moves[backend] = sam.grad_moves
         rows.append(f"| FT-SAM ({backend}) | {ms:.2f} | {ms / sgd_ms:.2f}× | {sam.plan_builds} builds, "
                     f"{sam.grad_moves} grad moves over {n_steps + 2} steps |")
     model_name = "a 5-tensor conv/BN/linear stand-in (smoke)" if smoke else "PreAct-ResNet18"
-    head = [f"{model_name}, batch {batch} of 3×32×32, bf16 autocast, SGD momentum 0.9, wd 5e-4; FT-SAM = ASAM "
-            f"rho 2, BN frozen in pass two, zero_grad(set_to_none=True) as in the defense; mean of {n_steps} "
-            "steps after 2 warm-up.", "", "| step | ms / step | vs SGD | SAM plans |", "|---|---|---|---|"]
-    return "\n".join(head + rows)
+    head = [f"{model_name}, batch {batch} of 3×32×32, bf16 autocast; SGD momentum 0.9, wd 5e-4; FT-SAM = the "
+            "defense's own step (`FTSAM.train_step`, cifar10.yaml: ASAM rho 2, SGD momentum 0.9, wd 5e-4, BN "
+            f"frozen in pass two, grads zeroed in place) with each SAM backend; mean of {n_steps} steps after 2 "
+            "warm-up.", "", "| step | ms / step | vs SGD | SAM plans |", "|---|---|---|---|"]
+    kept = all(n == 0 for n in moves.values())
+    tail = ["", f"- {'met' if kept else 'MISSED'}: FT-SAM's loop keeps its grads in place (steps whose grads had "
+            f"moved: {', '.join(f'{b} {n}' for b, n in moves.items())}; each costs the plans a re-pointing)"]
+    return "\n".join(head + rows + tail)
+
+
+def ftsam_defense(device, model, backend):
+    """FT-SAM as the defense trains (ftsam_plugin.defense.ftsam.FTSAM, cifar10.yaml, bf16 autocast) on `model`,
+    its SAM on `backend`."""
+    from ftsam_plugin.defense.ftsam import FTSAM
+
+    parser = argparse.ArgumentParser()
+    FTSAM.add_arguments(parser)
+    defense = FTSAM(parser.parse_args(["--yaml_path", "cifar10", "--device", device.type, "--amp", "true",
+                                       "--amp_dtype", "bf16"]))
+    defense.set_devices()
+    defense.setup_training(model)
+    defense.optimizer.backend = backend  # read when the first step builds the plans
+    defense.optimizer.schedule.set_epoch(1)
+    return defense
 
 
 # ---- report ----

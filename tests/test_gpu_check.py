@@ -37,6 +37,10 @@ def test_gpu_check_smoke_mode_writes_a_passing_report(tmp_path):
     for section in ("## 2. Kernel-only timings", "whole SAM extra work", "`sum` of the same", "| `sum` |",
                     "## 3. End to end", "FT-SAM (triton)"):
         assert section in text
+    # the defense's own FT-SAM loop: one plan, grads never moved
+    row = r"^\| FT-SAM \(triton\) \| [\d.]+ \| [\d.]+× \| 1 builds, 0 grad moves over 3 steps \|$"
+    assert re.search(row, text, re.M)
+    assert "- met: FT-SAM's loop keeps its grads in place" in text
 
 
 @pytest.fixture
@@ -69,3 +73,29 @@ def test_repeatability_checks_can_fail(gpu_check, monkeypatch):
     problems, _ = gpu_check.check_backend(lambda: gpu_check.make([(5,), (3, 4)], cpu), "triton", True, 0.0, False)
     assert "norm not bitwise repeatable" in problems
     assert "perturbation not bitwise repeatable" in problems
+
+
+def test_stale_norm_checks_can_fail(gpu_check, monkeypatch):
+    # a plan whose norm is computed once and never written again, as with a norm kernel whose ticket counter is
+    # never reset: repeating it on unchanged grads would agree; NaN-filling its result and doubling the grads do not
+    real = gpu_check.kernels.create_plan
+
+    def stale(*args, **kw):
+        plan = real(*args, **kw)
+        norm, first = plan.grad_norm, []
+
+        def grad_norm():
+            if not first:
+                first.append(norm())
+            return first[0]
+
+        plan.grad_norm = grad_norm
+        return plan
+
+    monkeypatch.setattr(gpu_check.kernels, "create_plan", stale)
+    cpu = gpu_check.torch.device("cpu")
+    problems, _ = gpu_check.check_backend(lambda: gpu_check.make([(5,), (3, 4)], cpu), "triton", True, 0.0, False)
+    assert "norm not bitwise repeatable" in problems
+    assert any(p.startswith("norm of a reused plan does not follow its grads") for p in problems), problems
+    rows, failed = gpu_check.check_stress(cpu, smoke=True)
+    assert failed and "the doubled grads' norm is not 2x" in rows[0]

@@ -195,8 +195,10 @@ def test_triton_plan_reused_over_steps_matches_foreach(mode):
         for p, q in zip(ps, ref):
             p.grad.copy_(torch.randn(p.shape))
             q.grad.copy_(p.grad)
-        norm = plan.grad_norm().clone()  # the plan's own buffer: the next call overwrites it
+        out = plan.grad_norm()  # the plan's own buffer: the next call overwrites it
+        norm = out.clone()
         torch.testing.assert_close(norm.double(), oracle_norm(ps, **MODES[mode]), rtol=1e-6, atol=0)
+        out.fill_(float("nan"))  # a norm that is not written again (a ticket counter never reset) stays NaN
         assert torch.equal(plan.grad_norm(), norm)  # the ticket counter was reset: a second call agrees bitwise
         saved = plan.perturb(norm, 0.5)
         ref_plan.perturb(ref_plan.grad_norm(), 0.5)
@@ -331,13 +333,34 @@ def test_triton_mixed_dtype_pairs():
                                atol=0)
 
 
+def check_norm_follows_grads(plan, ps, kw, rtol, steps=3):
+    """A reused plan's norm follows its grads: new grads every call, and the plan's result NaN-filled before a
+    repeat. A norm kernel that never resets its ticket counter returns its first norm forever: caught here, while
+    a repeat on unchanged grads would agree with it. Shared by the interpreted test and the CUDA script."""
+    for _ in range(steps):
+        for p in ps:
+            p.grad.copy_(torch.randn(p.shape, device=p.device).to(p.grad.dtype))
+        oracle = oracle_norm(ps, **kw)
+        out = plan.grad_norm()
+        torch.testing.assert_close(out.double(), oracle, rtol=rtol, atol=0)
+        out.fill_(float("nan"))
+        torch.testing.assert_close(plan.grad_norm().double(), oracle, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["plain", "eta"])
+def test_a_reused_plans_norm_follows_new_grads(mode):
+    ps = make_params([(2 * sam_triton.CHUNK + 5,), (3, 5), (7,)]) + make_params([(300,)], torch.bfloat16)
+    plan = kernels.create_plan(ps, backend="triton", **MODES[mode])  # two groups: two launches per norm
+    check_norm_follows_grads(plan, ps, MODES[mode], rtol=5e-6)
+
+
 # ---- compiled Triton on a GPU (the session's TRITON_INTERPRET=1 is left out of the subprocess's environment) ----
 CUDA_SCRIPT = r"""
 import torch
 from ftsam_plugin import kernels
 from ftsam_plugin.kernels import sam_triton
 from ftsam_plugin.kernels.reference import preact_resnet18_shapes
-from test_kernels_sam import MODES, SMALL, oracle_e, oracle_norm
+from test_kernels_sam import MODES, SMALL, check_norm_follows_grads, oracle_e, oracle_norm
 
 assert not sam_triton.INTERPRET, "the Triton interpreter is on"
 torch.manual_seed(0)
@@ -378,6 +401,9 @@ for shapes, dtype, rtol, norm_rtol, modes in CASES:
         torch.testing.assert_close(norms["triton"], norms["foreach"], rtol=norm_rtol, atol=0)
         # deterministic: fixed-order partial sums, bit-identical on every call
         assert all(torch.equal(kernels.grad_norm(base, backend="triton", **kw), norms["triton"]) for _ in range(3))
+        # one plan reused with new grads (and its result NaN-filled between repeats) follows them
+        reused = clone(base)
+        check_norm_follows_grads(kernels.create_plan(reused, backend="triton", **kw), reused, kw, norm_rtol)
         for store in ("w", "e"):
             after = {}
             for backend in ("triton", "foreach"):

@@ -101,18 +101,20 @@ class FTSAM(FineTune):
         kind = sam.step_kind()
         if kind != "gradient":
             return self._one_pass_step(model, x, y, path=kind == "path")
-        sam.zero_grad(set_to_none=True)
+        # grads zeroed in place, never freed: they keep their storage, so SAM's kernel plans stay valid every step
+        sam.zero_grad(set_to_none=False)
         with ddp.no_sync(model):
             with self.autocast():
                 logits = model(x)
                 loss = self.loss_fn(logits, y)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        sam.first_step(zero_grad=True, grad_scaler=scaler)
+        sam.first_step(grad_scaler=scaler)
+        sam.zero_grad(set_to_none=False)
         with freeze_bn(model):
             with self.autocast():
                 loss2 = self.loss_fn(model(x), y)
             (scaler.scale(loss2) if scaler is not None else loss2).backward()
-        sam.second_step(zero_grad=True, grad_scaler=scaler)
+        sam.second_step(grad_scaler=scaler)
         return loss.detach(), logits.detach()
 
     def _one_pass_step(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, path: bool):
@@ -120,7 +122,7 @@ class FTSAM(FineTune):
         at w + rho * (theta0 - w) / ||theta0 - w|| (BatchNorm statistics update in its one pass, as in a plain step).
         The loss and logits returned are those at the point the gradient was taken."""
         sam, scaler = self.optimizer, self.scaler
-        sam.zero_grad(set_to_none=True)
+        sam.zero_grad(set_to_none=False)  # in place, as in train_step
         if path:
             sam.perturb_path()
         with self.autocast():
@@ -128,9 +130,9 @@ class FTSAM(FineTune):
             loss = self.loss_fn(logits, y)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if path:
-            sam.second_step(zero_grad=True, grad_scaler=scaler)
+            sam.second_step(grad_scaler=scaler)
         else:
-            sam.plain_step(zero_grad=True, grad_scaler=scaler)
+            sam.plain_step(grad_scaler=scaler)
         return loss.detach(), logits.detach()
 
     def epoch_start_metrics(self) -> dict:
