@@ -52,25 +52,26 @@ def gpu_check(monkeypatch):
     return gpu_check
 
 
-def test_repeatability_checks_can_fail(gpu_check, monkeypatch):
-    # a plan whose grads double before every norm: the norm and the perturbation change from call to call
+def broken_norms(gpu_check, monkeypatch, broken):
+    """Every plan gpu_check builds gets grad_norm = broken(plan, its real grad_norm); the smoke problems of one case."""
     real = gpu_check.kernels.create_plan
 
-    def drifting(*args, **kw):
+    def create_plan(*args, **kw):
         plan = real(*args, **kw)
-        norm = plan.grad_norm
-
-        def grad_norm():
-            for p in plan.params:
-                p.grad.mul_(2)
-            return norm()
-
-        plan.grad_norm = grad_norm
+        plan.grad_norm = broken(plan, plan.grad_norm)
         return plan
 
-    monkeypatch.setattr(gpu_check.kernels, "create_plan", drifting)
+    monkeypatch.setattr(gpu_check.kernels, "create_plan", create_plan)
     cpu = gpu_check.torch.device("cpu")
-    problems, _ = gpu_check.check_backend(lambda: gpu_check.make([(5,), (3, 4)], cpu), "triton", True, 0.0, False)
+    return gpu_check.check_backend(lambda: gpu_check.make([(5,), (3, 4)], cpu), "triton", True, 0.0, False)[0]
+
+
+def test_repeatability_checks_can_fail(gpu_check, monkeypatch):
+    # a plan whose grads double before every norm: the norm and the perturbation change from call to call
+    def drifting(plan, norm):
+        return lambda: ([p.grad.mul_(2) for p in plan.params], norm())[1]
+
+    problems = broken_norms(gpu_check, monkeypatch, drifting)
     assert "norm not bitwise repeatable" in problems
     assert "perturbation not bitwise repeatable" in problems
 
@@ -78,24 +79,12 @@ def test_repeatability_checks_can_fail(gpu_check, monkeypatch):
 def test_stale_norm_checks_can_fail(gpu_check, monkeypatch):
     # a plan whose norm is computed once and never written again, as with a norm kernel whose ticket counter is
     # never reset: repeating it on unchanged grads would agree; NaN-filling its result and doubling the grads do not
-    real = gpu_check.kernels.create_plan
+    def stale(plan, norm):
+        first = []
+        return lambda: first[0] if first else (first.append(norm()), first[0])[1]
 
-    def stale(*args, **kw):
-        plan = real(*args, **kw)
-        norm, first = plan.grad_norm, []
-
-        def grad_norm():
-            if not first:
-                first.append(norm())
-            return first[0]
-
-        plan.grad_norm = grad_norm
-        return plan
-
-    monkeypatch.setattr(gpu_check.kernels, "create_plan", stale)
-    cpu = gpu_check.torch.device("cpu")
-    problems, _ = gpu_check.check_backend(lambda: gpu_check.make([(5,), (3, 4)], cpu), "triton", True, 0.0, False)
+    problems = broken_norms(gpu_check, monkeypatch, stale)
     assert "norm not bitwise repeatable" in problems
     assert any(p.startswith("norm of a reused plan does not follow its grads") for p in problems), problems
-    rows, failed = gpu_check.check_stress(cpu, smoke=True)
+    rows, failed = gpu_check.check_stress(gpu_check.torch.device("cpu"), smoke=True)
     assert failed and "the doubled grads' norm is not 2x" in rows[0]
