@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -40,6 +39,10 @@ from datetime import datetime
 from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout without installing
+
+from ftsam_plugin.provenance import git_commit, machine, machine_short  # noqa: E402
+
 ARCHIVE = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.xz")
 ATTACKS = ("badnet", "blended")
 STALE_S = 3 * 3600  # an unfinished record untouched this long is reported as dead (never deleted)
@@ -361,7 +364,8 @@ def execute(mode: Mode, run: Run, record: str, data: str, cache: str, results: s
         "resumed": resume, "wall_s": wall, "threads": threads, "times": epoch_times(work), "rows": rows,
         "subset_size": len(index), "subset_sha256": hashlib.sha256(" ".join(index).encode()).hexdigest(),
         "log_tail": rho_log_lines(work),
-        "machine": machine_short(), "commit": commit(), "finished": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_short(threads), "provenance": machine(threads), "commit": git_commit(REPO),
+        "finished": datetime.now().isoformat(timespec="seconds"),
     }
     path = os.path.join(results, run.attack, run.tag + ".json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -410,20 +414,6 @@ def rho_log_lines(work: str) -> List[str]:
         with open(path) as handle:
             out += [line.rstrip() for line in handle if "rho auto" in line]
     return out
-
-
-def cpu_name() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return cpu
-
-
-def machine_short() -> str:
-    return f"{cpu_name()}, {os.cpu_count()} logical CPUs"
 
 
 def load_results(results: str) -> Dict[Tuple[str, str], dict]:
@@ -600,25 +590,6 @@ def profile_epoch(mode: Mode, record: str, data: str, cache: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def machine() -> str:
-    cpu = cpu_name()
-    import torch
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}; load average at "
-            f"report time {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (the machine was shared with other jobs)")
-
-
-def commit() -> str:
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain"], cwd=REPO, text=True).strip()
-        return head + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def pct(x: Optional[float]) -> str:
@@ -871,16 +842,20 @@ def chosen_rho(item: dict) -> Optional[float]:
     return rhos.pop() if len(rhos) == 1 else None
 
 
-def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str) -> None:
+def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str, running: bool = False) -> None:
+    """The report from the committed summaries in `results`; `running`: also unfinished runs as far as they got in
+    this machine's `cache` (for watching a study: such a report cannot be regenerated from the repository)."""
     from ftsam_plugin.metrics import der
 
     done = load_results(results)
     items: Dict[Tuple[str, str], dict] = {}
     for run in plan:
-        item = done.get((run.attack, run.tag)) or partial_item(mode, run, cache)
+        item = done.get((run.attack, run.tag)) or (partial_item(mode, run, cache) if running else None)
         if item is not None:
             items[(run.attack, run.tag)] = item
     n_done = sum(1 for run in plan if (run.attack, run.tag) in done)
+    unfinished = [f"{r.attack} `{r.tag}`" for r in plan if (r.attack, r.tag) not in done]
+    shown = "shown as far as they ran in this machine's cache" if running else "not shown"
     machines = sorted({i.get("machine") for i in done.values() if i.get("machine")})
     lines = [f"# FT vs FT-SAM on CPU ({mode.name} mode)", ""]
     if mode.name == "quick":
@@ -889,8 +864,8 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         f"- Command: `python benchmarks/defense_cpu.py{' --quick' if mode.name == 'quick' else ''}` (any number of "
         f"processes at once, each taking the next unclaimed run of the plan; `--report_only` rewrites this file "
         f"from the per-run summaries in `{os.path.relpath(results, REPO)}/`). {n_done}/{len(plan)} runs of the "
-        f"plan finished" + (", unfinished ones are marked." if n_done < len(plan) else "."),
-        f"- Written {datetime.now():%Y-%m-%d %H:%M} at commit {commit()}; runs on: {'; '.join(machines) or '–'}, "
+        f"plan finished" + ("." if not unfinished else f"; not finished ({shown}): {', '.join(unfinished)}."),
+        f"- Written {datetime.now():%Y-%m-%d %H:%M} at commit {git_commit(REPO)}; runs on: {'; '.join(machines) or '–'}, "
         f"torch threads per run: {sorted({i.get('threads') for i in done.values()}) or '–'}.",
         "- Data: real CIFAR-10 as JPEG q75 (`../shared/data/cifar10-jpeg.tar.xz`)"
         + (f", subset {mode.train_per_class}/{mode.test_per_class} images per class" if mode.train_per_class
@@ -901,7 +876,7 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         f"- Defenses: `ftsam defend` with the packaged CIFAR-10 config (SGD lr 0.01 cosine over the run, momentum "
         f"0.9, wd 5e-4, batch 256, label smoothing 0.1; FT-SAM: ASAM, eta 0), class-balanced {mode.ratio:g} clean "
         f"subset (2,500 images), clean-subset seed `--random_seed`, the same subset for FT and FT-SAM of a seed.",
-        "- ACC/ASR/RA in %, mean ± std over seeds where there are several; DER = [max(0, ΔASR) − max(0, ΔACC) + 1] "
+        "- ACC/ASR/RA in %, mean ± sample standard deviation over seeds where there are several; DER = [max(0, ΔASR) − max(0, ΔACC) + 1] "
         "/ 2 in %. s/epoch: mean wall seconds of a training epoch without evaluation, from the defense log (1 s "
         "resolution); wall: the whole run including evaluations. **Timings were taken on a shared 2-core machine** "
         "(two study processes of one thread each, plus other jobs): ratios between runs are indicative, absolute "
@@ -1065,7 +1040,10 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
               "`../shared/runs` README reports it for the AMD EPYC machines); across CPU types (AMD EPYC vs Intel "
               "Xeon with AVX-512) or thread counts they differ slightly: see the rerun under Provenance. The column "
               "`machine` says where each run was made.",
-              "- DER uses the backdoored model's numbers from the record's `attack_df.csv` (its last epoch).", ""]
+              "- DER uses the backdoored model's numbers from the record's `attack_df.csv` (its last epoch).",
+              "- Blended FT-SAM ρ=4 over 100 epochs (seed 0) is not in the sweep table: earlier versions of this "
+              "report showed it as far as it had run (epoch 50), read from a local cache that was never committed. "
+              "That setting is being run again with weight snapshots by `benchmarks/lasting.py` (issue 29).", ""]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as handle:
         handle.write("\n".join(lines))
@@ -1161,6 +1139,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="torch threads per defense (default 1: run one worker per core)")
     parser.add_argument("--profile", action="store_true", help="also profile one epoch of FT-SAM and FT")
     parser.add_argument("--report_only", action="store_true", help="rewrite the report from the summaries")
+    parser.add_argument("--show_running", action="store_true",
+                        help="also show unfinished runs as far as they got in --cache (not for a committed report: "
+                             "it cannot be regenerated from the repository)")
     parser.add_argument("--reproduce", metavar="ATTACK/TAG",
                         help="run a finished run of the plan again (e.g. one made outside the project, to have its "
                              "model here) and compare its per-epoch numbers with the committed summary")
@@ -1182,7 +1163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.profile:
             rec = os.path.join(cache, "record", record_name(mode, "blended"))
             profile_epoch(mode, rec, data, cache)
-    write_report(mode, plan, results, cache, out)
+    write_report(mode, plan, results, cache, out, running=args.show_running)
     log(f"report: {out}")
     return 0
 

@@ -1,6 +1,7 @@
 """Why FT and FT-SAM first destroyed the demo's model at the old demo setting (lr 0.01, issue 18): a diagnosis.
 
-    .venv/bin/python benchmarks/demo_collapse.py      # ~2 min, one thread; writes benchmarks/results/demo_collapse.md
+    .venv/bin/python benchmarks/demo_collapse.py                  # ~2 min, one thread: measure, then the report
+    .venv/bin/python benchmarks/demo_collapse.py --report_only    # the report from benchmarks/results/demo_collapse.json
 
 On the demo sweep's seed-0 record (made by `benchmarks/demo_sweep.py`; made here if missing), one thread:
   1. the backdoored model's clean ACC in eval mode, and after re-estimating its BatchNorm statistics on the clean
@@ -8,11 +9,15 @@ On the demo sweep's seed-0 record (made by `benchmarks/demo_sweep.py`; made here
   2. two epochs of FT (`ftsam defend` through the demo's `run_defense`) at several settings, then the clean ACC
      in eval mode (running statistics), in train mode (each test batch's own statistics) and after re-estimating
      BN on the defense's clean subset, plus the relative weight change ||w - w0|| / ||w0||.
+The measurements go to benchmarks/results/demo_collapse.json (with the commit and machine); demo_collapse.md is
+generated from that file alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import os
 import shutil
 import sys
@@ -20,9 +25,16 @@ from datetime import datetime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# (label, clean ratio, batch, lr, momentum): the old demo default first, then the new one and the levers
+sys.path.insert(0, REPO)  # run from a checkout without installing
+
+from ftsam_plugin.provenance import git_commit, machine, machine_short  # noqa: E402
+
+DATA = os.path.join(REPO, "benchmarks", "results", "demo_collapse.json")
+REPORT = os.path.join(REPO, "benchmarks", "results", "demo_collapse.md")
+# (label, clean ratio, batch, lr, momentum): the old demo default first, then the levers (lr 0.003 was the next
+# default for a while; today's is lr 0.002, see ftsam_plugin/demo.py)
 SETTINGS = (("old demo default", 0.1, 32, 0.01, 0.9), ("momentum 0", 0.1, 32, 0.01, 0.0),
-            ("lr 0.003, ratio 0.2 (new default)", 0.2, 32, 0.003, 0.9), ("lr 0.001", 0.1, 32, 0.001, 0.9))
+            ("lr 0.003, ratio 0.2", 0.2, 32, 0.003, 0.9), ("lr 0.001", 0.1, 32, 0.001, 0.9))
 EPOCHS = 2
 
 
@@ -57,7 +69,8 @@ def recalibrated(model, dataset):
     return model
 
 
-def main() -> int:
+def measure() -> dict:
+    """The diagnosis on the sweep's seed-0 record: the data file's content."""
     import torch
     from torch.utils.data import Subset
 
@@ -80,39 +93,73 @@ def main() -> int:
     base, test = loaded["model"], loaded["clean_test"]
     raw = raw_dataset(loaded["clean_train"])
     test_tf = get_transform(loaded["clean_data"], train=False, img_size=loaded.get("img_size"))
-    lines = ["# Why the demo's defenses first destroyed the model at lr 0.01", "",
-             f"- Command: `.venv/bin/python benchmarks/demo_collapse.py` (one thread), written "
-             f"{datetime.now():%Y-%m-%d %H:%M}", "- Record: the demo sweep's seed-0 record (offline digits, Blended, "
-             "PreAct-ResNet18 width 0.25, 15 epochs, 10% poison); clean test set of 364 images.", "",
-             "## The backdoored model", "",
-             f"- clean ACC, eval mode (its running BN statistics): {100 * clean_acc(base, test):.1f}%",
-             f"- after re-estimating BN on the 1,433 clean training images only: "
-             f"{100 * clean_acc(recalibrated(base, TransformDataset(raw, test_tf)), test):.1f}%", "",
-             f"## {EPOCHS} epochs of FT, then", "",
-             "| setting | ratio | batch | lr | momentum | ACC epoch 1 | ACC epoch 2, eval mode | train mode (batch "
-             "statistics) | BN re-estimated on the clean subset | ‖w − w0‖ / ‖w0‖ |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    out = {"source": "measured by benchmarks/demo_collapse.py", "when": f"{datetime.now():%Y-%m-%d %H:%M}",
+           "commit": git_commit(REPO), "machine": machine(1), "machine_text": machine_short(1),
+           "clean_test": len(test), "clean_train": len(raw), "epochs": EPOCHS,
+           "backdoored": {"eval_acc": clean_acc(base, test),
+                          "bn_reestimated_acc": clean_acc(recalibrated(base, TransformDataset(raw, test_tf)), test)},
+           "settings": []}
     for label, ratio, batch, lr, momentum in SETTINGS:
         shutil.rmtree(os.path.join(record, "defense"), ignore_errors=True)
-        out = demo.run_defense("ft-baseline", record, EPOCHS, ratio, None, "cpu", 0, eval_every=1, batch_size=batch,
+        run = demo.run_defense("ft-baseline", record, EPOCHS, ratio, None, "cpu", 0, eval_every=1, batch_size=batch,
                                lr=lr, extra=["--sgd_momentum", str(momentum)])
-        model = load_defense_model(out["result"], loaded, "cpu")
-        folder = os.path.dirname(out["result"])
+        model = load_defense_model(run["result"], loaded, "cpu")
+        folder = os.path.dirname(run["result"])
         index = [int(i) for i in open(os.path.join(folder, "log", "index.txt")).read().split()]
         subset = TransformDataset(Subset(raw, index), test_tf)
         change = (sum(float((p - q).pow(2).sum()) for p, q in zip(model.parameters(), base.parameters()))
                   / sum(float(q.pow(2).sum()) for q in base.parameters())) ** 0.5
-        acc1 = out["curve"][0]["test_acc"]
-        lines.append(f"| {label} | {ratio:g} | {batch} | {lr:g} | {momentum:g} | {100 * acc1:.1f} | "
-                     f"{100 * clean_acc(model, test):.1f} | {100 * clean_acc(copy.deepcopy(model), test, True):.1f} | "
-                     f"{100 * clean_acc(recalibrated(model, subset), test):.1f} | {change:.4f} |")
-        print(lines[-1], flush=True)
+        out["settings"].append({"label": label, "ratio": ratio, "batch": batch, "lr": lr, "momentum": momentum,
+                                "acc_epoch1": run["curve"][0]["test_acc"], "acc_eval": clean_acc(model, test),
+                                "acc_train_mode": clean_acc(copy.deepcopy(model), test, True),
+                                "acc_bn_reestimated": clean_acc(recalibrated(model, subset), test),
+                                "weight_change": change})
+        print(out["settings"][-1], flush=True)
     shutil.rmtree(os.path.join(record, "defense"), ignore_errors=True)
-    path = os.path.join(REPO, "benchmarks", "results", "demo_collapse.md")
-    with open(path + ".tmp", "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
-    print(f"report: {path}")
+    return out
+
+
+def render(data: dict) -> str:
+    """The report, from the data file alone."""
+    bd = data["backdoored"]
+    lines = ["# Why the demo's defenses first destroyed the model at lr 0.01", "",
+             "- Generated by `benchmarks/demo_collapse.py --report_only` from [`demo_collapse.json`](demo_collapse.json)"
+             f"; source: {data['source']}; measured {data['when']}, commit {data['commit']}, machine: "
+             f"{data['machine_text']}.",
+             "- Record: the demo sweep's seed-0 record (offline digits, Blended, PreAct-ResNet18 width 0.25, 15 epochs, "
+             f"10% poison); clean test set of {data['clean_test']} images.", "",
+             "## The backdoored model", "",
+             f"- clean ACC, eval mode (its running BN statistics): {100 * bd['eval_acc']:.1f}%",
+             f"- after re-estimating BN on the {data['clean_train']:,} clean training images only: "
+             f"{100 * bd['bn_reestimated_acc']:.1f}%", "",
+             f"## {data['epochs']} epochs of FT, then", "",
+             "| setting | ratio | batch | lr | momentum | ACC epoch 1 | ACC epoch 2, eval mode | train mode (batch "
+             "statistics) | BN re-estimated on the clean subset | ‖w − w0‖ / ‖w0‖ |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["settings"]:
+        lines.append(f"| {r['label']} | {r['ratio']:g} | {r['batch']} | {r['lr']:g} | {r['momentum']:g} | "
+                     f"{100 * r['acc_epoch1']:.1f} | {100 * r['acc_eval']:.1f} | {100 * r['acc_train_mode']:.1f} | "
+                     f"{100 * r['acc_bn_reestimated']:.1f} | {r['weight_change']:.4f} |")
+    return "\n".join(lines + data.get("notes", [])) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report_only", action="store_true", help="rewrite the report from its data file")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        with open(DATA) as handle:
+            data = json.load(handle)
+    else:
+        data = measure()
+        with open(DATA + ".tmp", "w") as handle:
+            json.dump(data, handle, indent=1, ensure_ascii=False)
+            handle.write("\n")
+        os.replace(DATA + ".tmp", DATA)
+    with open(REPORT + ".tmp", "w") as handle:
+        handle.write(render(data))
+    os.replace(REPORT + ".tmp", REPORT)
+    print(f"report: {REPORT}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Choose `ftsam demo`'s defense settings on its offline data (scikit-learn digits), then check them on unseen seeds.
+"""Choose `ftsam demo`'s defense settings on its offline data (scikit-learn digits): seeds 0-4 choose, seeds 5-9 gate.
 
     nice -n 10 .venv/bin/python benchmarks/demo_sweep.py            # resumable; writes benchmarks/results/demo_sweep.md
     .venv/bin/python benchmarks/demo_sweep.py --report_only         # rewrite the report from the run files
@@ -8,12 +8,17 @@ Three stages, each a grid of (setting, rhos) per seed; a setting is (clean ratio
      the model, see the report);
   2. CANDIDATES, selection seeds 0-4: the settings the exploration left; the default is chosen from these seeds
      only (the demo's acceptance rule, below) and written into `ftsam_plugin/demo.py` (DEFAULTS);
-  3. the chosen default (read from demo.DEFAULTS), held-out seeds 5-9, which the choice never saw.
+  3. held-out seeds 5-9: they rank no settings, but gate three picks in turn (the pick without a time limit, then the
+     picks within the 3-minute budget, `BUDGET_PICKS`, in the rule's order), each checked knowing the earlier picks'
+     results; the default (demo.DEFAULTS) is the first 3-minute pick that passed there. So they took part in the
+     choice as a gate; they are not an untouched test set.
 For each seed: the demo's attack (its code and defaults: Blended, PreAct-ResNet18 width 0.25, 15 epochs, 10%
 poison, target 0), then FT and FT-SAM with the demo's own `run_defense` (the real `ftsam defend` pipeline). Each
 finished run's summary (final metrics and per-epoch curve) is a small JSON under benchmarks/results/demo_sweep_runs/
-(committed): a re-run skips what is there. One torch thread, like the demo (so a demo run at seed s prints the
-same numbers as the sweep's row for seed s).
+(committed; runs made from now on also record the CPU model, torch version and thread count): a re-run skips what is
+there. One torch thread, like the demo. A seed's numbers are the same only on the same CPU type, thread count and code
+(the committed runs: an Intel Xeon, before evaluation had its own random generator, 7905b10); the claim is the mean
+over seeds.
 
 Acceptance rule (issue 18): on >= 4 of 5 seeds FT-SAM's ASR is below FT's with clean accuracy within 3 points of
 FT's, and FT's mean ASR is >= 20% (FT must actually fail).
@@ -32,6 +37,10 @@ from datetime import datetime
 from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout without installing
+
+from ftsam_plugin.provenance import git_commit, machine  # noqa: E402
+
 SELECTION_SEEDS = (0, 1, 2, 3, 4)
 HELD_OUT_SEEDS = (5, 6, 7, 8, 9)
 ATTACK = "blended"
@@ -125,6 +134,7 @@ def sweep(results: str, cache: str, seeds: Sequence[int]) -> None:
                             False)
             write_json(os.path.join(results, f"{ATTACK}_s{seed}_attack.json"),
                        {"attack": ATTACK, "seed": seed, "seconds": time.perf_counter() - start, "threads": 1,
+                        "machine": machine(1), "commit": git_commit(REPO),
                         **demo._last_row(os.path.join(record, "attack_df.csv"))})
         for defense, setting, rho in todo:
             key = run_key(seed, defense, setting, rho)
@@ -136,7 +146,18 @@ def sweep(results: str, cache: str, seeds: Sequence[int]) -> None:
             out.pop("result")
             write_json(os.path.join(results, key + ".json"),
                        {"key": key, "attack": ATTACK, "seed": seed, "defense": defense, "ratio": ratio,
-                        "epochs": epochs, "batch_size": batch, "lr": lr, "rho_setting": rho, "threads": 1, **out})
+                        "epochs": epochs, "batch_size": batch, "lr": lr, "rho_setting": rho, "threads": 1,
+                        "machine": machine(1), "commit": git_commit(REPO), **out})
+
+
+def machines_line(runs: Dict[str, dict]) -> str:
+    """Where the run files were made: the machines they record, and how many record none."""
+    named = sorted({f"{r['machine']['cpu']}, torch {r['machine']['torch']}" for r in runs.values() if r.get("machine")})
+    unnamed = sum(1 for r in runs.values() if not r.get("machine"))
+    return ("Runs made on: " + "; ".join(named) + ". " if named else "") + (
+        f"{unnamed} run files record no machine: they were made on 2026-12-03 by the session whose CPU-study runs "
+        "record an Intel Xeon (this project's machine then), before evaluation had its own random generator "
+        "(7905b10)." if unnamed else "")
 
 
 def load(results: str) -> Dict[str, dict]:
@@ -149,11 +170,11 @@ def load(results: str) -> Dict[str, dict]:
 
 
 def mean_std(values: List[float]) -> str:
+    """'mean ± sample std' in percent; one value alone (no spread to give)."""
     if not values:
         return "–"
     m = 100 * statistics.mean(values)
-    s = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.1f} ± {s:.1f}"
+    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
 
 
 def compare(runs: Dict[str, dict], setting: Setting, rho: str, seeds: Sequence[int]) -> Optional[dict]:
@@ -185,7 +206,8 @@ def table(rows: List[dict], seeds: Sequence[int]) -> List[str]:
     for r in rows:
         ratio, epochs, batch, lr = r["setting"]
         for seed, ft, sam in r["pairs"]:
-            lines.append(f"- ratio {ratio:g}, lr {lr:g}, ρ {r['rho']}, seed {seed}: FT {100 * ft['test_acc']:.1f} / "
+            lines.append(f"- ratio {ratio:g}, {epochs} epochs, batch {batch}, lr {lr:g}, ρ {r['rho']}, seed {seed}: "
+                         f"FT {100 * ft['test_acc']:.1f} / "
                          f"{100 * ft['test_asr']:.1f}, FT-SAM {100 * sam['test_acc']:.1f} / {100 * sam['test_asr']:.1f}")
     return lines
 
@@ -227,10 +249,12 @@ def report(results: str, out: str) -> None:
     runs = load(results)
     setting, rho = chosen()
     atk = [runs[k] for k in runs if k.endswith("_attack")]
-    lines = ["# `ftsam demo`: choosing its settings on the offline data, checked on unseen seeds", "",
+    lines = ["# `ftsam demo`: its settings chosen on seeds 0–4 of the offline data; seeds 5–9 gated three picks in "
+             "turn", "",
              "- Command: `nice -n 10 .venv/bin/python benchmarks/demo_sweep.py` (resumable; per-run JSON in "
              "[`demo_sweep_runs/`](demo_sweep_runs/); `--report_only` rewrites this file)",
-             f"- Written {datetime.now():%Y-%m-%d %H:%M}; {len(runs)} run files; one torch thread, as the demo",
+             f"- Written {datetime.now():%Y-%m-%d %H:%M}; {len(runs)} run files; one torch thread, as the demo. "
+             + machines_line(runs),
              "- Data: scikit-learn's digits (1,797 real 8×8 handwritten digits upscaled to 32×32 RGB; 1,433 train / "
              "364 test), what a machine without network gets.",
              "- Attack: the demo's (Blended, PreAct-ResNet18 width 0.25, 15 epochs, 10% poison, all-to-one target 0), "
@@ -241,8 +265,9 @@ def report(results: str, out: str) -> None:
              f"- Backdoored models, seeds 0–9 ({len(atk)} finished): ACC {mean_std([a['test_acc'] for a in atk])}, "
              f"ASR {mean_std([a['test_asr'] for a in atk])}.",
              "- A setting **passes** when on ≥ 4 of 5 seeds FT-SAM's ASR is below FT's with clean accuracy within 3 "
-             "points of FT's, and FT's mean ASR is ≥ 20% (FT must fail). ACC/ASR in %, mean ± sample std over "
-             "seeds; s = mean wall seconds of FT + FT-SAM (one thread, machine shared with other jobs).", ""]
+             "points of FT's, and FT's mean ASR is ≥ 20% (FT must fail). ACC/ASR in %, mean ± sample standard "
+             "deviation over seeds (a single seed: its value); s = mean wall seconds of FT + FT-SAM (one thread, "
+             "machine shared with other jobs).", ""]
     lines += ["## 1. Exploration (seed 0) and selection (seeds 0–4)", "",
               "The picks come from this table only: of the passing settings, the lowest mean FT-SAM ASR; then the "
               f"same within the 3-minute budget (FT-SAM work ≤ {WORK_BUDGET:,} image-epochs, see `WORK_BUDGET`).",
@@ -256,8 +281,8 @@ def report(results: str, out: str) -> None:
               + "; ".join(describe_setting(*x) for x in budgeted)
               + (" (`BUDGET_PICKS`)." if budgeted == list(BUDGET_PICKS) else " — `BUDGET_PICKS` differs: update it."), ""]
     lines += ["## 2. The picks on held-out seeds 5–9, in the order they were checked", "",
-              "These seeds never ranked settings; they checked one pick after another (the first without a time "
-              "limit, then the picks within the 3-minute budget in the rule's order), each knowing the earlier ones' "
+              "These seeds ranked no settings; they gated three picks in turn (the first without a time limit, then "
+              "the picks within the 3-minute budget in the rule's order), each checked knowing the earlier picks' "
               "results, and the default is the first 3-minute pick that passed here: as a gate, they took part in "
               "the choice.", ""]
     checked = [(x, held) for x in [first[0]] + list(BUDGET_PICKS) if (held := compare(runs, *x, HELD_OUT_SEEDS))]

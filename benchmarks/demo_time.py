@@ -82,7 +82,7 @@ def measure(args: argparse.Namespace) -> dict:
                              label=f"{k + 1}" + (" (empty cache)" if k == 0 else "")))
             print(f"run {k + 1}: {runs[-1]['wall_s']:.1f} s wall", flush=True)
     threads = int(flags[flags.index("--threads") + 1]) if "--threads" in flags else 1
-    return {"source": "measured by benchmarks/demo_time.py", "command": "ftsam demo --offline " + " ".join(flags),
+    return {"source": "measured by benchmarks/demo_time.py", "command": " ".join(["ftsam demo --offline", *flags]),
             "when": datetime.now().isoformat(timespec="minutes"), "commit": git_commit(REPO),
             "machine": machine(threads), "machine_text": machine_short(threads) + " per process",
             "note": args.note, "runs": runs}
@@ -112,9 +112,10 @@ def session_lines(s: dict) -> List[str]:
         cells += [f"{r['load_before']:.2f} / {r['load_after']:.2f}"] if has_load else []
         lines.append("| " + " | ".join(cells) + " |")
     tables = [r["table"] for r in s["runs"]]
-    lines += ["", "What it printed" + (" (every run the same)" if all(t == tables[0] for t in tables) else
+    same = all(t == tables[0] for t in tables)
+    lines += ["", "What it printed" + ("" if len(tables) == 1 else " (every run the same)" if same else
                                        " (runs differ: each shown)") + ", percent:", ""]
-    for t in (tables[:1] if all(t == tables[0] for t in tables) else tables):
+    for t in (tables[:1] if same else tables):
         columns = s.get("columns", ["ACC", "ASR", "RA", "DER", "P-ASR", "time"])
         lines += ["| defense | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
         lines += [f"| {row} | " + " | ".join(cells) + " |" for row, cells in t.items()] + [""]

@@ -22,10 +22,13 @@ import shutil
 import statistics
 import sys
 from datetime import datetime
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import defense_cpu as study  # noqa: E402  (the study's record, data and run helpers)
+
+sys.path.insert(0, study.REPO)  # run from a checkout without installing
+from ftsam_plugin.provenance import git_commit, machine, machine_short  # noqa: E402
 
 # kind of epoch -> the FT-SAM flags that make it (None: plain FT)
 KINDS: Dict[str, Tuple[str, dict]] = {
@@ -68,8 +71,11 @@ def measure(kind: str, rnd: int, epochs: int, record: str, data: str, cache: str
 
 def report(items: List[dict], args: argparse.Namespace, out: str, made: Optional[dict] = None) -> None:
     """The report and its JSON; `made`: the commit and machine of the runs (a report rewritten later keeps them)."""
-    made = made or {"commit": study.commit(), "machine": study.machine(), "finished": datetime.now().isoformat(
-        timespec="seconds")}
+    load = os.getloadavg()
+    made = made or {"commit": git_commit(study.REPO), "provenance": machine(args.threads),
+                    "machine": f"{machine_short(args.threads)}; load average at the end {load[0]:.1f} / {load[1]:.1f} "
+                               f"/ {load[2]:.1f} (the machine was shared with other jobs)",
+                    "finished": datetime.now().isoformat(timespec="seconds")}
     per_kind = {k: [s for i in items if i["kind"] == k for s in i["epochs_s"]] for k in KINDS}
     med = {k: statistics.median(v) for k, v in per_kind.items() if v}
     evaluation = statistics.median(i["eval_s"] for i in items)
@@ -112,7 +118,7 @@ def report(items: List[dict], args: argparse.Namespace, out: str, made: Optional
     study.log(f"report: {out}")
 
 
-def main() -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per process (default 2)")
@@ -121,12 +127,13 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(study.REPO, "benchmarks", "results", "schedule_cost.md"))
     parser.add_argument("--report_only", action="store_true", help="rewrite the report from its JSON (no runs)")
     parser.add_argument("--load_note", default="", help="what else ran on the machine meanwhile (for the report)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.report_only:
         with open(os.path.splitext(args.out)[0] + ".json") as handle:
             saved = json.load(handle)
-        made = {k: saved[k] for k in ("commit", "machine", "finished") if k in saved}
-        report(saved["items"], argparse.Namespace(**saved["args"]), args.out, made if len(made) == 3 else None)
+        made = {k: saved[k] for k in ("commit", "machine", "finished", "provenance") if k in saved}
+        complete = all(k in made for k in ("commit", "machine", "finished"))
+        report(saved["items"], argparse.Namespace(**saved["args"]), args.out, made if complete else None)
         return 0
     cache = os.path.abspath(args.cache)
     record = os.path.join(cache, "record", study.record_name(study.MODES["full"], "blended"))

@@ -15,7 +15,9 @@ Steps (each cached under --cache, default benchmarks/.cache/vs_reference):
      separately (perf_counter around the epoch's training call and the evaluation call), and keeps the metrics;
   4. the last round's two runs under cProfile (training and evaluation profiled apart, both sides alike),
      summarised: where each side spends an epoch;
-  5. benchmarks/results/vs_reference.md, rewritten after every run.
+  5. benchmarks/results/vs_reference.json (settings, machine, every run's per-epoch times and metrics, the profile
+     rows) and benchmarks/results/vs_reference.md generated from it, rewritten after every run; `--report_only`
+     rewrites the report from the JSON alone.
 
 The reference runs through `reference` below, in a subprocess with BackdoorBench's root on PYTHONPATH and that
 root's data layout (record/ and data/ under the cache): it loads defense/ft-sam.py by path, turns off
@@ -44,7 +46,12 @@ from typing import Dict, List, Optional
 from defense_cpu import log, quick_subset, unpack  # same folder: run as a script, benchmarks/ is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout without installing
+
+from ftsam_plugin.provenance import git_commit, machine, machine_short  # noqa: E402
+
 RESULTS = os.path.join(REPO, "benchmarks", "results", "vs_reference.md")
+DATA = os.path.join(REPO, "benchmarks", "results", "vs_reference.json")
 ARMS = ("reference", "ours-backdoorbench", "ours-default")
 
 
@@ -269,103 +276,152 @@ def profile_rows(prefix: str) -> List[tuple]:
     return rows
 
 
-def eval_images(opts) -> Dict[str, int]:
+def eval_images(test_per_class: int) -> Dict[str, int]:
     """Test images one evaluation passes over: the reference runs clean, poisoned and RA test sets apart (10 + 9 + 9
     images per --test_per_class), ours clean and poisoned once, reading ASR and RA off the same pass (10 + 9)."""
-    return {"reference": 28 * opts.test_per_class, "ours-backdoorbench": 19 * opts.test_per_class,
-            "ours-default": 19 * opts.test_per_class}
+    return {"reference": 28 * test_per_class, "ours-backdoorbench": 19 * test_per_class,
+            "ours-default": 19 * test_per_class}
 
 
-def write_report(opts, name: str, runs: List[dict]) -> None:
-    timed = runs
-    clean = len(runs[0]["index"]) if runs else round(opts.ratio * 10 * opts.train_per_class)
-    steps = -(-clean // opts.batch_size)
-    images = eval_images(opts)
+def run_summary(r: dict) -> dict:
+    """One run's row of the report from its raw per-epoch times and metrics: epoch 1 apart (first-call costs), the
+    mean of epochs 2.. (of all epochs when there is one), the process wall time, the last evaluation."""
+    tr, ev = r["times"]["train"], r["times"]["eval"]
+    last = r["metrics"][-1]
+    return {"tag": r["tag"], "arm": r["arm"], "profile": r["profile"], "epochs": len(tr),
+            "train_rest": mean(tr[1:] or tr), "eval_rest": mean(ev[1:] or ev),
+            "train_eval_rest": mean(tr[1:] or tr) + mean(ev[1:] or ev), "train_first": tr[0],
+            "eval_first": ev[0], "wall": r["wall"], "final": {k: last[k] for k in ("test_acc", "test_asr", "test_ra")},
+            "times": r["times"], "subset_size": len(r["index"]), "cmd": r["cmd"]}
+
+
+def derive(rows: List[dict]) -> dict:
+    """Per arm: the mean train and eval seconds per epoch (2..) over its runs' epochs, and the final ACC/ASR of each."""
+    arms: Dict[str, dict] = {}
+    for r in rows:
+        a = arms.setdefault(r["arm"], {"train": [], "eval": [], "acc": [], "asr": []})
+        n = max(r["epochs"] - 1, 1)  # the epochs each run's mean is over
+        a["train"] += [r["train_rest"]] * n
+        a["eval"] += [r["eval_rest"]] * n
+        a["acc"].append(r["final"]["test_acc"])
+        a["asr"].append(r["final"]["test_asr"])
+    return {arm: {"train": mean(a["train"]), "eval": mean(a["eval"]), "train_eval": mean(a["train"]) + mean(a["eval"]),
+                  "acc": a["acc"], "asr": a["asr"]} for arm, a in arms.items()}
+
+
+def ratios(arms: dict, images: Dict[str, int]) -> Optional[dict]:
+    """Reference / ours (--protocol backdoorbench): training, evaluation, whole epoch, as run and per image."""
+    ref, mine = arms.get("reference"), arms.get("ours-backdoorbench")
+    if not (ref and mine):
+        return None
+    r_tr, r_ev, o_tr, o_ev = ref["train"], ref["eval"], mine["train"], mine["eval"]
+    n_ref, n_ours = images["reference"], images["ours-backdoorbench"]
+    return {"train": r_tr / o_tr, "eval": r_ev / o_ev, "epoch": (r_tr + r_ev) / (o_tr + o_ev),
+            "eval_per_image": (r_ev / n_ref) / (o_ev / n_ours),
+            "epoch_equal_work": (r_tr + r_ev * n_ours / n_ref) / (o_tr + o_ev)}
+
+
+def measured_data(opts, name: str, runs: List[dict]) -> dict:
+    """The data file of a run of this script: settings, machine, each run's raw times and its row, the profile."""
+    rows = [run_summary(r) for r in runs]
+    subsets = {r["arm"]: r["index"] for r in runs}
+    profile = [{"arm": r["arm"], "phase": ph, "what": what, "s": sec} for r in runs if r["profile"]
+               for ph, what, sec in profile_rows(os.path.join(opts.cache, "runs", r["tag"], "times.json"))]
+    return {"source": "measured by benchmarks/vs_reference.py", "when": f"{datetime.now():%Y-%m-%d %H:%M}",
+            "commit": git_commit(REPO), "machine": machine(opts.threads),
+            "machine_text": f"{machine_short(opts.threads)}, nice {os.nice(0)}; other jobs may share the cores "
+                            "(absolute seconds are noisy, the alternating order keeps the comparison fair)",
+            "record": name, "settings": {k: getattr(opts, k) for k in SETTINGS}, "runs": rows,
+            "subset_identical": (subsets["reference"] == subsets["ours-backdoorbench"]
+                                 if "reference" in subsets and "ours-backdoorbench" in subsets else None),
+            "profile": profile, "notes": opts.notes or "(filled in by hand after the run)"}
+
+
+SETTINGS = ("train_per_class", "test_per_class", "attack_epochs", "epochs", "rounds", "ratio", "batch_size", "seed",
+            "threads")
+
+
+def render(data: dict) -> str:
+    """The report, from the data file alone. A recovered session carries the per-arm means and ratios as its report
+    printed them (computed then from unrounded times); a measured one has them computed here from its runs."""
+    st = data["settings"]
+    rows = data["runs"]
+    images = eval_images(st["test_per_class"])
+    clean = rows[0]["subset_size"] if rows else round(st["ratio"] * 10 * st["train_per_class"])
+    steps = -(-clean // st["batch_size"])
+    arms = data.get("recovered_arms") or derive(rows)
+    rat = data.get("recovered_ratios") or ratios(arms, images)
     lines = [
-        "# FT-SAM vs BackdoorBench's own defense/ft-sam.py on CPU",
-        "",
-        f"Written by `benchmarks/vs_reference.py` on {datetime.now():%Y-%m-%d %H:%M}; every number below is measured "
-        f"in this run. Machine: {os.cpu_count()} shared cores (other jobs ran at the same time: absolute seconds "
-        f"are noisy, the alternating order is what keeps the comparison fair), torch threads {opts.threads}, "
-        f"nice {os.nice(0)}.",
-        "",
-        "## What was run",
-        "",
-        f"- Data: real CIFAR-10 (../shared JPEG copy), the first {opts.train_per_class} train and "
-        f"{opts.test_per_class} test images of each class ({10 * opts.train_per_class} / {10 * opts.test_per_class}).",
-        f"- Record `{name}`: `ftsam attack` BadNets (10% poison, target 0), full-width PreAct-ResNet18, "
-        f"{opts.attack_epochs} epochs, batch 128.",
-        f"- Defense: {opts.epochs} epochs, clean ratio {opts.ratio} (class-balanced choose_by_class draw, seed "
-        f"{opts.seed}; {clean} images, {steps} optimizer steps per epoch), batch {opts.batch_size}, lr 0.01, ASAM rho 2, label smoothing 0.1, evaluation after every epoch on both "
-        f"sides, num_workers 0. {opts.rounds} rounds alternating reference / ours; each run a fresh process.",
+        "# FT-SAM vs BackdoorBench's own defense/ft-sam.py on CPU", "",
+        f"Generated by `benchmarks/vs_reference.py --report_only` from [`vs_reference.json`](vs_reference.json). "
+        f"Source: {data['source']}. Measured {data['when']} at commit {data['commit']}; machine: "
+        f"{data['machine_text']}.", "",
+        "## What was run", "",
+        f"- Data: real CIFAR-10 (../shared JPEG copy), the first {st['train_per_class']} train and "
+        f"{st['test_per_class']} test images of each class ({10 * st['train_per_class']} / {10 * st['test_per_class']}).",
+        f"- Record `{data['record']}`: `ftsam attack` BadNets (10% poison, target 0), full-width PreAct-ResNet18, "
+        f"{st['attack_epochs']} epoch(s), batch 128.",
+        f"- Defense: {st['epochs']} epochs, clean ratio {st['ratio']} (class-balanced choose_by_class draw, seed "
+        f"{st['seed']}; {clean} images, {steps} optimizer steps per epoch), batch {st['batch_size']}, lr 0.01, ASAM "
+        f"rho 2, label smoothing 0.1, evaluation after every epoch on both sides, num_workers 0. {st['rounds']} rounds "
+        "alternating reference / ours; each run a fresh process.",
         "- Reference: BackdoorBench `defense/ft-sam.py` (main @ f02e353) with its `config/defense/ft-sam/cifar10.yaml`, "
         "run by this script's `_reference` wrapper (md5 check off, timers on; algorithm untouched).",
         "- Ours: `ftsam defend --defense ftsam --protocol backdoorbench --yaml_path cifar10 --eval_every 1` "
-        "(and once with our default protocol, `fixed`).",
-        "",
-        "Commands (as run, relative to the cache folder):",
-        "",
-    ]
+        "(and once with our default protocol, `fixed`).", "",
+        "Commands (as run, relative to the cache folder):", ""]
     for arm in ARMS:
-        first = next((r for r in runs if r["arm"] == arm), None)
+        first = next((r for r in rows if r["arm"] == arm and r.get("cmd")), None)
         if first:
-            lines.append(f"- {arm}: `{os.path.basename(sys.executable)} benchmarks/vs_reference.py {first['cmd']}`")
+            lines.append(f"- {arm}: `python benchmarks/vs_reference.py {first['cmd']}`")
     lines += ["", "## Per epoch (seconds; epoch 1 is shown apart: it includes first-call costs)", "",
               "| run | epochs | train s/epoch (2..) | eval s/epoch (2..) | train+eval s/epoch (2..) | epoch 1 train / eval "
               "| process wall s | final ACC | final ASR | final RA |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    per_arm: Dict[str, Dict[str, List[float]]] = {}
-    for r in timed:
-        tr, ev = r["times"]["train"], r["times"]["eval"]
-        last = r["metrics"][-1]
-        rest_tr, rest_ev = tr[1:] or tr, ev[1:] or ev
-        acc = per_arm.setdefault(r["arm"], {"train": [], "eval": [], "acc": [], "asr": []})
-        acc["train"] += rest_tr
-        acc["eval"] += rest_ev
-        acc["acc"].append(last["test_acc"])
-        acc["asr"].append(last["test_asr"])
-        lines.append(f"| {r['tag']} ({r['arm']}{', profiled' if r['profile'] else ''}) | {len(tr)} | {mean(rest_tr):.1f} | {mean(rest_ev):.1f} | "
-                     f"{mean(rest_tr) + mean(rest_ev):.1f} | {tr[0]:.1f} / {ev[0]:.1f} | {r['wall']:.0f} | "
-                     f"{last['test_acc']:.4f} | {last['test_asr']:.4f} | {last['test_ra']:.4f} |")
+    for r in rows:
+        f = r["final"]
+        lines.append(f"| {r['tag']} ({r['arm']}{', profiled' if r['profile'] else ''}) | {r['epochs']} | "
+                     f"{r['train_rest']:.1f} | {r['eval_rest']:.1f} | {r['train_eval_rest']:.1f} | "
+                     f"{r['train_first']:.1f} / {r['eval_first']:.1f} | {r['wall']:.0f} | {f['test_acc']:.4f} | "
+                     f"{f['test_asr']:.4f} | {f['test_ra']:.4f} |")
     lines += ["", "## Side by side (means over all timed runs, epochs 2..)", "",
               "| | train s/epoch | eval s/epoch | train+eval s/epoch | final ACC (runs) | final ASR (runs) |",
               "|---|---|---|---|---|---|"]
-    for arm, acc in per_arm.items():
-        lines.append(f"| {arm} | {mean(acc['train']):.1f} | {mean(acc['eval']):.1f} | "
-                     f"{mean(acc['train']) + mean(acc['eval']):.1f} | "
-                     f"{', '.join(f'{v:.4f}' for v in acc['acc'])} | {', '.join(f'{v:.4f}' for v in acc['asr'])} |")
-    ref, mine = per_arm.get("reference"), per_arm.get("ours-backdoorbench")
-    if ref and mine:
-        r_tr, r_ev, o_tr, o_ev = (mean(ref["train"]), mean(ref["eval"]), mean(mine["train"]), mean(mine["eval"]))
-        lines += ["", f"Reference / ours (--protocol backdoorbench): training {r_tr / o_tr:.2f}x, evaluation "
-                      f"{r_ev / o_ev:.2f}x, whole epoch {(r_tr + r_ev) / (o_tr + o_ev):.2f}x "
-                      f"(target: >= 1.5x for the whole epoch).",
-                  "",
-                  f"The two sides do not evaluate the same work: the reference passes over "
-                  f"{images['reference']} test images per evaluation, ours over {images['ours-backdoorbench']}. "
-                  f"Per image evaluated: evaluation "
-                  f"{(r_ev / images['reference']) / (o_ev / images['ours-backdoorbench']):.2f}x; whole epoch with "
-                  f"the reference's evaluation scaled to our {images['ours-backdoorbench']} images "
-                  f"{(r_tr + r_ev * images['ours-backdoorbench'] / images['reference']) / (o_tr + o_ev):.2f}x."]
-    subsets = {r["arm"]: r["index"] for r in runs}
-    if "reference" in subsets and "ours-backdoorbench" in subsets:
-        same = subsets["reference"] == subsets["ours-backdoorbench"]
-        lines += ["", f"Clean subset: reference `log/index.txt` and ours {'identical' if same else 'DIFFERENT'} "
-                      f"({len(subsets['reference'])} indices)."]
-    profiled = [r for r in runs if r["profile"]]
-    if profiled:
+    for arm, a in arms.items():
+        lines.append(f"| {arm} | {a['train']:.1f} | {a['eval']:.1f} | {a['train_eval']:.1f} | "
+                     f"{', '.join(f'{v:.4f}' for v in a['acc'])} | {', '.join(f'{v:.4f}' for v in a['asr'])} |")
+    if rat:
+        lines += ["", f"Reference / ours (--protocol backdoorbench): training {rat['train']:.2f}x, evaluation "
+                      f"{rat['eval']:.2f}x, whole epoch {rat['epoch']:.2f}x (target: >= 1.5x for the whole epoch).",
+                  "", f"The two sides do not evaluate the same work: the reference passes over "
+                      f"{images['reference']} test images per evaluation, ours over {images['ours-backdoorbench']}. "
+                      f"Per image evaluated: evaluation {rat['eval_per_image']:.2f}x; whole epoch with the reference's "
+                      f"evaluation scaled to our {images['ours-backdoorbench']} images {rat['epoch_equal_work']:.2f}x."]
+    if data.get("subset_identical") is not None:
+        lines += ["", f"Clean subset: reference `log/index.txt` and ours "
+                      f"{'identical' if data['subset_identical'] else 'DIFFERENT'} ({clean} indices)."]
+    if data.get("profile"):
         lines += ["", "## Profile (cProfile over a whole run, all its epochs; training and evaluation profiled "
                       "separately; cumulative seconds, nested parts overlap)", "", "| run | phase | what | s |",
                   "|---|---|---|---|"]
-        for r in profiled:
-            for phase, what, sec in profile_rows(os.path.join(opts.cache, "runs", r["tag"], "times.json")):
-                lines.append(f"| {r['arm']} | {phase} | {what} | {sec:.1f} |")
-    lines += ["", "## Reading it", "", opts.notes or "(filled in by hand after the run)", ""]
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    tmp = RESULTS + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write("\n".join(lines))
-    os.replace(tmp, RESULTS)
+        lines += [f"| {p['arm']} | {p['phase']} | {p['what']} | {p['s']:.1f} |" for p in data["profile"]]
+    lines += ["", "## Reading it", "", data["notes"], ""]
+    return "\n".join(lines)
+
+
+def write_outputs(data: dict, data_path: str, report_path: str) -> None:
+    with open(data_path + ".tmp", "w") as handle:
+        json.dump(data, handle, indent=1, ensure_ascii=False)
+        handle.write("\n")
+    os.replace(data_path + ".tmp", data_path)
+    write_report(data, report_path)
+
+
+def write_report(data: dict, report_path: str) -> None:
+    os.makedirs(os.path.dirname(report_path), exist_ok=True)
+    with open(report_path + ".tmp", "w") as handle:
+        handle.write(render(data))
+    os.replace(report_path + ".tmp", report_path)
 
 
 def main(argv=None) -> int:
@@ -394,7 +450,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no_profile", action="store_true")
     parser.add_argument("--notes", help="a paragraph for the report's last section")
+    parser.add_argument("--report_only", action="store_true",
+                        help=f"rewrite the report from its data file ({os.path.relpath(DATA, REPO)}), no runs")
     opts = parser.parse_args(argv)
+    if opts.report_only:
+        with open(DATA) as handle:
+            write_report(json.load(handle), RESULTS)
+        log(f"wrote {RESULTS}")
+        return 0
     if not opts.bb or not os.path.isfile(os.path.join(opts.bb, "defense", "ft-sam.py")):
         print("error: no BackdoorBench checkout; pass --bb <root> or set BACKDOORBENCH_ROOT", file=sys.stderr)
         return 2
@@ -410,9 +473,9 @@ def main(argv=None) -> int:
         for arm in ARMS[:2]:
             profile = k == opts.rounds and not opts.no_profile
             runs.append(run_arm(opts, arm, name, f"r{k}-{arm}", opts.epochs, profile=profile))
-            write_report(opts, name, runs)
+            write_outputs(measured_data(opts, name, runs), DATA, RESULTS)
     runs.append(run_arm(opts, "ours-default", name, "ours-default", opts.epochs, profile=False))
-    write_report(opts, name, runs)
+    write_outputs(measured_data(opts, name, runs), DATA, RESULTS)
     log(f"wrote {RESULTS}")
     return 0
 
