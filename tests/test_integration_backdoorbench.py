@@ -292,7 +292,6 @@ def test_ftsam_through_launcher_and_backdoorbench_metrics(bb, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and list(rows[0]) == SUMMARY_COLUMNS
     values = {k: float(v) for k, v in rows[0].items()}
-    assert all(0.0 <= v <= 1.0 for v in values.values()), values
     # DER as BackdoorBench defines it, from the row's own accuracies
     expect_der = (max(0.0, values["asr_attack"] - values["asr_defense"])
                   - max(0.0, values["clean_accuracy_attack"] - values["clean_accuracy_defense"]) + 1) / 2

@@ -123,7 +123,6 @@ def test_sam_steps_follow_the_rule(every, prob, window, monkeypatch):
     run(model, opt, 16, epoch_of=epoch_of)
     want = expected_sam_steps(16, every, prob, 3, window, epoch_of)
     assert perturbed == want and schedule.sam_steps == len(want) and schedule.step == 16
-    assert 0 < len(want) < 16
 
 
 def test_probability_rule_is_seeded_and_near_its_rate():
