@@ -192,7 +192,7 @@ def _defend_worker(rank, port, outdir, full_record, resumed_record):
     except Interrupt:
         pass
     del FTSAM._after_epoch
-    resumed = _defend(resumed_record, "--resume")
+    resumed = _defend(resumed_record, "--resume", "--keep_checkpoint")
     snap = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
     torch.save({"full": snap(full), "resumed": snap(resumed), "saves": len(saves)},
                os.path.join(outdir, f"defend{rank}.pt"))

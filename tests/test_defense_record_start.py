@@ -56,7 +56,7 @@ def test_checkpoint_path_starts_from_that_defense_result(cifar, root, monkeypatc
     ft = safe_load(cifar / "defense" / "ft-baseline" / "defense_result.pt")["model"]
     attack = safe_load(cifar / "attack_result.pt")["model"]
     monkeypatch.chdir(root)  # BackdoorBench's form: a folder under ./record/
-    code, _, err = run_cli(["defend", "--defense", "ftsam", *common, "--lr", "1e-12",
+    code, _, err = run_cli(["defend", "--defense", "ftsam", *common, "--lr", "1e-12", "--keep_checkpoint",
                             "--checkpoint_path", "cifar_rec/defense/ft-baseline"])
     assert code == 0, err
     assert "starting from the defense result" in err and os.path.join("ft-baseline", "defense_result.pt") in err

@@ -245,7 +245,7 @@ def test_record_with_nan_weights_is_refused(record):
 
 def test_checkpoint_with_nan_weights_or_a_bad_epoch_is_refused(record):
     folder = clone_record(record, "nan_ckpt")
-    assert defend(folder)[0] == 0
+    assert defend(folder, "--keep_checkpoint")[0] == 0
     out = out_of(folder)
     before = (out / "defense_result.pt").read_bytes()
     ckpt_path = out / "checkpoint" / "last.pt"
@@ -434,7 +434,7 @@ def test_leaderboard_does_not_write_its_cache_into_a_folder_in_use(record, tmp_p
 def test_resume_refuses_other_data(record, private_data):
     folder = clone_record(record, "identity")
     data_flag = ["--dataset_path", str(private_data)]
-    assert defend(folder, *data_flag)[0] == 0
+    assert defend(folder, *data_flag, "--keep_checkpoint")[0] == 0
     out = out_of(folder)
     before = (out / "defense_result.pt").read_bytes()
     ckpt = out / "checkpoint" / "last.pt"

@@ -173,7 +173,7 @@ def test_bad_values(record, flags, needle):
 def done(record):
     """A finished 1-epoch run (checkpoint and defense result present)."""
     folder = clone(record, "done")
-    code, _, err = defend(folder, "--epochs", "1")
+    code, _, err = defend(folder, "--epochs", "1", "--keep_checkpoint")
     assert code == 0, err
     return folder
 

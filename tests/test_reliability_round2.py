@@ -153,7 +153,7 @@ def test_resume_refuses_another_records_checkpoint(record, tmp_path):
     adopt the first record's defended model."""
     a, b = clone_record(record, "same_a"), clone_record(record, "same_b", _other_weights)
     shared = tmp_path / "shared_ckpt"
-    assert defend(a, "--checkpoint_save", shared)[0] == 0
+    assert defend(a, "--checkpoint_save", shared, "--keep_checkpoint")[0] == 0
     line = check_error(defend(b, "--checkpoint_save", shared, "--resume"), f"checkpoint {shared / 'last.pt'} was "
                        f"made from another backdoored model (weights sha256 ", whole=False)
     assert "run without --resume, or give each record its own --checkpoint_save" in line
@@ -543,7 +543,7 @@ def _flip_a_weight_bit(path):
 
 def test_a_damaged_checkpoint_is_refused_not_resumed(record):
     folder = clone_record(record, "bitflip")
-    assert defend(folder)[0] == 0
+    assert defend(folder, "--keep_checkpoint")[0] == 0
     ckpt = out_of(folder) / "checkpoint" / "last.pt"
     _flip_a_weight_bit(ckpt)
     safe_load(ckpt, what="checkpoint")  # still loads: only the checksum tells
@@ -555,7 +555,7 @@ def test_a_damaged_checkpoint_is_refused_not_resumed(record):
 
 def test_a_truncated_checkpoint_says_what_to_do(record):
     folder = clone_record(record, "trunc_ckpt")
-    assert defend(folder)[0] == 0
+    assert defend(folder, "--keep_checkpoint")[0] == 0
     ckpt = out_of(folder) / "checkpoint" / "last.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:5000])
     check_error(defend(folder, "--resume"), "is truncated or corrupt", whole=False)
@@ -574,7 +574,7 @@ def test_an_unfinished_run_is_kept_unless_forced(record, tmp_path):
     assert ckpt.read_bytes() == kept
     code, _, err = defend(folder, "--force", flags=flags)
     assert code == 0, err
-    assert safe_load(ckpt, what="checkpoint")["epoch"] == 2
+    assert (out_of(folder) / "defense_result.pt").is_file() and not ckpt.exists()  # finished: checkpoint removed
 
 
 def test_retune_folder_has_one_writer(record):

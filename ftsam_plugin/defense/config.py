@@ -68,7 +68,7 @@ BB_KEYS = {
     "rho", "rho_max", "rho_min", "adaptive", "label_smoothing", "alpha",
 }
 OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width", "rho_schedule",
-            "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout",
+            "keep_checkpoint", "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout",
             "sam_every", "sam_prob", "sam_epochs", "perturbation", "path_rho"}
 RHO_AUTO = "auto"  # `--rho auto`: chosen from the clean subset (rho_auto.py)
 KNOWN_KEYS = BB_KEYS | OUR_KEYS
@@ -174,6 +174,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--protocol", type=str, choices=sorted(PROTOCOLS),
         help="; ".join(f"{p.name}: {p.help}" for p in PROTOCOLS.values()) + " (default: fixed)")
     add("--resume", type=str2bool, nargs="?", const=True, help="continue from <save_path>/checkpoint/last.pt")
+    add("--keep_checkpoint", type=str2bool, nargs="?", const=True,
+        help="keep checkpoint/last.pt once the run has finished (default false: it is removed when the result is "
+             "written; an unfinished run's is always kept, for --resume)")
     add("--force", action="store_true", default=None,
         help="start over even if the checkpoint holds an unfinished run (it is overwritten); flag only, not a YAML key")
     add("--bd_yaml_path", type=str, help="accepted for BackdoorBench compatibility; unused")
@@ -252,11 +255,11 @@ DEFAULTS = {
     "client_optimizer": "sgd", "sgd_momentum": 0.9, "wd": 5e-4, "random_seed": 0, "ratio": 0.05,
     "rho": 2.0, "adaptive": True, "eta": 0.0, "alpha": 0.0, "label_smoothing": 0.1, "eval_every": 1,
     "rho_schedule": "constant",
-    "protocol": "fixed", "resume": False, "steplr_gamma": 0.1, "steplr_stepsize": 30,
+    "protocol": "fixed", "resume": False, "keep_checkpoint": False, "steplr_gamma": 0.1, "steplr_stepsize": 30,
     "sam_every": 1, "sam_prob": 1.0,  # SAM on every step (sam_epochs None: in every epoch)
     "perturbation": "gradient", "path_rho": 0.0,
 }
-BOOL_KEYS = ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "prefetch")
+BOOL_KEYS = ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "keep_checkpoint", "prefetch")
 LIST_KEYS = {"steplr_milestones", "rho_auto_grid", "sam_epochs"}  # every other key holds one value
 MAX_MILESTONES = 100
 # what each numeric setting may be (unused BackdoorBench keys such as frequency_save are not checked)
@@ -350,7 +353,7 @@ def apply_protocol(cfg: Dict, uses_sam: bool, given=()) -> Dict[str, tuple]:
     notes on flags the reference ignored go to cfg['protocol_notes']."""
     given = set(given)
     recipe = get_recipe(cfg["protocol"], uses_sam)
-    cfg["protocol_notes"] = recipe.notes(cfg, given) if uses_sam else []
+    cfg["protocol_notes"] = recipe.notes(cfg, given)  # flags the reference ignored, config values it did not run
     if "rho" in given and not given & {"rho_min", "rho_schedule"}:
         # our --rho X is a constant X (it wins over --rho_max; the reference ignored it): no rho schedule imposed
         given |= {"rho_min", "rho_schedule"}

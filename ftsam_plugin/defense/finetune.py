@@ -29,7 +29,8 @@ from ftsam_plugin.purify import RunClock, time_to_purify
 from ftsam_plugin.settings import quote, seed_everything
 
 from . import ddp
-from .checkpoint import load_checkpoint, resume_config, rng_state, save_checkpoint, unfinished_run
+from .checkpoint import (drop_checkpoint, finished_without_checkpoint, load_checkpoint, resume_config, rng_state,
+                         save_checkpoint, unfinished_run)
 from .config import add_arguments as _add_arguments
 from .config import load_yaml, merge_config, validate
 from .factories import base_optimizer, create_scheduler
@@ -70,6 +71,20 @@ class FineTune:
     def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """BackdoorBench's defense flags plus the FT-SAM ones, all defaulting to None."""
         return _add_arguments(parser)
+
+    @classmethod
+    def launch(cls, args: argparse.Namespace) -> int:
+        """`cls(args).defense(...)` as BackdoorBench's patched launchers (defense/plugin.py, defense/ftsam.py) run
+        it, with `ftsam defend`'s error contract: one `error:` line and exit 2, the traceback with `args.debug`.
+        Returns the exit status."""
+        from ftsam_plugin.cli import run_reporting_errors
+
+        def run(ns: argparse.Namespace) -> int:
+            opts = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k != "debug"})
+            cls(opts).defense(opts.result_file)
+            return 0
+
+        return run_reporting_errors(run, args)
 
     def __init__(self, args: argparse.Namespace):
         cli = dict(vars(args))
@@ -136,9 +151,15 @@ class FineTune:
             make_output_folder(folder)
 
     def _keep_unfinished_checkpoint(self) -> None:
-        """A run without --resume would overwrite a checkpoint that holds an unfinished run: refuse unless --force."""
+        """A run without --resume would overwrite a checkpoint that holds an unfinished run: refuse unless --force.
+        A --resume of a finished run (its checkpoint removed) has nothing to resume: refused too."""
         args = self.args
         path = os.path.join(args.checkpoint_save, "last.pt")
+        if args.resume and _holds_output_lock() and finished_without_checkpoint(path, args.save_path,
+                                                                                 self._result_files()):
+            raise FtsamError(f"--resume: {args.save_path} holds a finished run, whose checkpoint was removed when it "
+                             f"finished (--keep_checkpoint true keeps it); nothing to resume: run without --resume "
+                             f"to run it again")
         if args.resume or getattr(args, "force", None) or not _holds_output_lock():
             return
         unfinished = unfinished_run(path)
@@ -163,6 +184,9 @@ class FineTune:
             handler.setFormatter(fmt)
             pkg_logger.addHandler(handler)
         self._handlers = handlers
+        if _root_prints_to_console():  # e.g. logging's default handler, which BackdoorBench's loader's first
+            pkg_logger.propagate = False  # root-logger call installs: print each line once (ours), not twice
+            self._stopped_propagation = True
         logger.info("%s defense, config:\n%s", self.name, pformat(vars(self.args)))
         for path in removed:
             logger.info("removed %s, a temp file left by a killed run", path)
@@ -261,10 +285,13 @@ class FineTune:
             logger.info("%s", purify.describe())
             out = save_defense_result(self.result["model_name"], self.result["num_classes"], ddp.unwrap(model),
                                       args.save_path)
-            summary = f"{self.name}_df_summary.csv"
-            write_metrics_summary_csv(os.path.join(args.save_path, summary), history, extra=purify.summary_columns())
-            mark_complete(args.save_path, [os.path.basename(out), summary])
+            summary = self._result_files()[1]
+            write_metrics_summary_csv(os.path.join(args.save_path, summary), history,
+                                      extra={**purify.summary_columns(), "protocol": args.protocol})
+            mark_complete(args.save_path, [os.path.basename(out), summary, os.path.basename(csv_path)])
             logger.info("saved %s", out)
+            if not args.keep_checkpoint and drop_checkpoint(ckpt_path):  # only an unfinished run needs it
+                logger.info("removed the checkpoint %s: the run finished (--keep_checkpoint true keeps it)", ckpt_path)
         ddp.barrier(self.dist)
         self.history = history
         return {"model": ddp.unwrap(model)}
@@ -501,6 +528,10 @@ class FineTune:
                                data=self._data)
 
     # ------------------------------------------------------------------ helpers
+    def _result_files(self) -> List[str]:
+        """The files a finished run's completion marker lists: the result and its summary."""
+        return ["defense_result.pt", f"{self.name}_df_summary.csv"]
+
     def _claim_output(self) -> List[str]:
         """Hold the locks of the defense, checkpoint and log folders for this run (the main process of a torchrun job
         only) and remove the temp files that killed runs left in them; returns what was removed."""
@@ -562,6 +593,8 @@ class FineTune:
             pkg_logger.removeHandler(handler)
             handler.close()
         self._handlers = []
+        if getattr(self, "_stopped_propagation", False):
+            pkg_logger.propagate, self._stopped_propagation = True, False
 
 
 def _record_dataset(result_file, needed: bool) -> Optional[str]:
@@ -579,6 +612,13 @@ def _warn_record_differs(key: str, mine, recorded) -> None:
     if mine is not None and str(mine).lower() != str(recorded).lower():
         logger.warning("config says %s=%s but the record was made with %s; using %s", key, quote(mine), recorded,
                        recorded)
+
+
+def _root_prints_to_console() -> bool:
+    """Whether the root logger has a plain console handler (writing to stderr or stdout)."""
+    consoles = {id(s) for s in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)}
+    return any(type(h) is logging.StreamHandler and id(getattr(h, "stream", None)) in consoles
+               for h in logging.getLogger().handlers)
 
 
 def _holds_output_lock() -> bool:

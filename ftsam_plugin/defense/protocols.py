@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
-__all__ = ["Recipe", "Protocol", "PROTOCOLS", "AMP_POLICIES", "get_recipe"]
+__all__ = ["Recipe", "Protocol", "PROTOCOLS", "AMP_POLICIES", "CONFIG_NOTES", "get_recipe"]
 
 
 def _frozen(values=None) -> Mapping:
@@ -37,6 +37,36 @@ def _amp_fp16_on_cuda(cfg: Mapping) -> Dict[str, object]:
 # name -> policy(cfg) -> the AMP values a recipe imposes (applied like `Recipe.effective`: flags given win)
 AMP_POLICIES = {"config": _amp_from_config, "off": _amp_off, "fp16_on_cuda": _amp_fp16_on_cuda}
 
+LIKE_FOR_LIKE = "--protocol backdoorbench runs the reference's recipe"
+
+
+def _amp_vs_ftsam_py(cfg: Mapping, given) -> Optional[str]:
+    # a reference YAML (config/defense/ft-sam/*.yaml says amp: True) turns AMP on; ft-sam.py never applied it
+    if not cfg.get("amp") or "amp" in given:
+        return None
+    return (f"amp is on from the config ({cfg.get('amp_dtype')} autocast on {cfg.get('device')}); BackdoorBench's "
+            f"ft-sam.py never applies its YAML's amp and trains in fp32: pass --amp false, or {LIKE_FOR_LIKE}")
+
+
+def _amp_vs_ft_py(cfg: Mapping, given) -> Optional[str]:
+    if not cfg.get("amp") or "amp" in given:
+        return None
+    return (f"amp is on from the config ({cfg.get('amp_dtype')} autocast on {cfg.get('device')}); BackdoorBench's "
+            f"ft.py runs fp16 autocast on CUDA only, none on CPU: pass --amp false, or {LIKE_FOR_LIKE}")
+
+
+def _smoothing_vs_ft_py(cfg: Mapping, given) -> Optional[str]:
+    if not cfg.get("label_smoothing") or "label_smoothing" in given:
+        return None
+    return (f"label smoothing {cfg.get('label_smoothing')} (config or default); BackdoorBench's ft.py trains with "
+            f"plain cross-entropy: pass --label_smoothing 0, or {LIKE_FOR_LIKE}")
+
+
+# name -> note(cfg, given) -> a log line where a value the config (not a flag) set differs from what the reference
+# script ran, else None (`Recipe.config_notes`)
+CONFIG_NOTES = {"amp_vs_ftsam_py": _amp_vs_ftsam_py, "amp_vs_ft_py": _amp_vs_ft_py,
+                "smoothing_vs_ft_py": _smoothing_vs_ft_py}
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -56,6 +86,8 @@ class Recipe:
             size); False: the plain mean of the batch losses.
         ignored_flags: flag -> (the reference's key it used instead, that key's default): flags we apply and the
             reference ignored; a run given one logs what the reference would have run (`notes`).
+        config_notes: `CONFIG_NOTES` keys: config values that differ from the reference script's, each a log line
+            (`notes`) unless its flag was given.
     """
 
     subset: str = "class_balanced"
@@ -68,6 +100,7 @@ class Recipe:
     amp: str = "config"
     train_loss_per_sample: bool = True
     ignored_flags: Mapping[str, Tuple[str, object]] = field(default_factory=_frozen)
+    config_notes: Tuple[str, ...] = ()
 
     def imposed(self, cfg: Mapping) -> Dict[str, object]:
         """Every value this recipe sets on the config `cfg` (before flags given on the command line win)."""
@@ -91,7 +124,8 @@ class Recipe:
         return changed
 
     def notes(self, cfg: Mapping, given: Iterable[str]) -> List[str]:
-        """A log line per flag in `given` that the reference ignored, saying what it would have run."""
+        """A log line per flag in `given` that the reference ignored, saying what it would have run, and one per
+        `config_notes` entry that applies."""
         given = set(given)
         lines = []
         for flag, (used, default) in self.ignored_flags.items():
@@ -99,6 +133,7 @@ class Recipe:
                 ref = cfg.get(used) if used in given else default
                 lines.append(f"--{flag} {cfg.get(flag)} is applied; the reference ignores --{flag} and would have "
                              f"run {flag} = {ref} (its --{used})")
+        lines += [line for line in (CONFIG_NOTES[name](cfg, given) for name in self.config_notes) if line]
         return lines
 
 
@@ -118,8 +153,8 @@ class Protocol:
 FIXED = Protocol(
     name="fixed",
     help="our defaults: class-balanced sorted subset, per-epoch schedule over the run's epochs, restore by copy",
-    sam=Recipe(),
-    plain=Recipe(),
+    sam=Recipe(config_notes=("amp_vs_ftsam_py",)),
+    plain=Recipe(config_notes=("amp_vs_ft_py", "smoothing_vs_ft_py")),
 )
 
 # What BackdoorBench's defense/ft-sam.py and defense/ft.py (main @ f02e353) effectively ran.
