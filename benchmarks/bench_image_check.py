@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -24,6 +23,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout without installing
+
+from ftsam_plugin.provenance import machine_short  # noqa: E402
 
 
 def symlinked_record(record: str, work: str) -> str:
@@ -95,8 +97,7 @@ def main() -> int:
         f"Command: `python benchmarks/bench_image_check.py --record {args.record} --dataset_path {args.dataset_path} "
         f"--reps {args.reps} --threads {args.threads}`  ",
         f"Commit: {_commit()}  ",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (torch threads "
-        f"{args.threads}), load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())} at the end  ",
+        f"Machine: {machine_short(args.threads)}, load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())} at the end  ",
         f"Files checked: {sum(counts.values()):,} ({', '.join(f'{k} {v:,}' for k, v in counts.items())})",
         "",
         f"Check: median {check['wall']:.3f} s wall, {check['cpu']:.3f} s CPU "

@@ -10,7 +10,6 @@ CPU), wall clock. benchmarks/gpu_check.py is the fuller GPU report (fractions of
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from gpu_timing import time_cuda
 
 from ftsam_plugin import kernels
 from ftsam_plugin.kernels.reference import preact_resnet18_shapes
+from ftsam_plugin.provenance import machine_short
 
 PEAK_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}  # HBM peak by device name
 
@@ -55,12 +55,9 @@ def peak_gbs():
 
 
 def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     dev += ", load average %.1f/%.1f/%.1f at the end" % os.getloadavg()
-    return (f"{cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}), torch {torch.__version__}, "
-            f"{dev}")
+    return f"{machine_short()}, {dev}"
 
 
 def commit():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None) -> int:
     from ftsam_plugin.data.records import load_attack_result
     from ftsam_plugin.demo import run_attack, select_data
+    from ftsam_plugin.provenance import machine_short
     from ftsam_plugin.retune import measure_pasr
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,8 +57,7 @@ def main(argv=None) -> int:
              f"`OMP_NUM_THREADS=1 python benchmarks/retune_demo_time.py --data {args.data}`", "",
              f"Data: {data.description}. Record: Blended, PreAct-ResNet18 width 0.25, {args.attack_epochs} attack "
              f"epoch(s). The reference settings (100 retuning images, 5 poisoned, 5 epochs) plus the control; "
-             f"torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, 1-minute load average {load:.1f} at the end (the machine was shared, so "
+             f"{machine_short()}, 1-minute load average {load:.1f} at the end (the machine was shared, so "
              f"these are upper bounds).", "",
              "| call | runs | mean | min | max |", "|---|---|---|---|---|"]
     lines += [f"| `{call}` | {len(t)} | {statistics.mean(t):.1f} s | {min(t):.1f} s | {max(t):.1f} s |"
