@@ -146,3 +146,28 @@ def test_demo_time_reads_the_stages_and_the_table():
     assert parsed["stages"] == {"attack": 66, "FT": 28, "FT-SAM": 50, "retuning (P-ASR)": 4}
     assert parsed["table"]["FT-SAM"] == ["93.7", "42.1", "38.1", "79.0", "100.0", "50s"]
     assert list(parsed["table"]) == ["no defense", "FT", "FT-SAM"]
+
+
+RESULTS = BENCH / "results"
+
+
+def _committed(name):
+    return (RESULTS / name).read_text(encoding="utf-8")
+
+
+def test_reports_regenerate_from_their_committed_data_files(tmp_path):
+    """Each of these reports is exactly what its script writes from the committed data (no hand edits, nothing read
+    from a local cache): demo_time, vs_reference and demo_collapse from their JSON files, retune_cpu from the
+    retuning and study summaries, leaderboard_cpu from the study's summaries."""
+    demo_time = bench("demo_time")
+    demo_time.write_report(json.loads(_committed("demo_time.json")), str(tmp_path / "demo_time.md"))
+    assert (tmp_path / "demo_time.md").read_text(encoding="utf-8") == _committed("demo_time.md")
+    assert bench("vs_reference").render(json.loads(_committed("vs_reference.json"))) == _committed("vs_reference.md")
+    assert bench("demo_collapse").render(json.loads(_committed("demo_collapse.json"))) == _committed("demo_collapse.md")
+    retune = bench("retune_cpu")
+    text = retune.report(retune.load_runs(str(RESULTS / "retune_cpu_runs")),
+                         retune.study_models(str(RESULTS / "defense_cpu_runs")), [42, 43, 44], str(tmp_path))
+    assert text == _committed("retune_cpu.md")
+    assert bench("leaderboard_cpu").main(["--out", str(tmp_path / "board")]) == 0
+    assert (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8") == _committed(
+        "leaderboard_cpu/leaderboard.md")
