@@ -24,6 +24,7 @@ def test_demo_tiny_runs_attack_and_both_defenses(tmp_path):
     table = {" ".join(line.split()[:-6]): line.split()[-6:] for line in lines[header + 1:header + 4]}
     assert list(table) == ["no defense", "FT", "FT-SAM"]
     assert "seed 0" in stdout and "it/s" not in stdout + stderr  # piped: no progress bars, one line per stage
+    assert "numbers differ between CPU types" in stdout  # the CPU it ran on is named beside the seed
     stages = ["[1/2]", "[2/2]"] if demo.side_by_side("cpu", 1) else ["[1/3]", "[2/3]", "[3/3]"]
     assert [line[:5] for line in lines if line.startswith("[")] == stages + ["[+] r"]
     png = next(line.split(": ", 1)[1] for line in lines if line.startswith("per-epoch ACC and ASR: "))
