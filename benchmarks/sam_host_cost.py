@@ -1,23 +1,27 @@
-"""Host cost of SAM's extra work per step, on a CPU: launches stubbed, or through Triton's launch path.
+"""Host cost of SAM's extra work per step, on a CPU: launches stubbed, or through Triton's launch path and launcher.
 
-    python benchmarks/sam_host_cost.py [--baseline REV] [--rounds 3] [--out benchmarks/results/sam_host_cost.md]
+    python benchmarks/sam_host_cost.py [--baseline REV] [--rounds 3] [--reps 1000] [--out FILE.md]
+    python benchmarks/sam_host_cost.py --smoke --out /tmp/smoke.md   # every mode and row, a few calls (tests)
 
 The 54 parameter tensors of PreAct-ResNet18 (11.2M fp32, each with a grad) live on the CPU and backend="triton"
 is let through on them. What is timed (as CPU time of the measuring thread, so other processes on shared cores
 do not inflate it) is the Python/host work a GPU run pays per step (on a GPU the kernels run asynchronously
-behind it), in three launch modes, each a column:
+behind it), in five launch modes, each a column:
 - stubbed: each Triton kernel replaced by an object whose launch does nothing (the plans' own work only);
-- Triton's path: kernels compiled for sm_90 and launched through `kernel[grid](...)` (binding, specialisation,
-  cache look-up, checks) into a stand-in driver whose launcher does nothing (ftsam_plugin.kernels.null_driver):
-  all a CUDA launch costs on the host except the driver's cuLaunchKernel itself (a few µs);
-- fast path: the same, with the plans' prepared launches (`sam_triton.Launch`: after the first launch, the
-  compiled kernel's launcher called directly); only where the package has them.
+- Triton's path / fast path, stand-in launcher: kernels compiled for sm_90 and launched through
+  `kernel[grid](...)` (binding, specialisation, cache look-up, checks), or through the plans' prepared launches
+  (`sam_triton.Launch`: after the first, the compiled kernel's launcher called directly), into the stand-in
+  driver of ftsam_plugin.kernels.null_driver whose launcher is a Python function that does nothing;
+- Triton's path / fast path, Triton's launcher: the same, with Triton's own launcher (its NVIDIA backend's
+  CudaLauncher and C launch: arguments unpacked, cuPointerGetAttribute on each pointer, cuLaunchKernelEx) linked
+  against a no-op libcuda.so.1 built here (null_driver, launcher="triton"): all a CUDA launch costs on the host
+  but the driver's own work inside cuLaunchKernelEx and cuPointerGetAttribute.
 Rows:
 - SAM step: `first_step()` + `second_step()` of ftsam_plugin.optim.SAM (FT-SAM's ASAM, rho 2) with a base
   optimizer whose step does nothing, grads kept between steps (the base step's own cost is its own row);
-- its pieces one by one: the checks that the plans still fit (settings, grads, data pointers, layouts) and the
-  three plan calls (the launches);
-- the same step when all grads moved, and when the plans must be rebuilt (storage moved);
+- its pieces one by one: the check that the plans still fit (`StepPlans.refresh`) and the three plan calls;
+- the same step with the Python plan guard (a machine without a C++ compiler), when all grads moved, and when
+  the plans must be rebuilt (storage moved);
 - the functional kernels.grad_norm / perturb / restore, which build what they need on every call.
 With --baseline REV the same measurement also runs on the package as of git revision REV (taken with git archive
 into a temporary folder) and the table puts the two side by side. Each (code, mode, round) runs in a fresh
@@ -27,6 +31,7 @@ batches of 50 calls, and in brackets the best batch seen.
 
 import argparse
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -40,14 +45,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET_US = 20.0  # issue 20: SAM's own host work per step with the fast path, launch path included
-MODES = {"stubbed": "launches stubbed", "triton": "Triton's launch path", "fast": "fast path"}
-PARTS = ("  in it: the groups' settings compared", "  in it: the 54 grads gathered",
-         "  in it: 108 data pointers compared", "  in it: 108 dtypes, shapes and strides compared",
-         "  in it: the norm launch(es)", "  in it: the perturb launch(es)", "  in it: the restore launch(es)")
-ROWS = ("SAM step: first_step + second_step", "  of which the base optimizer's no-op step",
-        "SAM's own host work per step (the two rows above subtracted)", *PARTS,
-        "SAM step after all 54 grads moved (incl. the 54 assignments)", "  54 grad assignments alone",
+TARGET_US = 20.0  # issues 20 and 32: SAM's own host work per step, fast path, Triton's own launcher
+MOVED_TARGET_US = 30.0  # issue 32: the same after every grad moved
+MODES = {"stubbed": "launches stubbed", "triton": "Triton's path, stand-in launcher",
+         "fast": "fast path, stand-in launcher", "triton-real": "Triton's path, Triton's launcher",
+         "fast-real": "fast path, Triton's launcher"}
+OWN = "SAM's own host work per step (the two rows above subtracted)"
+MOVED_OWN = "SAM's own host work after all grads moved (the moved step less the assignments and the base step)"
+PARTS = ("  in it: the check that nothing moved (StepPlans.refresh)", "  in it: the norm launch(es)",
+         "  in it: the perturb launch(es)", "  in it: the restore launch(es)")
+ROWS = ("SAM step: first_step + second_step", "  of which the base optimizer's no-op step", OWN, *PARTS,
+        "SAM step with the Python plan guard (FTSAM_PLAN_GUARD=python: no C++ compiler)",
+        "SAM step after all 54 grads moved (incl. the 54 assignments)", "  54 grad assignments alone", MOVED_OWN,
         "SAM step with a plan rebuild (storage moved)", "grad_norm (functional)", "perturb (functional)",
         "restore (functional)")
 
@@ -67,33 +76,37 @@ def _stub_launches():
     from ftsam_plugin.kernels import sam_triton
 
     sam_triton.INTERPRET = sam_triton.LAUNCH_ON_CPU = True  # let backend="triton" take CPU tensors
-    if hasattr(sam_triton, "KERNELS"):
-        for name in sam_triton.KERNELS:
-            sam_triton.KERNELS[name] = _NoLaunch()
-    else:  # the package before the plans: module-level kernels
-        for name in ("_sumsq_kernel", "_finish_norm_kernel", "_perturb_kernel", "_restore_kernel"):
-            setattr(sam_triton, name, _NoLaunch())
+    for name in sam_triton.KERNELS:
+        sam_triton.KERNELS[name] = _NoLaunch()
 
 
-def _null_driver(fast):
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _null_driver(fast, launcher):
     """Install the stand-in driver of this checkout (loaded by path: the package measured may predate it)."""
     from ftsam_plugin.kernels import sam_triton
 
-    if fast and not hasattr(sam_triton, "Launch"):
-        return False
-    spec = importlib.util.spec_from_file_location("_null_driver", ROOT / "ftsam_plugin/kernels/null_driver.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.install()  # for the rest of this measuring process
+    try:
+        import ftsam_plugin.kernels.native_build  # noqa: F401 (a package before it: this checkout's, by path)
+    except ImportError:
+        _load("ftsam_plugin.kernels.native_build", ROOT / "ftsam_plugin/kernels/native_build.py")
+    module = _load("_null_driver", ROOT / "ftsam_plugin/kernels/null_driver.py")
+    module.install(launcher=launcher)  # for the rest of this measuring process
     sam_triton.FAST_LAUNCH = fast
     sam_triton.INTERPRET = True  # a package before null_driver checks this to let CPU tensors through
-    return True
 
 
 def _per_call_us(fn, reps, batch=50):
     """Median over batches of the CPU time per call of this thread: work by other processes sharing the cores
     (this machine is shared) does not count, unlike wall clock."""
     fn()
+    batch = min(batch, reps)
     samples = []
     for _ in range(max(1, reps // batch)):
         start = time.thread_time()
@@ -103,20 +116,35 @@ def _per_call_us(fn, reps, batch=50):
     return [statistics.median(samples), min(samples)]
 
 
+def _minus(a, *others):
+    return [x - sum(o[i] for o in others) for i, x in enumerate(a)]
+
+
+def _params():
+    import torch
+
+    from ftsam_plugin.kernels.reference import preact_resnet18_shapes
+
+    params = []
+    for s in preact_resnet18_shapes():
+        p = torch.nn.Parameter(torch.randn(s))
+        p.grad = torch.randn(s)
+        params.append(p)
+    return params
+
+
 def measure(reps, mode):
-    """{row: [median, best] µs per call} for the package on sys.path in launch `mode`; None if it has no such
-    mode (the fast path before it existed)."""
+    """{row: [median, best] µs per call} for the package on sys.path in launch `mode` (None: not in this package)."""
     import torch
 
     from ftsam_plugin import kernels
-    from ftsam_plugin.kernels.reference import preact_resnet18_shapes
     from ftsam_plugin.optim import SAM
 
     torch.set_num_threads(1)
     if mode == "stubbed":
         _stub_launches()
-    elif not _null_driver(fast=mode == "fast"):
-        return None
+    else:
+        _null_driver(fast=mode.startswith("fast"), launcher="triton" if mode.endswith("real") else "stub")
 
     class NullOptimizer(torch.optim.Optimizer):
         def __init__(self, params, **kw):
@@ -125,16 +153,15 @@ def measure(reps, mode):
         def step(self, closure=None):
             return None
 
-    params = []
-    for s in preact_resnet18_shapes():
-        p = torch.nn.Parameter(torch.randn(s))
-        p.grad = torch.randn(s)
-        params.append(p)
-    opt = SAM(params, NullOptimizer, rho=2.0, adaptive=True, backend="triton")
+    def sam(params):
+        return SAM(params, NullOptimizer, rho=2.0, adaptive=True, backend="triton")
 
-    def step():
-        opt.first_step()
-        opt.second_step()
+    params = _params()
+    opt = sam(params)
+
+    def step(o=opt):
+        o.first_step()
+        o.second_step()
 
     def rebuild_step():
         opt._plans = None
@@ -153,13 +180,16 @@ def measure(reps, mode):
 
     norm = kernels.grad_norm(params, True, backend="triton")
     saved = kernels.perturb(params, norm, 2.0, True, backend="triton")
-    out = {ROWS[0]: _per_call_us(step, reps), ROWS[1]: _per_call_us(opt.base_optimizer.step, reps)}
-    out[ROWS[2]] = [a - b for a, b in zip(out[ROWS[0]], out[ROWS[1]])]
+    out = dict.fromkeys(ROWS)
+    out[ROWS[0]] = _per_call_us(step, reps)
+    out[ROWS[1]] = _per_call_us(opt.base_optimizer.step, reps)
+    out[OWN] = _minus(out[ROWS[0]], out[ROWS[1]])
     out.update(zip(PARTS, _parts(opt, reps)))
-    out["SAM step after all 54 grads moved (incl. the 54 assignments)"] = _per_call_us(moved_step, reps // 4)
-    out["  54 grad assignments alone"] = _per_call_us(swap_grads, reps // 4)
-    out["SAM step with a plan rebuild (storage moved)"] = (_per_call_us(rebuild_step, reps // 10)
-                                                           if hasattr(opt, "_plans") else None)
+    out[ROWS[7]] = _python_guard_step(sam, step, reps)
+    out[ROWS[8]] = _per_call_us(moved_step, reps // 4)
+    out[ROWS[9]] = _per_call_us(swap_grads, reps // 4)
+    out[MOVED_OWN] = _minus(out[ROWS[8]], out[ROWS[9]], out[ROWS[1]])
+    out[ROWS[11]] = _per_call_us(rebuild_step, max(1, reps // 10))
     out["grad_norm (functional)"] = _per_call_us(lambda: kernels.grad_norm(params, True, backend="triton"),
                                                  reps // 4)
     out["perturb (functional)"] = _per_call_us(lambda: kernels.perturb(params, norm, 2.0, True, backend="triton"),
@@ -168,22 +198,30 @@ def measure(reps, mode):
     return out
 
 
-def _parts(opt, reps):
-    """The pieces of a step with unchanged storage, timed one by one (None where this package has no such piece:
-    the parts read the optimizer's plans, `ftsam_plugin.optim.step_plans`)."""
-    plans = getattr(opt, "_plans", None)
-    if plans is None or not hasattr(plans, "_ptrs"):
-        return [None] * len(PARTS)
-    from ftsam_plugin.optim import step_plans
+def _python_guard_step(sam, step, reps):
+    """A SAM step whose plans were built with FTSAM_PLAN_GUARD=python; None for a package without plan guards."""
+    if importlib.util.find_spec("ftsam_plugin.kernels.plan_guard") is None:
+        return None
+    os.environ["FTSAM_PLAN_GUARD"] = "python"
+    try:
+        opt = sam(_params())
+        step(opt)  # the plans (and their guard) are built now
+    finally:
+        del os.environ["FTSAM_PLAN_GUARD"]
+    return _per_call_us(lambda: step(opt), reps)
 
-    tensors = plans._params + [p.grad for p in plans._params]
-    layouts = getattr(plans, "_layouts", None)
+
+def _parts(opt, reps):
+    """The pieces of a step with unchanged storage, timed one by one: the check, then the three plan calls
+    (none where this package has no StepPlans)."""
+    plans = getattr(opt, "_plans", None)
+    if plans is None or not hasattr(plans, "refresh"):
+        return [None] * len(PARTS)
     norm = plans.grad_norm()
-    pieces = [lambda: step_plans._settings(opt.param_groups), lambda: [p.grad for p in plans._params],
-              lambda: step_plans._ptrs_equal(tensors, plans._ptrs, plans._index),
-              None if layouts is None else lambda: layouts.quick(tensors),
-              plans.grad_norm, lambda: plans.perturb(norm), plans.restore]  # nothing runs: launches do nothing
-    return [None if fn is None else _per_call_us(fn, reps) for fn in pieces]
+    takes_groups = len(inspect.signature(plans.perturb).parameters) > 1
+    perturb = (lambda: plans.perturb(norm, opt.param_groups)) if takes_groups else (lambda: plans.perturb(norm))
+    pieces = [lambda: plans.refresh(opt.param_groups), plans.grad_norm, perturb, plans.restore]
+    return [_per_call_us(fn, reps) for fn in pieces]
 
 
 def _git(*args):
@@ -201,7 +239,7 @@ def _extract(rev, dest):
 
 
 def _run_measure(src, reps, mode):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FTSAM_PLAN_GUARD")}
     env.update(PYTHONPATH=str(src), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", mode, "--reps", str(reps)],
                           env=env, capture_output=True, text=True, cwd=src)
@@ -211,10 +249,8 @@ def _run_measure(src, reps, mode):
 
 
 def _combine(results):
-    """Per row: (median over rounds of the round medians, min over rounds of the round minima); None for a mode
+    """Per row: (median over rounds of the round medians, min over rounds of the round minima); None for a row
     the package does not have."""
-    if results[0] is None:
-        return None
     return {row: None if results[0][row] is None else
             (statistics.median(r[row][0] for r in results), min(r[row][1] for r in results)) for row in ROWS}
 
@@ -225,23 +261,39 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, load average %.1f/%.1f/%.1f at the end" % os.getloadavg()
 
 
+def _verdicts(columns, names):
+    """Target lines and side-by-side ratios for the newest code (the last column group)."""
+    newest = names[-1].split(", ")[0]
+    real, stand_in = f"{newest}, {MODES['fast-real']}", f"{newest}, {MODES['fast']}"
+    lines = []
+    if real in columns:
+        own, moved = columns[real][OWN], columns[real][MOVED_OWN]
+        lines.append(f"Targets (issue 32), {real}: SAM's own host work <= {TARGET_US:.0f} µs per step: median "
+                     f"{own[0]:.1f} µs ({'met' if own[0] <= TARGET_US else 'missed'}); after all grads moved <= "
+                     f"{MOVED_TARGET_US:.0f} µs: median {moved[0]:.1f} µs "
+                     f"({'met' if moved[0] <= MOVED_TARGET_US else 'missed'}).")
+        ratios = [f"Triton's launcher / stand-in launcher (fast path, own host work): "
+                  f"{own[0] / columns[stand_in][OWN][0]:.2f}"]
+        before = [n for n in names if n.endswith(MODES["fast-real"]) and n != real]
+        if before:
+            ratios.append(f"{newest} / {before[0].split(', ')[0]} (fast path, Triton's launcher, own host work): "
+                          f"{own[0] / columns[before[0]][OWN][0]:.2f}")
+        lines.append("Ratios, measured side by side in this run: " + "; ".join(ratios) + ".")
+    return lines
+
+
 def report(columns, reps, rounds, argv):
-    """Markdown: one column per (code, mode) that exists, the target line for the newest code's fast path."""
+    """Markdown: one column per (code, mode), the targets and ratios for the newest code's fast path."""
     import torch
     import triton
 
-    names = [n for n in columns if columns[n] is not None]
+    names = list(columns)
     lines = ["| per call, µs CPU time: median (best batch) | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     for row in ROWS:
-        cells = ["n/a" if columns[n][row] is None else "%.1f (%.1f)" % columns[n][row] for n in names]
+        cells = ["n/a" if columns[n][row] is None else "%.1f (%.1f)" % tuple(columns[n][row]) for n in names]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    fast = [n for n in names if n.endswith(MODES["fast"])]
-    if fast:
-        own = columns[fast[-1]][ROWS[2]]
-        lines += ["", f"Target (issue 20): SAM's own host work <= {TARGET_US:.0f} µs per step, launch path included. "
-                  f"{fast[-1]}: median {own[0]:.1f} µs ({'met' if own[0] <= TARGET_US else 'missed'}), best batch "
-                  f"{own[1]:.1f} µs ({'met' if own[1] <= TARGET_US else 'missed'})."]
+    lines += [""] + _verdicts(columns, names)
     cmd = "python benchmarks/sam_host_cost.py " + " ".join(argv)
     head = ["# SAM host cost per step", "", f"Command: `{cmd.strip()}`  ",
             f"Machine: {machine()}; torch {torch.__version__}, Triton {triton.__version__}, 1 thread  ",
@@ -249,11 +301,12 @@ def report(columns, reps, rounds, argv):
             f"process each) of the median of ~{reps} calls per row (batches of 50); in brackets the best batch of "
             "any round, the least disturbed by the other processes. Parameters: PreAct-ResNet18's 54 tensors, "
             "11,171,146 fp32 elements, on the CPU; ASAM (adaptive), rho 2, restore by copy. Modes: "
-            f"*{MODES['stubbed']}* (each kernel a no-op object: the plans' own work), *{MODES['triton']}* (kernels "
-            "compiled for sm_90, launched through Triton's `kernel[grid](...)` into a stand-in driver whose "
-            f"launcher does nothing), *{MODES['fast']}* (the same with the plans' prepared launches). A real GPU adds "
-            "the driver's own launch call (a few µs per launch, three launches per step) to the last two; the "
-            "CPU tensors here also make each plan's device guard a no-op.", ""]
+            f"*{MODES['stubbed']}* (each kernel a no-op object: the plans' own work); kernels compiled for sm_90 and "
+            "launched through Triton's `kernel[grid](...)` (*Triton's path*) or the plans' prepared launches (*fast "
+            "path*), into a *stand-in launcher* (a Python function that does nothing) or *Triton's launcher* (its "
+            "NVIDIA backend's own, over a no-op libcuda.so.1: a GPU adds only the driver's work inside "
+            "cuLaunchKernelEx and cuPointerGetAttribute, three launches per step). The CPU tensors also make "
+            "each plan's device guard a no-op.", ""]
     return "\n".join(head + lines) + "\n"
 
 
@@ -261,14 +314,20 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="git revision to measure beside the working tree (before/after)")
-    parser.add_argument("--reps", type=int, default=2000, help="calls per row and round (default 2000)")
+    parser.add_argument("--reps", type=int, default=1000, help="calls per row and round (default 1000)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="one round of 20 calls per row: checks it all runs")
     parser.add_argument("--out", help="write the Markdown table here")
     parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(args.reps, args.measure)))
         return 0
+    if args.smoke:
+        args.reps, args.rounds = 20, 1
+    if args.reps < 4 or args.rounds < 1:
+        print("error: --reps must be >= 4 and --rounds >= 1; pass e.g. --reps 1000 --rounds 3", file=sys.stderr)
+        return 2
     head = _git("rev-parse", "--short", "HEAD") + ("+changes" if _git("status", "--porcelain", "ftsam_plugin")
                                                    else "")
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,8 +3,9 @@
 Kernels compile for sm_90 (Triton ships ptxas) and the driver's launcher records what it is handed instead of
 launching; runs in a subprocess without TRITON_INTERPRET (the session's kernels are interpreted). A fast launch
 must hand the launcher exactly what Triton's own `kernel[grid](...)` hands it, on the current stream; launch
-hooks (a profiler) and FAST_LAUNCH=False keep Triton's path. The interpreted fallback is what every other
-kernel test runs.
+hooks (a profiler) and FAST_LAUNCH=False keep Triton's path; every variant a launch compiles is one the compile
+test builds. Through Triton's own launcher (over a no-op libcuda.so.1) the two paths reach cuLaunchKernelEx
+with the same grid and arguments. The interpreted fallback is what every other kernel test runs.
 """
 
 import os
@@ -103,6 +104,58 @@ with null_driver.installed(arch=90, record=True) as driver:
     assert len(driver.launches) == 4 and all(hooked(r) for r in driver.launches)
 print("fast launch ok")
 """
+
+
+REAL_LAUNCHER = r"""
+import torch
+from ftsam_plugin import kernels
+from ftsam_plugin.kernels import null_driver, sam_triton
+
+def params():
+    ps = []
+    for shape, dtype in (((300,), torch.float32), ((5, 7), torch.float32), ((200,), torch.bfloat16)):
+        p = torch.randn(shape).to(dtype).requires_grad_()
+        p.grad = torch.randn(shape).to(dtype)
+        ps.append(p)
+    return ps
+
+def words(kind, args):  # a pointer's 8 bytes, a 4-byte scalar's low 4 (the launcher reads 8 at each argument)
+    types = list(sam_triton.SIGNATURES[kind].values())
+    return [a if t.startswith("*") else a & 0xFFFFFFFF for t, a in zip(types, args)]
+
+with null_driver.installed(arch=90, launcher="triton") as driver:
+    plan = kernels.create_plan(params(), adaptive=True, backend="triton")
+    def each():  # the norm, perturb and restore launches: cuLaunchKernelEx once per group each, the last one kept
+        out = []
+        for call in (plan.grad_norm, lambda: plan.perturb(plan._out, 0.5), plan.restore):
+            before = driver.cuda_launches()
+            call()
+            assert driver.cuda_launches() == before + len(plan._groups) == before + 2
+            out.append(driver.last_cuda_launch())
+        return out
+    slow = each()  # first calls: Triton's kernel[grid](...), compiling
+    fast = each()
+    assert all(callable(launch._fast) for g in plan._groups for launch in (g.norm, g.perturb, g.restore))
+    for kind, s, f in zip(("sumsq", "perturb", "restore"), slow, fast):
+        assert (s["grid"], s["block"], s["function"]) == (f["grid"], f["block"], f["function"]) == \
+            ((plan._groups[-1].n_work, 1, 1), (32 * sam_triton.NUM_WARPS, 1, 1), 1), (s, f)
+        assert words(kind, s["args"]) == words(kind, f["args"]), (kind, s["args"], f["args"])
+    last = plan._groups[-1]
+    assert fast[0]["args"] == [t.data_ptr() for t in (last.table, last.work, plan._partials, plan._counter,
+                                                             plan._out)]
+print("real launcher ok")
+"""
+
+
+def test_fast_launches_through_tritons_own_launcher_match_its_path():
+    # Triton's compiled launcher (its NVIDIA backend's C launch) over a no-op libcuda.so.1: what reaches
+    # cuLaunchKernelEx from a fast launch equals what Triton's kernel[grid](...) passes
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", REAL_LAUNCHER], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "real launcher ok" in proc.stdout
 
 
 def test_fast_launches_hand_the_launcher_what_triton_does():

@@ -106,6 +106,7 @@ class _Group:
         self.w_dtype, self.g_dtype, self.aligned = key
         self.idx, self.table, self.work, self.pid_offset = idx, table, work, pid_offset
         self.n, self.n_work = len(idx), work.shape[1]
+        self.rows = [table[r * self.n:(r + 1) * self.n] for r in range(st.N_ROWS)]  # views, made once
         self.grid = (self.n_work,)
         self.options = {kind: st.launch_options(kind, *key) for kind in st.KERNELS}
 
@@ -167,7 +168,7 @@ class TritonPlan:
         return self._host(values).to(self.device, non_blocking=True)
 
     def _write_row(self, group, row, values):
-        group.table[row * group.n:(row + 1) * group.n].copy_(self._host(values), non_blocking=True)
+        group.rows[row].copy_(self._host(values), non_blocking=True)
 
     def _saved_ptrs(self, idx):
         return [self.saved[i].data_ptr() for i in idx] if self.saved is not None else [0] * len(idx)
