@@ -17,9 +17,8 @@ import torch
 
 from ftsam_plugin import kernels
 
-SCRIPT = r"""
+PRELUDE = r"""
 import torch
-from triton import knobs
 from ftsam_plugin import kernels
 from ftsam_plugin.kernels import null_driver, sam_triton
 
@@ -30,6 +29,10 @@ def params():
         p.grad = torch.randn(shape).to(dtype)
         ps.append(p)
     return ps
+"""
+
+SCRIPT = PRELUDE + r"""
+from triton import knobs
 
 def same(a, b):
     if isinstance(a, torch.Tensor):
@@ -106,18 +109,7 @@ print("fast launch ok")
 """
 
 
-REAL_LAUNCHER = r"""
-import torch
-from ftsam_plugin import kernels
-from ftsam_plugin.kernels import null_driver, sam_triton
-
-def params():
-    ps = []
-    for shape, dtype in (((300,), torch.float32), ((5, 7), torch.float32), ((200,), torch.bfloat16)):
-        p = torch.randn(shape).to(dtype).requires_grad_()
-        p.grad = torch.randn(shape).to(dtype)
-        ps.append(p)
-    return ps
+REAL_LAUNCHER = PRELUDE + r"""
 
 def words(kind, args):  # a pointer's 8 bytes, a 4-byte scalar's low 4 (the launcher reads 8 at each argument)
     types = list(sam_triton.SIGNATURES[kind].values())
