@@ -225,33 +225,48 @@ def _hooks_quiet(runtime):
             and not getattr(runtime.launch_exit_hook, "calls", runtime.launch_exit_hook))
 
 
+def _address(value):
+    """A tensor argument as the launcher takes it fastest: its address (launchers take an int for a pointer and
+    skip the data_ptr() call and the driver's pointer query); other arguments as they are."""
+    return value.data_ptr() if isinstance(value, torch.Tensor) else value
+
+
 class Launch:
     """Kernel `kind` on `grid` with `args` (SIGNATURES order) and `options` (`launch_options`), prepared once.
 
     Calling it with `values` replaces the arguments at positions `vary` (tensors among them: fp32 and 16-byte
     aligned, as at the first call) and launches on the current stream. The first call goes through
     Triton's `kernel[grid](...)`, which compiles the kernel and returns it; later calls hand its launcher
-    (`CompiledKernel.run`, the same call in Triton 3.6 and 3.8) the prepared arguments, skipping what that
-    path re-does every time (binding and specialising the arguments, the cache key, the globals check): one
-    C call instead of ~30 µs of Python. The normal path is kept when this Triton has no such launcher
-    (the interpreter included), while a launch hook is set, or with FAST_LAUNCH off.
+    (`CompiledKernel.run`, the same call in Triton 3.6 and 3.8) the prepared arguments, tensors as their
+    addresses, skipping what that path re-does every time (binding and specialising the arguments, the cache
+    key, the globals check): one C call instead of ~30 µs of Python. Under Triton 3.8's NVIDIA launcher
+    (`CudaLauncher`, no scratch memory) the call goes one level lower, to its C `launch`, skipping the ~1 µs of
+    Python that wraps it (tests/test_kernels_launch.py checks that cuLaunchKernelEx gets what Triton's path gives
+    it). The normal path is kept when this Triton has no such launcher (the interpreter included), while a launch
+    hook is set, or with FAST_LAUNCH off.
     """
 
     def __init__(self, kind, grid, args, options, vary=()):
         self.kernel, self.grid, self.options, self.vary = KERNELS[kind], grid, options, tuple(vary)
         self.args = list(args)
+        self._addresses = [_address(a) for a in self.args]  # the fast path's arguments
         self._fast = self._hooks = None  # set by the first launch: the fast launch, or False where there is none
 
     def __call__(self, *values):
+        fast = self._fast
+        if fast and _hooks_quiet(self._hooks):
+            args = self._addresses
+            if values:
+                args = args.copy()
+                for i, v in zip(self.vary, values):
+                    args[i] = _address(v)
+            fast(args)
+            return
         args = self.args
         if values:
             args = args.copy()
             for i, v in zip(self.vary, values):
                 args[i] = v
-        fast = self._fast
-        if fast and _hooks_quiet(self._hooks):
-            fast(args)
-            return
         compiled = self.kernel[self.grid](*args, **self.options)
         if fast is None:
             self._fast, self._hooks = self._prepare(compiled, len(args)) if FAST_LAUNCH else (False, None)
@@ -271,11 +286,35 @@ class Launch:
         gx, gy, gz = tuple(self.grid) + (1,) * (3 - len(self.grid))
         # the launcher takes every parameter in signature order, constexprs included (it skips those)
         consts = tuple(self.options[name] for name in self.kernel.arg_names[n_args:])
+        c_launch = _c_launch(run)
+        if c_launch is not None:  # Triton 3.8's CudaLauncher.__call__ without its Python: no scratch to allocate
+            coop, pdl, annotations, signature = (run.launch_cooperative_grid, run.launch_pdl, run.arg_annotations,
+                                                 run.kernel_signature)
+
+            def fast(args):
+                c_launch(gx, gy, gz, get_stream(device), function, coop, pdl, metadata, None, None, None, None, None,
+                         annotations, signature, (*args, *consts))
+
+            return fast, hooks
 
         def fast(args):  # what kernel[grid](...) ends in, with no launch metadata and no (empty) hooks
             run(gx, gy, gz, get_stream(device), function, metadata, None, None, None, *args, *consts)
 
         return fast, hooks
+
+
+def _c_launch(run):
+    """The C launch under Triton 3.8's CudaLauncher when calling it directly is what its __call__ does (no global
+    or profile scratch memory, no sanitizer); else None (another Triton or backend: the launcher is called)."""
+    if type(run).__name__ != "CudaLauncher" or not triton.__version__.startswith("3.8."):
+        return None
+    needed = ("launch", "launch_cooperative_grid", "launch_pdl", "arg_annotations", "kernel_signature")
+    if not all(hasattr(run, name) for name in needed):
+        return None
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1) or \
+            getattr(run, "gsan_enabled", True):
+        return None
+    return run.launch
 
 
 __all__ = ["BLOCK", "CHUNK", "DTYPE_PAIRS", "FAST_LAUNCH", "INTERPRET", "KERNELS", "LAUNCH_ON_CPU", "Launch",
