@@ -89,6 +89,8 @@ def _submit(spec, wanted, options, workdir: str, folder: str, wait: bool) -> int
     from .executors import EXECUTORS, make_jobs
     from .slurm import SlurmQuery
 
+    executor = EXECUTORS[options.executor](options, folder)
+    executor.check()
     query = SlurmQuery()
     cells, tokens = [], []
     for state in wanted:
@@ -105,7 +107,6 @@ def _submit(spec, wanted, options, workdir: str, folder: str, wait: bool) -> int
     if not cells:
         print("nothing to run")
         return 0
-    executor = EXECUTORS[options.executor](options, folder)
     jobs = make_jobs(cells, tokens, os.path.join(workdir, ".stage"), executor)
     what = Counter(s.state for s in wanted if s.cell in cells)
     print(f"running {len(cells)} cell(s) ({', '.join(f'{n} {k}' for k, n in what.items())}) with the "

@@ -5,7 +5,8 @@
             (--wait: watches until every cell ends). A task hitting its time limit is requeued by submitit and
             resumes from its last epoch.
     local   N processes on this machine (--workers, --threads each), submitit's LocalExecutor; runs to the end.
-            Ctrl-C cancels the running cells (they resume next time).
+            Ctrl-C stops the running cells after their current epoch's checkpoint (a second one: at once); the
+            next run resumes them.
     debug   in this process, one cell after another (submitit's DebugExecutor): with `ftsam --debug`, a failing
             cell's traceback (and pdb).
 
@@ -15,7 +16,9 @@ Each takes the cells whose locks the submission holds and returns once they are 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -74,6 +77,9 @@ class _Executor:
     def threads(self) -> int:
         return int(self.options.threads or 1)
 
+    def check(self) -> None:
+        """FtsamError if this executor cannot run here with these options (before any cell is locked)."""
+
     def run(self, jobs: List[CellJob], report) -> None:
         raise NotImplementedError
 
@@ -86,17 +92,20 @@ class Slurm(_Executor):
     def threads(self) -> int:
         return int(self.options.threads or self.options.cpus_per_task or 1)
 
+    def check(self) -> None:
+        import shutil
+
+        if self.options.time is None:
+            raise FtsamError("--executor slurm needs each task's time limit; pass --time MINUTES (or `time:` under "
+                             "executor in the grid file): a cell that needs longer is requeued and resumes")
+        if shutil.which("sbatch") is None or shutil.which("srun") is None:
+            raise FtsamError("sbatch/srun not found: this is not a Slurm machine; use --executor local here")
+
     def run(self, jobs: List[CellJob], report) -> None:
         import submitit
 
         o = self.options
-        if o.time is None:
-            raise FtsamError("--executor slurm needs each task's time limit; pass --time MINUTES (or `time:` under "
-                             "executor in the grid file): a cell that needs longer is requeued and resumes")
-        try:
-            executor = submitit.SlurmExecutor(folder=self.folder)
-        except RuntimeError as exc:
-            raise FtsamError(f"{exc}; use --executor local on a machine without Slurm") from None
+        executor = submitit.SlurmExecutor(folder=self.folder)
         params = dict(job_name=o.job_name, time=int(o.time), partition=o.partition, cpus_per_task=o.cpus_per_task,
                       gpus_per_task=o.gpus_per_task, mem=f"{o.mem_gb:g}GB" if o.mem_gb else None,
                       array_parallelism=o.array_parallelism, setup=thread_setup(self.threads()),
@@ -130,15 +139,17 @@ class Local(_Executor):
         import submitit
 
         executor = submitit.LocalExecutor(folder=self.folder)
-        executor.update_parameters(timeout_min=self.options.time or LOCAL_FOREVER_MIN,
-                                   setup=thread_setup(self.threads()))
+        # no `setup` lines: they put a shell between submitit and the job, and a cancel (SIGINT) would stop there
+        executor.update_parameters(timeout_min=self.options.time or LOCAL_FOREVER_MIN)
+        threads = str(self.threads())
         guard, stopping, started = threading.Lock(), threading.Event(), {}
 
         def one(job: CellJob):  # a pool thread: start the cell's process, wait for it
             with guard:
                 if stopping.is_set():
                     return
-                started[job.token] = handle = executor.submit(job)
+                with _environ(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):  # the job's copy of it
+                    started[job.token] = handle = executor.submit(job)
             while not handle.done():
                 time.sleep(POLL_S)
 
@@ -148,12 +159,18 @@ class Local(_Executor):
             for future in concurrent.futures.as_completed(futures):
                 future.result()
                 report(futures[future])
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # stop the running cells at their next checkpoint; a second Ctrl-C: at once
             stopping.set()
             with guard:
-                for handle in started.values():
+                handles = list(started.values())
+            for handle in handles:
+                _signal(handle, signal.SIGTERM)  # submitit's controller forwards SIGTERM to its job
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:
+                for handle in handles:
                     handle.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
             pool.shutdown(wait=True)
@@ -173,6 +190,26 @@ class Debug(_Executor):
         for job in jobs:
             executor.submit(job).result()
             report(job)
+
+
+def _signal(handle, signum: int) -> None:
+    """Signal a local job's controller (its job id is the controller's PID)."""
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(handle.job_id), signum)
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def make_jobs(cells, tokens, stage_root: str, executor: _Executor) -> List[CellJob]:

@@ -245,7 +245,7 @@ def _expand(entry, what: str, records: Dict[str, str], seeds: List[int], common:
                 mine = dict(zip(keys, combo))
                 settings = {**{k: v for k, v in common.items() if k not in mine}, **mine, "random_seed": seed}
                 _check_argv(parser, defense, settings, f"{what} ({record_name}, seed {seed})")
-                folder = _folder_name(template, defense, mine, seed, what)
+                folder = _folder_name(template, defense, mine, settings, what)
                 cells.append(Cell(record=record, defense=defense, folder_name=folder,
                                   settings=tuple(settings.items()), group=group))
     return cells
@@ -260,17 +260,21 @@ def _check_argv(parser: argparse.ArgumentParser, defense: str, settings: Dict[st
         raise FtsamError(f"{what}: {exc}; fix the grid file") from None
 
 
-def _folder_name(template: Optional[str], defense: str, mine: Dict[str, Any], seed: int, what: str) -> str:
+def _folder_name(template: Optional[str], defense: str, mine: Dict[str, Any], settings: Dict[str, Any],
+                 what: str) -> str:
+    """The default: the defense and the entry's own flags with their values; a template may use any flag of the
+    cell, {seed} and {defense}. `_s<seed>` is appended unless the template places {seed}."""
+    seed = settings["random_seed"]
     if template is None:
         name = "_".join([defense] + [f"{k}{_slug(k, v)}" for k, v in mine.items()])
     else:
-        fields = {k: _slug(k, v) for k, v in mine.items()}
+        fields = {k: _slug(k, v) for k, v in settings.items()}
         fields.update(seed=seed, defense=defense)
         try:
             name = template.format(**fields)
         except (KeyError, IndexError, ValueError) as exc:
-            raise FtsamError(f"{what}: name {quote(template)} uses {exc} which is not one of the entry's flags "
-                             f"({', '.join(mine) or 'none'}) or seed, defense; fix the name") from None
+            raise FtsamError(f"{what}: name {quote(template)} uses {exc}, which is not a flag of the cell "
+                             f"({', '.join(settings)}) nor seed or defense; fix the name") from None
     if template is None or "{seed}" not in template:
         name += f"_s{seed}"
     if FOLDER_CHARS.search(name):
