@@ -93,3 +93,19 @@ def test_auto_keeps_triton_for_size_one_stride_differences(monkeypatch):
     p2.grad = torch.randn(6, 4).t()  # a real layout difference (sizes > 1) is still refused
     with pytest.raises(ValueError, match="grad shape/strides"):
         kernels.create_plan([p2], backend="triton")
+
+
+@pytest.mark.parametrize("impl", plan_guard.IMPLS[1:])
+def test_moved_grads_are_re_pointed_in_every_group(impl):
+    # two groups and an empty param (in no group): the guard's addresses land in each group's own table rows
+    ps = two_group_params() + make_params([(0,)])
+    plan = kernels.create_plan(ps, adaptive=True, backend="triton")
+    guard = plan_guard.create_guard(ps, plan.grad_alignment(), impl)
+    old = [p.grad for p in ps]
+    for p in ps:
+        p.grad = torch.randn(p.shape).to(p.dtype)  # new storage, new values
+    assert guard.check() == (plan_guard.MOVED, -1)
+    plan.point_grads(guard.grad_ptrs())
+    for g in old:
+        g.fill_(1e4)  # the plan must not read these any more
+    torch.testing.assert_close(plan.grad_norm().double(), oracle_norm(ps, adaptive=True), rtol=5e-6, atol=0)

@@ -2,7 +2,7 @@
 //
 //   ref = snapshot(params, alignments)   # bytearray: what each param and its grad were
 //   code, index = check(params, ref)     # 0 same, 1 moved (ref updated to the grads' new place), >= 2 stale
-//   ptrs = grad_ptrs(params)
+//   ptrs = grad_ptrs(params)             # bytearray: each grad's address as an int64 (0: no grad)
 //
 // ref holds int64 words: n, then per param [ndim, param ptr, dtype, device type, device index, grad ptr,
 // grad dtype, alignment, sizes[ndim], param strides[ndim], grad strides[ndim]].
@@ -120,12 +120,12 @@ PyObject* grad_ptrs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   Py_ssize_t n = PyList_GET_SIZE(args[0]);
-  PyObject* out = PyList_New(n);
-  for (Py_ssize_t i = 0; out && i < n; ++i) {
+  std::vector<int64_t> ptrs(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
     const at::Tensor& g = THPVariable_Unpack(PyList_GET_ITEM(args[0], i)).grad();
-    PyList_SET_ITEM(out, i, PyLong_FromLongLong(g.defined() ? address(g) : 0));
+    ptrs[i] = g.defined() ? address(g) : 0;
   }
-  return out;
+  return PyByteArray_FromStringAndSize(reinterpret_cast<const char*>(ptrs.data()), n * sizeof(int64_t));
 }
 
 PyMethodDef methods[] = {

@@ -3,7 +3,7 @@
     guard = create_guard(params, alignments)  # each param with a grad; alignments: what each grad's address must
                                               # be a multiple of (16 in an aligned Triton group, else 1)
     code, index = guard.check()               # every step
-    ptrs = guard.grad_ptrs()                  # after MOVED: the grads' addresses, in params order
+    ptrs = guard.grad_ptrs()                  # after MOVED: the grads' addresses (int64 CPU tensor, params order)
 
 check() returns (SAME, -1): nothing moved; (MOVED, -1): only grads moved (or took strides that differ only in
 size-1 dims) and each still fits its slot, so a plan re-pointed at `grad_ptrs()` is valid, and the guard compares
@@ -140,7 +140,7 @@ class PythonGuard:
         return MOVED, -1
 
     def grad_ptrs(self):
-        return [0 if p.grad is None else p.grad.data_ptr() for p in self._params]
+        return torch.tensor([0 if p.grad is None else p.grad.data_ptr() for p in self._params], dtype=torch.int64)
 
 
 # ---- compiled: plan_guard.cpp ----
@@ -159,7 +159,7 @@ class CompiledGuard:
         return self._mod.check(self._params, self._ref)
 
     def grad_ptrs(self):
-        return self._mod.grad_ptrs(self._params)
+        return torch.frombuffer(self._mod.grad_ptrs(self._params), dtype=torch.int64)  # no per-int conversion
 
 
 def build_flags():

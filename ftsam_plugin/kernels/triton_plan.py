@@ -107,6 +107,7 @@ class _Group:
         self.idx, self.table, self.work, self.pid_offset = idx, table, work, pid_offset
         self.n, self.n_work = len(idx), work.shape[1]
         self.rows = [table[r * self.n:(r + 1) * self.n] for r in range(st.N_ROWS)]  # views, made once
+        self.index = torch.tensor(idx, dtype=torch.int64)  # its params' places in the plan's list
         self.grid = (self.n_work,)
         self.options = {kind: st.launch_options(kind, *key) for kind in st.KERNELS}
 
@@ -224,10 +225,11 @@ class TritonPlan:
         return align
 
     def point_grads(self, ptrs):
-        """Write the grads' addresses `ptrs` (one per param) into the tables, unchecked: for a caller whose own
-        check (plan_guard) found each grad laid out like its param at an address its group allows."""
+        """Write the grads' addresses `ptrs` (an int64 CPU tensor, one per param) into the tables, unchecked: for a
+        caller whose own check (plan_guard) found each grad laid out like its param at an address its group
+        allows."""
         for g in self._groups:
-            self._write_row(g, st.ROW_G, [ptrs[i] for i in g.idx])
+            self._write_row(g, st.ROW_G, ptrs if g.n == len(self.params) else ptrs[g.index])
 
     def perturb(self, norm, rho):
         if self.saved is None:
