@@ -117,26 +117,33 @@ def words(kind, args):  # a pointer's 8 bytes, a 4-byte scalar's low 4 (the laun
     types = list(sam_triton.SIGNATURES[kind].values())
     return [a if t.startswith("*") else a & 0xFFFFFFFF for t, a in zip(types, args)]
 
-with null_driver.installed(arch=90, launcher="triton") as driver:
-    plan = kernels.create_plan(params(), adaptive=True, backend="triton")
-    def each():  # the norm, perturb and restore launches: cuLaunchKernelEx once per group each, the last one kept
-        out = []
-        for call in (plan.grad_norm, lambda: plan.perturb(plan._out, 0.5), plan.restore):
-            before = driver.cuda_launches()
-            call()
-            assert driver.cuda_launches() == before + len(plan._groups) == before + 2
-            out.append(driver.last_cuda_launch())
-        return out
-    slow = each()  # first calls: Triton's kernel[grid](...), compiling
-    fast = each()
-    assert all(callable(launch._fast) for g in plan._groups for launch in (g.norm, g.perturb, g.restore))
+def each(driver, plan):  # norm, perturb and restore: cuLaunchKernelEx once per group each, the last one kept
+    out = []
+    for call in (plan.grad_norm, lambda: plan.perturb(plan._out, 0.5), plan.restore):
+        before = driver.cuda_launches()
+        call()
+        assert driver.cuda_launches() == before + len(plan._groups) == before + 2
+        out.append(driver.last_cuda_launch())
+    return out
+
+def check(plan, slow, fast):
     for kind, s, f in zip(("sumsq", "perturb", "restore"), slow, fast):
         assert (s["grid"], s["block"], s["function"]) == (f["grid"], f["block"], f["function"]) == \
             ((plan._groups[-1].n_work, 1, 1), (32 * sam_triton.NUM_WARPS, 1, 1), 1), (s, f)
         assert words(kind, s["args"]) == words(kind, f["args"]), (kind, s["args"], f["args"])
     last = plan._groups[-1]
     assert fast[0]["args"] == [t.data_ptr() for t in (last.table, last.work, plan._partials, plan._counter,
-                                                             plan._out)]
+                                                        plan._out)]
+
+with null_driver.installed(arch=90, launcher="triton") as driver:
+    for direct in (True, False):  # Triton 3.8's C launch called directly; the launcher object (other Tritons)
+        if not direct:
+            sam_triton._c_launch = lambda run: None
+        plan = kernels.create_plan(params(), adaptive=True, backend="triton")
+        slow = each(driver, plan)  # first calls: Triton's kernel[grid](...) (compiling the first time)
+        fast = each(driver, plan)
+        assert all(callable(launch._fast) for g in plan._groups for launch in (g.norm, g.perturb, g.restore))
+        check(plan, slow, fast)
 print("real launcher ok")
 """
 
