@@ -266,7 +266,22 @@ def cmd_analyse(args) -> int:
     for path in files:
         item = safe_load(path, what="snapshot")
         snaps[int(item["epoch"])] = item["model"]
-    along = [measure(state, epoch) for epoch, state in sorted(snaps.items())]
+    out_path = os.path.join(RESULTS, args.attack, args.tag + ".analysis.json")
+    known = {}  # an earlier analysis of the same snapshots (a running run is analysed as it goes)
+    if os.path.isfile(out_path):
+        with open(out_path) as handle:
+            earlier = json.load(handle)
+        if earlier.get("top_tac_channels") == sorted(int(c) for c in top):
+            known = {a["epoch"]: a for a in earlier["along"] if a.get("digest")}
+    along = []
+    for epoch, state in sorted(snaps.items()):
+        digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                                         for t in state.values())).hexdigest()[:16]
+        row = known.get(epoch)
+        if row is None or row["digest"] != digest:
+            row = dict(measure(state, epoch), digest=digest)
+        row["lr"] = lr_of.get(epoch)
+        along.append(row)
     last = max(snaps)
     line_from = sorted({e for e in (10, last) if e in snaps})
     lines = {}
@@ -286,7 +301,7 @@ def cmd_analyse(args) -> int:
                                                                                            len(path_bd)],
            "along": along, "lines": lines, "machine": machine(), "commit": git_commit(REPO),
            "finished": datetime.now().isoformat(timespec="seconds")}
-    atomic_json(os.path.join(RESULTS, args.attack, args.tag + ".analysis.json"), out)
+    atomic_json(out_path, out)
     log(f"{args.attack} {args.tag}: analysis written")
     return 0
 
