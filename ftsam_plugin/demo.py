@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -37,7 +38,8 @@ from PIL import Image
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.lock import FolderLock, held_locks_under
 from ftsam_plugin.provenance import cpu_name
-from ftsam_plugin.settings import SEED_MAX, TRAINING_RULES, Number, check_flags, str2bool
+from ftsam_plugin.settings import SEED_MAX, TRAINING_RULES, Number, check_flags, str2bool, threads_rule, usable_cores
+from ftsam_plugin.signals import Stopped
 
 __all__ = ["add_arguments", "run", "DemoData", "select_data", "digits_folder", "generated_folder"]
 
@@ -355,7 +357,9 @@ def _prepare_record_dir(out: str, name: str) -> str:
     if not os.path.lexists(record):
         return record
     if not os.path.isfile(os.path.join(record, MARKER)) or os.path.islink(record):
-        raise FtsamError(f"{record} exists and was not made by `ftsam demo`; pass another --out or remove it")
+        FolderLock(record, what="demo record folder").check()  # another demo's attack writing it: name that run
+        raise FtsamError(f"{record} exists and was not made by `ftsam demo` (it has no {MARKER}; a demo killed "
+                         f"with SIGKILL during its attack leaves none either); pass another --out or remove it")
     with FolderLock(record, what="demo record folder"):
         busy = held_locks_under(record, skip=(record,))
         if busy:
@@ -383,11 +387,22 @@ def run_attack(data: DemoData, out: str, name: str, attack: str, epochs: int, wi
             "--width", str(width), "--epochs", str(epochs), "--batch_size", "128", "--device", device,
             "--num_workers", "0", "--random_seed", str(seed), "--record_root", out, "--save_folder_name", name,
             "--progress", str(progress)]
-    attack_cli.run(parser.parse_args(argv))
     record = os.path.join(out, name)
-    with open(os.path.join(record, MARKER), "w") as handle:
-        handle.write(f"made by ftsam demo: {attack} on {data.description}\n")
+    existed = os.path.lexists(record)
+    try:
+        attack_cli.run(parser.parse_args(argv))
+    except BaseException:  # Ctrl-C, SIGTERM, an error: a record folder this attack made is still the demo's
+        if not existed and os.path.isdir(record) and FolderLock(record).holder() is None:
+            _mark(record, f"made by ftsam demo: {attack} on {data.description}; the attack did not finish")
+        raise
+    _mark(record, f"made by ftsam demo: {attack} on {data.description}")
     return record
+
+
+def _mark(record: str, note: str) -> None:
+    """Mark `record` as the demo's (a later demo may move it aside; it refuses folders without the mark)."""
+    with open(os.path.join(record, MARKER), "w") as handle:
+        handle.write(note + "\n")
 
 
 def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optional[str], device: str,
@@ -425,11 +440,6 @@ def run_defense(defense: str, record: str, epochs: int, ratio: float, rho: Optio
             "probes": [asdict(p) for p in getattr(obj, "rho_probes", [])]}
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity where the OS tells it, e.g. inside a container)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def side_by_side(device: str, threads: int, wanted: Optional[bool] = None) -> bool:
     """Whether FT and FT-SAM run at once, in two processes: on CPU only, when `wanted` (--side_by_side) says so, or
     by default when this process may use a core set for each (2 x --threads). Each process keeps --threads torch
@@ -441,9 +451,15 @@ def side_by_side(device: str, threads: int, wanted: Optional[bool] = None) -> bo
 
 def _defense_child(conn, job: dict, threads: int) -> None:
     """Entry point of the second process of `run_defenses_side_by_side`: run one defense, send back its result."""
+    import threading
+
     import torch
+    from tqdm import tqdm
 
     torch.set_num_threads(threads)
+    # tqdm's default lock is a multiprocessing semaphore: if this process is stopped before its exit clean-up, the
+    # resource tracker reports it as leaked when the demo ends. One process with one bar needs a thread lock only.
+    tqdm.set_lock(threading.RLock())
     try:
         conn.send(("ok", run_defense(**job)))
     except BaseException as exc:  # reported by the parent as one line
@@ -452,29 +468,54 @@ def _defense_child(conn, job: dict, threads: int) -> None:
         conn.close()
 
 
+CHILD_EXIT_S = 60  # how long the second process may take to exit once it has sent its result
+
+
 def run_defenses_side_by_side(first: dict, second: dict, threads: int) -> Tuple[dict, dict]:
     """`run_defense(**first)` here and `run_defense(**second)` in a spawned process at the same time (different
     defense folders of one record, so one writer per folder); returns both results. The child is stopped if this
-    process fails or is interrupted."""
+    process fails or is interrupted; a child that dies (killed, out of memory) interrupts this process at once (its
+    defense stops after the current epoch) and the error names how it died."""
+    import _thread
     import multiprocessing
+    import threading
 
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state inherited through fork
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_defense_child, args=(send, second, threads), name=f"ftsam-demo-{second['defense']}")
     child.start()
     send.close()
-    try:
-        mine = run_defense(**first)
+    outcome: dict = {}
+    finished = threading.Event()  # this process is done with its defense: a child ending now interrupts nothing
+
+    def watch() -> None:  # the child's message, or its death without one
         try:
-            status, other = receive.recv()
-        except EOFError:
+            outcome["message"] = receive.recv()
+        except (EOFError, OSError):
             child.join()
-            raise FtsamError(f"the {second['defense']} process ended without a result (exit code {child.exitcode}); "
-                             f"rerun with --side_by_side false to run the defenses one after the other") from None
+            if not finished.is_set():
+                outcome["died"] = child.exitcode
+                _thread.interrupt_main()  # as a Ctrl-C: this process's defense stops after its epoch
+
+    watcher = threading.Thread(target=watch, name="ftsam-demo-watch", daemon=True)
+    watcher.start()
+    try:
+        try:
+            mine = run_defense(**first)
+            watcher.join()
+        except KeyboardInterrupt:
+            if "died" not in outcome:
+                raise
+        if "died" in outcome:
+            raise FtsamError(f"the {second['defense']} process ended without a result: {_death(outcome['died'])}; "
+                             f"{first['defense']} was stopped too; run the demo again") from None
+        status, other = outcome["message"]
+        child.join(CHILD_EXIT_S)  # let it end by itself (a SIGTERM during its exit clean-up leaks its resources)
         if status != "ok":
             raise FtsamError(f"{second['defense']} failed in its process: {other}")
         return mine, other
     finally:
+        finished.set()
         if child.is_alive():  # this process failed or was interrupted: stop the child (SIGTERM, then SIGKILL)
             child.terminate()
             child.join(30)
@@ -482,6 +523,15 @@ def run_defenses_side_by_side(first: dict, second: dict, threads: int) -> Tuple[
                 child.kill()
         child.join()
         receive.close()
+
+
+def _death(exitcode: Optional[int]) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it)."""
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        why = " (the out-of-memory killer, or kill -9)" if -exitcode == signal.SIGKILL else ""
+        return f"killed by {name}{why}"
+    return f"exit code {exitcode}"
 
 
 def retune_rows(record: str, device: str, rows: Sequence[dict], tiny: bool = False) -> None:
@@ -565,20 +615,47 @@ FLAG_RULES = {
     "epochs": Number(integer=True, low=1), "defense_epochs": Number(integer=True, low=1),
     "width": TRAINING_RULES["width"], "ratio": Number(low=0, high=1, low_open=True),
     "rho": Number(low=0, low_open=True), "lr": Number(low=0, high=1000, low_open=True),
-    "threads": Number(integer=True, low=1, high=4096), "batch_size": Number(integer=True, low=1),
+    "batch_size": Number(integer=True, low=1),
     "train_per_class": Number(integer=True, low=1), "test_per_class": Number(integer=True, low=1),
     "seed": Number(integer=True, low=0, high=SEED_MAX), "download_timeout": Number(low=0, high=3600, low_open=True),
 }
 
 
 def check_args(args: argparse.Namespace) -> str:
-    """Check every flag (FtsamError naming the first bad one); returns the device to use."""
+    """Check every flag (FtsamError naming the first bad one; --threads up to the usable cores) and that --out can
+    be written; returns the device to use."""
     import torch
 
     from ftsam_plugin.defense.ddp import resolve_device
 
-    check_flags(args, FLAG_RULES)
-    return str(resolve_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
+    check_flags(args, {**FLAG_RULES, "threads": threads_rule()})
+    device = str(resolve_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_out(args.out)
+    return device
+
+
+def _check_out(out: str) -> None:
+    """--out exists (made if missing) and a folder can be made in it (os.access is no test for root), else one line
+    naming --out."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".ftsam-demo-check-", dir=out))
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise FtsamError(f"--out {out} cannot hold the demo's record ({reason}); pass another --out") from None
+
+
+def _check_subset(data: DemoData, ratio: float) -> None:
+    """The defenses' class-balanced clean subset must hold an image of each class."""
+    if clean_subset_size(data.n_train, ratio) < 10:
+        raise FtsamError(f"the defenses' clean subset would hold 0 images per class (ratio {ratio:g} of "
+                         f"{data.n_train // 10} training image(s) per class); raise --train_per_class (or --ratio)")
+
+
+def _stopped(exc: KeyboardInterrupt, doing: str, record: str) -> Stopped:
+    """The line a Ctrl-C or SIGTERM ends the demo with: what is kept and what works next (a demo has no --resume)."""
+    return Stopped(f"stopped during {doing}; {record} is kept, unfinished; run the same command to start over (the "
+                   f"demo moves that record aside, it never deletes it)", getattr(exc, "signum", signal.SIGINT))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -599,6 +676,7 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch_size or (None if tiny else DEFAULTS["batch_size"])
     lr = args.lr or (None if tiny else DEFAULTS["lr"])  # --tiny: the cpu config's
     eval_every = 1 if tiny else DEFAULTS["eval_every"]
+    _check_subset(data, ratio)
     threads = args.threads
     torch.set_num_threads(threads)  # CPU results depend on the thread count: it is part of the seed's identity
     n_clean = clean_subset_size(data.n_train, ratio)
@@ -612,41 +690,49 @@ def run(args: argparse.Namespace) -> int:
     parallel = side_by_side(device, threads, args.side_by_side)  # FT and FT-SAM at once, one process each
     stage(f"[1/{2 if parallel else 3}] attack: {args.attack}, 10% poison, all-to-one target 0, PreAct-ResNet18 width {width}, "
           f"{epochs} epochs ...")
-    start = time.perf_counter()
-    record = run_attack(data, args.out, name, args.attack, epochs, width, device, args.seed, bars)
-    record_lock = FolderLock(record, what="demo record folder").acquire()  # until the end: no other demo moves it
-    backdoored = _last_row(os.path.join(record, "attack_df.csv"))
-    backdoored["seconds"] = time.perf_counter() - start
-    stage(f"      done in {backdoored['seconds']:.0f} s: ACC {100 * backdoored['test_acc']:.1f}, "
-          f"ASR {100 * backdoored['test_asr']:.1f}")
-    common = (f"class-balanced {ratio:g} clean subset ({n_clean} images), {defense_epochs} epochs"
-              + (f", batch {batch}" if batch else "") + (f", lr {lr:g}" if lr else "")
-              + f", evaluated every {eval_every} epoch(s)")
-    ft_job = dict(defense="ft-baseline", record=record, epochs=defense_epochs, ratio=ratio, rho=None, device=device,
-                  seed=args.seed, eval_every=eval_every, batch_size=batch, lr=lr)
-    sam_job = dict(ft_job, defense="ftsam", rho=str(rho))
-
-    def done(label: str, m: dict) -> None:
-        stage(f"      {label} done in {m['seconds']:.0f} s: ACC {100 * m['test_acc']:.1f}, ASR {100 * m['test_asr']:.1f}")
-
-    if parallel:
-        stage(f"[2/2] FT (plain fine-tuning) and FT-SAM (ASAM, rho {rho}) side by side, one process each, "
-              f"{common} ...")
-        ft, sam = run_defenses_side_by_side(ft_job, sam_job, threads)
-        done("FT", ft)
-    else:
-        stage(f"[2/3] FT (plain fine-tuning), {common} ...")
-        ft = run_defense(**ft_job)
-        done("FT", ft)
-        stage(f"[3/3] FT-SAM (ASAM, rho {rho}), {common} ...")
-        sam = run_defense(**sam_job)
-    done("FT-SAM", sam)
-    if not args.no_retune:
-        stage("[+] retuning attack on each model (Min et al., NeurIPS 2024; `ftsam retune`'s defaults: 2% clean "
-              "data holding 5 poisoned samples, 5 epochs" + ("; --tiny: 50%, 2, 1 epoch" if tiny else "") + ") -> P-ASR ...")
+    record, doing = os.path.join(args.out, name), "the attack"
+    try:
         start = time.perf_counter()
-        retune_rows(record, device, (backdoored, ft, sam), tiny)
-        stage(f"      done in {time.perf_counter() - start:.0f} s")
+        record = run_attack(data, args.out, name, args.attack, epochs, width, device, args.seed, bars)
+        record_lock = FolderLock(record, what="demo record folder").acquire()  # to the end: no other demo moves it
+        backdoored = _last_row(os.path.join(record, "attack_df.csv"))
+        backdoored["seconds"] = time.perf_counter() - start
+        stage(f"      done in {backdoored['seconds']:.0f} s: ACC {100 * backdoored['test_acc']:.1f}, "
+              f"ASR {100 * backdoored['test_asr']:.1f}")
+        common = (f"class-balanced {ratio:g} clean subset ({n_clean} images), {defense_epochs} epochs"
+                  + (f", batch {batch}" if batch else "") + (f", lr {lr:g}" if lr else "")
+                  + f", evaluated every {eval_every} epoch(s)")
+        ft_job = dict(defense="ft-baseline", record=record, epochs=defense_epochs, ratio=ratio, rho=None,
+                      device=device, seed=args.seed, eval_every=eval_every, batch_size=batch, lr=lr)
+        sam_job = dict(ft_job, defense="ftsam", rho=str(rho))
+
+        def done(label: str, m: dict) -> None:
+            stage(f"      {label} done in {m['seconds']:.0f} s: ACC {100 * m['test_acc']:.1f}, "
+                  f"ASR {100 * m['test_asr']:.1f}")
+
+        doing = "FT and FT-SAM"
+        if parallel:
+            stage(f"[2/2] FT (plain fine-tuning) and FT-SAM (ASAM, rho {rho}) side by side, one process each, "
+                  f"{common} ...")
+            ft, sam = run_defenses_side_by_side(ft_job, sam_job, threads)
+            done("FT", ft)
+        else:
+            stage(f"[2/3] FT (plain fine-tuning), {common} ...")
+            ft = run_defense(**ft_job)
+            done("FT", ft)
+            stage(f"[3/3] FT-SAM (ASAM, rho {rho}), {common} ...")
+            sam = run_defense(**sam_job)
+        done("FT-SAM", sam)
+        if not args.no_retune:
+            doing = "the retuning attack"
+            stage("[+] retuning attack on each model (Min et al., NeurIPS 2024; `ftsam retune`'s defaults: 2% clean "
+                  "data holding 5 poisoned samples, 5 epochs" + ("; --tiny: 50%, 2, 1 epoch" if tiny else "")
+                  + ") -> P-ASR ...")
+            start = time.perf_counter()
+            retune_rows(record, device, (backdoored, ft, sam), tiny)
+            stage(f"      done in {time.perf_counter() - start:.0f} s")
+    except KeyboardInterrupt as exc:
+        raise _stopped(exc, doing, record) from None
     rows = [("no defense", backdoored), ("FT", ft), ("FT-SAM", sam)]
     label = {"folder": "CIFAR-10", "cifar10-download": "CIFAR-10"}.get(data.source, data.source)
     png = plot_curves(os.path.join(record, "demo_curves.png"), f"{args.attack} on {label}, seed {args.seed}",

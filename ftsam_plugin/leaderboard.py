@@ -62,13 +62,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ftsam_plugin import metrics
 from ftsam_plugin.errors import FtsamError
-from ftsam_plugin.data.completion import is_complete
+from ftsam_plugin.data.completion import is_complete, read_marker
 from ftsam_plugin.data.records import check_record_meta, find_defenses, load_defense_model
 from ftsam_plugin.io import (atomic_write_bytes, atomic_write_text, file_fingerprint, make_output_folder,
                              remove_stale_temp_files, safe_load, write_csv)
 from ftsam_plugin.lock import FolderLock
-from ftsam_plugin.purify import TimeToPurify, read_history, time_to_purify
-from ftsam_plugin.settings import Number, Text, check_flags
+from ftsam_plugin.purify import TimeToPurify, history_problem, read_history, time_to_purify
+from ftsam_plugin.settings import FRACTION, Number, Text, check_flags
 
 __all__ = [
     "add_arguments",
@@ -187,20 +187,42 @@ def _find_summary(folder: str, name: str, result_path: str, row: str, only_named
     return None, None
 
 
-def _find_history(folder: str, name: str, result_path: str) -> Tuple[Optional[str], Optional[TimeToPurify]]:
-    """(path, time to purify) from the freshest readable per-epoch CSV of a defense result, else (None, None)."""
-    result_mtime = os.path.getmtime(result_path)
-    for path in _summary_candidates(folder, name, suffix="_df.csv"):
-        if os.path.getmtime(path) < result_mtime - SUMMARY_MAX_AGE_S:
-            continue
+def _find_history(folder: str, name: str, result_path: str) -> Tuple[Optional[str], Optional[TimeToPurify], bool]:
+    """(path, time to purify, checked) from the per-epoch CSV of the run that wrote `result_path`, else (None, None,
+    False). Where the folder's completion marker lists `<name>_df.csv` (runs of this version), only that file, and
+    only while the marker says the run finished and its fingerprints (result and CSV) still match: checked. A marker
+    that does not say finished: none (the CSV is a rerun's, or half-written). Otherwise (no marker: BackdoorBench's
+    defenses; a marker from before it listed the CSV) the freshest readable CSV as before, not checked. A CSV whose
+    values are impossible (`purify.history_problem`) is named and not used."""
+    marker = read_marker(folder)
+    named = f"{name}_df.csv"
+    listed = marker is not None and isinstance(marker.get("files"), dict) and named in marker["files"]
+    if listed or (marker is not None and marker.get("state") != "complete"):
+        path = os.path.join(folder, named)
+        if not is_complete(folder, [os.path.basename(result_path), named]):
+            print(f"warning: {path} is not the per-epoch CSV of the finished run that wrote "
+                  f"{os.path.basename(result_path)} (the run did not finish, or a file changed since); time to purify "
+                  f"not shown", file=sys.stderr)
+            return None, None, False
+        candidates = [path]
+    else:
+        result_mtime = os.path.getmtime(result_path)
+        candidates = [p for p in _summary_candidates(folder, name, suffix="_df.csv")
+                      if os.path.getmtime(p) >= result_mtime - SUMMARY_MAX_AGE_S]
+    for path in candidates:
         try:
             rows = read_history(path)
         except (OSError, UnicodeDecodeError, csv.Error):
             continue
+        problem = history_problem(rows)
+        if problem is not None:
+            print(f"warning: {path}: {problem}; time to purify not shown", file=sys.stderr)
+            continue
         purify = time_to_purify(rows)
         if purify.evaluated:
-            return path, purify
-    return None, None
+            return path, purify, listed
+    return None, None, False
+
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -216,17 +238,26 @@ def _cache_key(result_path: str, record_dir: str, dataset_path: Optional[str]) -
 
 
 def _read_cache(folder: str, key: dict) -> Optional[Dict[str, float]]:
+    """The cached {acc, asr, ra} when the key matches, else None; a matching cache holding anything but three
+    fractions in [0, 1] is named in a warning and not used (the result is evaluated again)."""
+    path = os.path.join(folder, CACHE_NAME)
     try:
-        with open(os.path.join(folder, CACHE_NAME)) as handle:
+        with open(path) as handle:
             stored = json.load(handle)
     except (OSError, ValueError):
         return None
     if not isinstance(stored, dict) or stored.get("key") != key:
         return None
     values = stored.get("metrics")
-    if not isinstance(values, dict) or any(not isinstance(values.get(m), (int, float)) for m in SUMMARY_COLUMNS):
+    bad = next((m for m in SUMMARY_COLUMNS if FRACTION.parse((values if isinstance(values, dict) else {}).get(m))
+                is None), None)
+    if bad is not None:
+        got = values.get(bad) if isinstance(values, dict) else values
+        print(f"warning: {path} is damaged ({bad} {got!r} is not a fraction in [0, 1]); not used, the result is "
+              f"evaluated again", file=sys.stderr)
         return None
     return {m: float(values[m]) for m in SUMMARY_COLUMNS}
+
 
 
 def _write_cache(folder: str, key: dict, values: Dict[str, float]) -> None:
@@ -273,6 +304,7 @@ class Entry:
     retune_source: str = ""
     purify: Optional[TimeToPurify] = None  # from the run's per-epoch CSV, when there is one
     purify_source: str = ""
+    purify_checked: bool = False  # the CSV is the scored result's run's, by the completion marker's fingerprints
 
     def get(self, metric: str) -> Optional[float]:
         return getattr(self, metric)
@@ -505,8 +537,8 @@ def build_leaderboard(roots: Sequence[str], opts) -> List[Table]:
                         entry.retune_source = "error"
                         print(f"warning: {r.label}/{entry.defense}: retune: {exc}", file=sys.stderr)
                 if entry.defense != NO_DEFENSE:
-                    path, entry.purify = _find_history(os.path.dirname(entry.result_path), entry.defense,
-                                                       entry.result_path)
+                    path, entry.purify, entry.purify_checked = _find_history(
+                        os.path.dirname(entry.result_path), entry.defense, entry.result_path)
                     entry.purify_source = os.path.relpath(path, r.path) if path else ""
                 table.cells[(r.label, entry.defense)] = entry
             base = table.cells[(r.label, NO_DEFENSE)]
@@ -624,25 +656,43 @@ def render_markdown(tables: List[Table], opts) -> str:
                       "| " + " | ".join(PURIFY_HEADER) + " |",
                       "|---" * len(PURIFY_HEADER) + "|"]
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in purify] + [""]
+            if _has_unchecked(table):
+                lines += [UNCHECKED_NOTE, ""]
     return "\n".join(lines)
 
 
 PURIFY_HEADER = ("record", "defense", "purified at", "of the run", "final ACC", "final ASR", "ASR evaluated every")
 PURIFY_NOTE = ("first evaluated epoch from which ASR stays ≤ 5% to the end of the run (training seconds, where the "
                "run recorded them), from the run's per-epoch CSV")
+UNCHECKED = "†"
+UNCHECKED_NOTE = (f"{UNCHECKED} from a per-epoch CSV not covered by the run's completion marker (BackdoorBench's own "
+                  f"defenses, or ours from before the marker listed it): it may come from another run than the result")
 
 
-def _purify_rows(table: Table) -> List[List[str]]:
-    """One row of text per cell with a time to purify, in the table's row and defense order."""
-    rows = []
+def _purify_entries(table: Table):
+    """(record label, defense, entry) of each cell with a time to purify, in the table's row and defense order."""
     for r in table.rows:
         for d in table.defenses[1:]:
             entry = table.cells.get((r.label, d))
-            p = entry.purify if entry is not None else None
-            if p is not None:
-                rows.append([r.label, d, p.when(), p.total(), _pct(p.final_acc), _pct(p.final_asr),
-                             f"{p.eval_every} epoch(s)"])
+            if entry is not None and entry.purify is not None:
+                yield r.label, d, entry
+
+
+def _has_unchecked(table: Table) -> bool:
+    return any(not entry.purify_checked for _, _, entry in _purify_entries(table))
+
+
+
+def _purify_rows(table: Table) -> List[List[str]]:
+    """One row of text per cell with a time to purify, in the table's row and defense order (UNCHECKED marks a CSV
+    the run's marker does not cover)."""
+    rows = []
+    for label, d, entry in _purify_entries(table):
+        p = entry.purify
+        rows.append([label, d, p.when() + ("" if entry.purify_checked else f" {UNCHECKED}"), p.total(),
+                     _pct(p.final_acc), _pct(p.final_asr), f"{p.eval_every} epoch(s)"])
     return rows
+
 
 
 def csv_rows(tables: List[Table]) -> List[dict]:
@@ -660,23 +710,27 @@ def csv_rows(tables: List[Table]) -> List[dict]:
                 row["source"] = entry.source if entry is not None else ("mean" if label == AVERAGE else "missing")
                 if RETUNE_METRICS[0] in table.metrics:
                     row["retune_source"] = entry.retune_source if entry is not None else row["source"]
-                row.update(_purify_columns(entry.purify if entry is not None else None))
+                row.update(_purify_columns(entry))
                 rows.append(row)
     return rows
 
 
-PURIFY_COLUMNS = ("purify_epoch", "purify_train_time_s", "total_epochs", "total_train_time_s", "purify_eval_every")
+PURIFY_COLUMNS = ("purify_epoch", "purify_train_time_s", "total_epochs", "total_train_time_s", "purify_eval_every",
+                  "purify_checked")
 
 
-def _purify_columns(p: Optional[TimeToPurify]) -> dict:
-    """leaderboard.csv's time-to-purify columns: numbers, 'never', or empty where unknown."""
+def _purify_columns(entry: Optional[Entry]) -> dict:
+    """leaderboard.csv's time-to-purify columns: numbers, 'never', or empty where unknown; purify_checked 'true'
+    where the run's completion marker vouches for the CSV, 'false' where nothing does."""
+    p = entry.purify if entry is not None else None
     if p is None:
         return dict.fromkeys(PURIFY_COLUMNS, "")
     text = lambda v: "" if v is None else repr(v)  # noqa: E731
     return {"purify_epoch": str(p.epoch) if p.purified else "never",
             "purify_train_time_s": text(p.train_s) if p.purified else ("never" if p.total_train_s is not None else ""),
             "total_epochs": str(p.epochs), "total_train_time_s": text(p.total_train_s),
-            "purify_eval_every": text(p.eval_every)}
+            "purify_eval_every": text(p.eval_every), "purify_checked": str(entry.purify_checked).lower()}
+
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222}
@@ -711,6 +765,8 @@ def render_html(tables: List[Table], opts, images: Dict[str, List[Tuple[str, byt
             parts += ["<tr>" + "".join(f"<td class='name'>{esc(c)}</td>" if i < 2 else f"<td>{esc(c)}</td>"
                                        for i, c in enumerate(row)) + "</tr>" for row in purify]
             parts.append("</table>")
+            if _has_unchecked(table):
+                parts.append(f"<p class='note'>{esc(UNCHECKED_NOTE)}</p>")
         for title, png in images.get(table.slug, []):
             data = base64.b64encode(png).decode("ascii")
             parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{data}'>")

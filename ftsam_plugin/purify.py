@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 __all__ = ["PURIFIED_ASR", "TRAIN_TIME", "WALL_TIME", "TIME_COLUMNS", "SUMMARY_COLUMNS", "CLOCK_COLUMNS",
            "RunClock",
-           "TimeToPurify", "time_to_purify", "read_history"]
+           "TimeToPurify", "time_to_purify", "read_history", "history_problem"]
 
 PURIFIED_ASR = 0.05
 TRAIN_TIME, WALL_TIME = "train_time_s", "wall_time_s"
@@ -180,3 +180,26 @@ def read_history(path: str) -> List[Dict[str, str]]:
     """The rows of a per-epoch CSV (`<name>_df.csv`, BackdoorBench's or ours) as dicts of strings."""
     with open(path, newline="") as handle:
         return [{k: v for k, v in row.items() if k} for row in csv.DictReader(handle)]
+
+
+METRIC_COLUMNS = ("test_acc", "test_asr", "test_ra")
+
+
+def history_problem(rows: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """What makes per-epoch rows unusable for `time_to_purify`, or None: an epoch that is not after the one before
+    (a duplicated row, two runs in one file) or an ACC/ASR/RA that is not a fraction in [0, 1] (a percent, a
+    negative value, inf). Missing values and BackdoorBench's 'nan_value' are allowed (not evaluated)."""
+    from ftsam_plugin.settings import FRACTION
+
+    epochs = _epochs(rows)
+    for before, epoch in zip(epochs, epochs[1:]):
+        if epoch == before:
+            return f"epoch {epoch} twice"
+        if epoch < before:
+            return f"epoch {epoch} after epoch {before}"
+    for epoch, row in zip(epochs, rows):
+        for column in METRIC_COLUMNS:
+            value = _number(row.get(column))
+            if value is not None and not math.isnan(value) and FRACTION.parse(value) is None:
+                return f"{column} {row.get(column)} at epoch {epoch} is not a fraction in [0, 1]"
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import reprlib
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import yaml
 from ftsam_plugin.errors import FtsamError
 
 __all__ = ["str2bool", "read_yaml", "seed_everything", "quote", "Number", "Text", "check_numbers", "check_flags",
-           "TRAINING_RULES",
+           "TRAINING_RULES", "FRACTION", "usable_cores", "threads_rule",
            "SEED_MAX", "MAX_WIDTH", "MAX_CONFIG_NODES", "MAX_CONFIG_BYTES"]
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes
@@ -178,8 +179,12 @@ class Number:
     high: Optional[float] = None
     low_open: bool = False
     high_open: bool = False
+    why: str = ""  # said after the rule in error lines, e.g. where a bound comes from
 
     def describe(self) -> str:
+        return self._range() + (f" ({self.why})" if self.why else "")
+
+    def _range(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
         low, high = _bound(self.low), _bound(self.high)
         if self.low is not None and self.high is not None:
@@ -268,6 +273,21 @@ TRAINING_RULES = {
     "wd": Number(low=0),
     "width": Number(low=0, high=MAX_WIDTH, low_open=True),
 }
+
+
+# a stored ACC, ASR or RA (a summary, an evaluation cache, a per-epoch CSV): finite, in [0, 1]; 95.0 is a percent
+FRACTION = Number(low=0, high=1)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it, e.g. inside a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_rule() -> Number:
+    """What a `--threads` flag may be: 1 up to the usable cores (more threads than cores only contend for them; a
+    demo at `--threads 999` on 2 cores ran many times longer and outlived SIGTERM)."""
+    return Number(integer=True, low=1, high=usable_cores(), why="the CPU cores this process may use")
 
 
 def seed_everything(seed: int) -> None:

@@ -3,7 +3,9 @@
 A command stopped by signal N ends with `interrupted: <message>` and exit code 128 + N (130 for SIGINT, 143 for
 SIGTERM), as a shell reports it. `sigterm_as_interrupt()` makes SIGTERM raise `Stopped` like Ctrl-C raises
 KeyboardInterrupt, so atomic writes clean up their temp files; long runs catch both signals themselves to stop at
-a checkpoint. DataLoader workers ignore both (`ignore_in_worker`): only the main process decides.
+a checkpoint. A process started with SIGINT ignored (a shell's background job, `nohup`) would not see Ctrl-C's
+KeyboardInterrupt at all: while active, SIGINT raises it there too, as `defend`'s own handler already stops there.
+DataLoader workers ignore both (`ignore_in_worker`): only the main process decides.
 """
 
 from __future__ import annotations
@@ -36,15 +38,19 @@ def _raise_stopped(signum, frame):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """While active (main thread only), SIGTERM raises `Stopped(signum=SIGTERM)`."""
+    """While active (main thread only), SIGTERM raises `Stopped(signum=SIGTERM)`, and SIGINT raises
+    KeyboardInterrupt even where the process started with SIGINT ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stopped)}
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def ignore_in_worker(worker_id: int) -> None:

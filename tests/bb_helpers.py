@@ -1,7 +1,10 @@
-"""Helpers for the BackdoorBench integration tests: a checkout copy, the patch script, subprocesses, patch parsing.
+"""Helpers for the BackdoorBench integration tests: a checkout copy, the patch script, subprocesses, patch parsing,
+and whether BackdoorBench's code can run here at all (`backdoorbench_skip_reason`).
 
 (The tiny GTSRB folder comes from tests/helpers.py: make_gtsrb_folder.)
 """
+import functools
+import json
 import os
 import re
 import shutil
@@ -13,6 +16,50 @@ REPO = Path(__file__).resolve().parents[1]
 PATCH_DIR = REPO / "patches"
 APPLY_SCRIPT = PATCH_DIR / "apply.sh"
 LAUNCHER_PATCH = PATCH_DIR / "0001-defense-plugin-launcher.patch"
+
+
+# what BackdoorBench's loaders and attacks import (module -> requirement): setup.cfg's [backdoorbench] extra
+BACKDOORBENCH_DEPS = {
+    "tqdm": "tqdm", "pandas": "pandas", "matplotlib": "matplotlib", "seaborn": "seaborn", "imageio": "imageio",
+    "cv2": "opencv-python-headless", "scipy": "scipy", "kornia": "kornia", "pytorch_wavelets": "pytorch-wavelets",
+    "pywt": "PyWavelets", "pkg_resources": "setuptools<81",  # pytorch_wavelets imports pkg_resources
+}
+# what its analysis/ scripts import besides (analysis/visual_utils.py), for the tests that run them
+ANALYSIS_DEPS = {"umap": "umap-learn", "sklearn": "scikit-learn"}
+INSTALL_EXTRA = "pip install -e '.[backdoorbench]'"
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_dependencies():
+    modules = [*BACKDOORBENCH_DEPS, *ANALYSIS_DEPS]
+    code = ("import importlib, json, sys\nmissing = []\nfor name in sys.argv[1:]:\n    try:\n"
+            "        importlib.import_module(name)\n    except Exception:\n        missing.append(name)\n"
+            "print(json.dumps(missing))")
+    proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    return set(json.loads(proc.stdout.strip().splitlines()[-1])) if proc.returncode == 0 else set(modules)
+
+
+def missing_modules(modules):
+    """Which of `modules` (keys of BACKDOORBENCH_DEPS, ANALYSIS_DEPS) this interpreter cannot import: all checked
+    once per session, in a subprocess (BackdoorBench's code runs in one too, and importing them here would slow
+    every test)."""
+    return [m for m in modules if m in _missing_dependencies()]
+
+
+def backdoorbench_skip_reason(root, analysis=False):
+    """Why the tests that run BackdoorBench's code cannot run here (`root`: BACKDOORBENCH_ROOT), or None: no
+    checkout, or a dependency of its code missing (named with the extra that installs it). Never a failure."""
+    if not root:
+        return "BACKDOORBENCH_ROOT is not set (a BackdoorBench checkout, main @ f02e353)"
+    deps = {**BACKDOORBENCH_DEPS, **(ANALYSIS_DEPS if analysis else {})}
+    missing = missing_modules(deps)
+    if not missing:
+        return None
+    fixes = [INSTALL_EXTRA] if any(m in BACKDOORBENCH_DEPS for m in missing) else []
+    extra = [deps[m] for m in missing if m in ANALYSIS_DEPS]
+    fixes += [f"pip install {' '.join(extra)}"] if extra else []
+    return f"BackdoorBench's code needs {', '.join(deps[m] for m in missing)}, missing here: {' and '.join(fixes)}"
 
 
 def copy_checkout(src, dst):

@@ -13,10 +13,12 @@ import sys
 
 import pytest
 
+from bb_helpers import backdoorbench_skip_reason
 from helpers import make_gtsrb_folder, run_cli
 
 BB_ROOT = os.environ.get("BACKDOORBENCH_ROOT")
-pytestmark = pytest.mark.skipif(not BB_ROOT, reason="BACKDOORBENCH_ROOT is not set")
+SKIP = backdoorbench_skip_reason(BB_ROOT)  # no checkout, or a module its code imports missing: skipped, named
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 
 # Used on both sides: summarises a load_attack_result dict (BackdoorBench's or ours) as JSON-able data.
 DUMP_SRC = r'''

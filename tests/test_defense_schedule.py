@@ -180,7 +180,7 @@ def test_bad_schedule_settings_are_one_line_errors(record, flags, message):
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_yaml_keys_and_ft_ignores_them(record, tmp_path):
+def test_yaml_keys_and_ft_checks_but_ignores_them(record, tmp_path):
     from ftsam_plugin.defense.config import load_yaml, merge_config, validate
 
     yaml = tmp_path / "cheap.yaml"
@@ -190,7 +190,12 @@ def test_yaml_keys_and_ft_ignores_them(record, tmp_path):
     defaults = validate(merge_config(load_yaml("cpu"), {}), uses_sam=True)
     assert (defaults["sam_every"], defaults["sam_prob"], defaults["sam_epochs"]) == (1, 1.0, None)
     yaml.write_text("epochs: 4\nsam_every: 0\nsam_epochs: [9, 10]\n")
-    validate(merge_config(load_yaml(str(yaml)), {}), uses_sam=False)  # plain fine-tuning: not checked
+    from ftsam_plugin.errors import FtsamError
+
+    with pytest.raises(FtsamError, match="sam_every must be an integer >= 1, got 0"):  # plain FT checks them too
+        validate(merge_config(load_yaml(str(yaml)), {}), uses_sam=False)
+    yaml.write_text("epochs: 4\nsam_every: 2\nsam_epochs: [1, 3]\n")
+    validate(merge_config(load_yaml(str(yaml)), {}), uses_sam=False)  # sound values: ignored, without a word
 
 
 # ---- DDP: every rank takes the same decision at the same step, plain steps all-reduce ----

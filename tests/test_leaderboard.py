@@ -199,11 +199,13 @@ def test_time_to_purify_from_each_results_per_epoch_csv(tree, tmp_path):
         rows = {r["defense"]: r for r in read_csv(out / "leaderboard.csv") if r["record"] == "rec_bad"}
         assert {k: rows["ft-sam"][k] for k in leaderboard.PURIFY_COLUMNS} == {
             "purify_epoch": "2", "purify_train_time_s": "", "total_epochs": "3", "total_train_time_s": "",
-            "purify_eval_every": "1"}
+            "purify_eval_every": "1", "purify_checked": "false"}  # BackdoorBench's: no completion marker covers it
         assert rows["noisy"]["purify_epoch"] == ""
+        if ours.exists():
+            assert rows["ftsam"]["purify_checked"] == "true"  # our run's marker fingerprints its CSV
         md = (out / "leaderboard.md").read_text()
         assert "### Time to purify" in md
-        assert "| rec_bad | ft-sam | epoch 2 | 3 epochs | 70.00 | 4.00 | 1 epoch(s) |" in md
+        assert "| rec_bad | ft-sam | epoch 2 † | 3 epochs | 70.00 | 4.00 | 1 epoch(s) |" in md
         assert "Time to purify" in (out / "leaderboard.html").read_text()
     finally:
         shutil.rmtree(bb, ignore_errors=True)

@@ -14,12 +14,12 @@ import sys
 
 import pytest
 
-from bb_helpers import REPO
+from bb_helpers import REPO, backdoorbench_skip_reason
 from helpers import make_attack_record
 
 BB_ROOT = os.environ.get("BACKDOORBENCH_ROOT")
-pytestmark = pytest.mark.skipif(not BB_ROOT, reason="BACKDOORBENCH_ROOT is not set (a BackdoorBench checkout, "
-                                                    "main @ f02e353)")
+SKIP = backdoorbench_skip_reason(BB_ROOT)  # no checkout, or a module its code imports missing: skipped, named
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 def measure(check, cwd, *extra):
     """Run one check of tests/bb_parity.py beside BackdoorBench's code; its JSON report."""
     out = os.path.join(str(cwd), f"{check}.json")

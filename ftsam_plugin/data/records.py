@@ -221,16 +221,25 @@ def build_model(raw: Mapping, state: Mapping, device="cpu", what: str = "the rec
         The nn.Module in eval mode on `device`.
 
     Raises:
-        FtsamError: unknown model, weights that do not fit it (the message names the first mismatch), or weights
-            holding NaN/inf.
+        FtsamError: unknown model, a model the record's settings cannot build (e.g. a width for vgg19_bn), weights
+            that are not a state dict, that do not fit the model (the message names the first mismatch), or that
+            hold NaN/inf.
     """
     from ftsam_plugin.models import create_model
 
+    if not isinstance(state, (Mapping, nn.Module)):
+        raise FtsamError(f"{what}: its model is a {type(state).__name__}, not a state dict (parameter names to "
+                         f"tensors); re-create the record or result")
     check_finite_state(state, what)
 
     img_size = raw["img_size"]
     width = float(raw.get("width", 1.0) or 1.0)
-    model = create_model(str(raw["model_name"]), int(raw["num_classes"]), image_size=int(img_size[0]), width=width)
+    try:
+        model = create_model(str(raw["model_name"]), int(raw["num_classes"]), image_size=int(img_size[0]),
+                             width=width)
+    except ValueError as exc:  # settings the model does not take (its builder's own message)
+        raise FtsamError(f"cannot build model {raw['model_name']} for {what}: {exc}; check model_name, num_classes, "
+                         f"width and img_size in the record") from None
     state = cpu_state_dict(state)
     expected = model.state_dict()
     if list(state) != list(expected) and len(state) == len(expected):

@@ -273,7 +273,7 @@ RULES = {
     "steplr_gamma": Number(low=0, high=1, low_open=True),
     "ReduceLROnPlateau_factor": Number(low=0, high=1, low_open=True, high_open=True),
 }
-SAM_RULES = {  # checked for SAM defenses only (plain fine-tuning ignores them)
+SAM_RULES = {  # checked for every defense (plain fine-tuning ignores the values, but not bad ones)
     "rho": Number(low=0, low_open=True),
     "rho_max": Number(low=0, low_open=True),
     "rho_min": Number(low=0, low_open=True),
@@ -283,6 +283,9 @@ SAM_RULES = {  # checked for SAM defenses only (plain fine-tuning ignores them)
     "sam_prob": Number(low=0, high=1, low_open=True),
     "path_rho": Number(low=0),
 }
+# flags only SAM defenses use: given to plain fine-tuning, a warning says they are ignored
+SAM_ONLY_FLAGS = sorted({*SAM_RULES, "sam_epochs", "rho_schedule", "adaptive", "restore", "perturbation",
+                         "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout"})
 # paths and names: text only (a YAML `index: 5` would open file descriptor 5, `log: true` a folder named True)
 PATH_RULES = {key: Text() for key in ("checkpoint_save", "log", "dataset_path", "result_file", "index", "yaml_path")}
 PATH_RULES.update(dataset=Text("a dataset name"), model=Text("a model name"))
@@ -408,9 +411,14 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
                 cfg[key] = str2bool(cfg[key])
             except argparse.ArgumentTypeError:
                 raise FtsamError(f"{key} must be true or false, got {quote(cfg[key])}; {FIX.format(key=key)}") from None
-    cfg["rho_auto"] = uses_sam and str(cfg.get("rho")).strip().lower() == RHO_AUTO
-    sam_rules = {k: r for k, r in SAM_RULES.items() if not (k == "rho" and cfg["rho_auto"])} if uses_sam else {}
+    rho_auto = str(cfg.get("rho")).strip().lower() == RHO_AUTO
+    cfg["rho_auto"] = uses_sam and rho_auto
+    sam_rules = {k: r for k, r in SAM_RULES.items() if not (k == "rho" and rho_auto)}
     check_numbers(cfg, {**RULES, **sam_rules, **PATH_RULES}, FIX)
+    unused = [f"--{k}" for k in SAM_ONLY_FLAGS if k in set(given)] if not uses_sam else []
+    if unused:
+        logger.warning("%s: %s to a defense without SAM (plain fine-tuning); ignored", ", ".join(unused),
+                       "does not apply" if len(unused) == 1 else "do not apply")
     for key, allowed in CHOICES.items():
         if cfg.get(key) is not None and cfg[key] not in allowed:
             raise FtsamError(f"{key} must be one of {', '.join(allowed)}, got {quote(cfg[key])}; {FIX.format(key=key)}")
@@ -422,7 +430,7 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
     if not isinstance(cfg["protocol"], str) or cfg["protocol"] not in PROTOCOLS:
         raise FtsamError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {quote(cfg['protocol'])}")
     cfg["protocol_overrides"] = apply_protocol(cfg, uses_sam, given)
-    if uses_sam and cfg["sam_epochs"] is not None:  # after the protocol: it may set the epochs
+    if cfg["sam_epochs"] is not None:  # after the protocol: it may set the epochs
         cfg["sam_epochs"] = _sam_epochs(cfg["sam_epochs"], int(cfg["epochs"]))
     schedulers = {name.lower(): name for name in SCHEDULER_NAMES}
     key = str(cfg["lr_scheduler"]).lower()

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from typing import Iterable, Optional
 
@@ -28,11 +29,13 @@ from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.io import atomic_write_text, file_fingerprint, remove_stale_temp_files
 from ftsam_plugin.lock import FolderLock
 from ftsam_plugin.logfile import LogFile
+from ftsam_plugin.settings import FRACTION, Number
 
 from .settings import RetuneSettings, describe
 from .train import logger, retune_model
 
-__all__ = ["NO_DEFENSE", "SUMMARY_NAME", "result_path", "output_dir", "run_key", "read_summary", "find_summary",
+__all__ = ["NO_DEFENSE", "SUMMARY_NAME", "result_path", "output_dir", "run_key", "read_summary", "summary_problem",
+           "find_summary",
            "load_result_model", "retune_and_save"]
 
 NO_DEFENSE = "none"
@@ -79,17 +82,46 @@ def run_key(result: str, record_dir: str, settings: RetuneSettings, dataset_path
 
 
 def read_summary(folder: str, key: Optional[dict] = None) -> Optional[dict]:
-    """The run's summary.json (None if missing, unreadable, or, given `key`, made for another key)."""
+    """The run's summary.json (None if missing, unreadable, or, given `key`, made for another key). A summary of the
+    key whose values are impossible (`summary_problem`) is named in a warning and not used: the run is redone."""
+    path = os.path.join(folder, SUMMARY_NAME)
     try:
-        with open(os.path.join(folder, SUMMARY_NAME)) as handle:
+        with open(path) as handle:
             summary = json.load(handle)
     except (OSError, ValueError):
         return None
-    if not isinstance(summary, dict) or not isinstance(summary.get("after"), dict):
+    if not isinstance(summary, dict) or (key is not None and summary.get("key") != key):
         return None
-    if key is not None and summary.get("key") != key:
+    problem = summary_problem(summary)
+    if problem is not None:
+        print(f"warning: {path} is damaged ({problem}); not used, the retuning attack is run again", file=sys.stderr)
         return None
     return summary
+
+
+COUNT, SECONDS = Number(integer=True, low=0), Number(low=0)
+
+
+def summary_problem(summary: dict) -> Optional[str]:
+    """What makes a summary unusable, or None: `after` (and `before`, unless null) must hold ACC, ASR and RA as
+    fractions in [0, 1]; the settings, the retuning set's size and the seconds, what the reports print, must be
+    there and be the key's."""
+    for part in ("after", "before"):
+        values = summary.get(part)
+        if part == "before" and values is None:
+            continue
+        if not isinstance(values, dict):
+            return f"{part} is {values!r}, not ACC/ASR/RA"
+        for metric in ("acc", "asr", "ra"):
+            if FRACTION.parse(values.get(metric)) is None:
+                return f"{part}.{metric} is {values.get(metric, 'missing')!r}, not a fraction in [0, 1]"
+    key = summary.get("key")
+    if not isinstance(key, dict) or summary.get("settings") != key.get("settings"):
+        return "its settings are not its key's"
+    size = summary.get("retune_set", {}).get("size") if isinstance(summary.get("retune_set"), dict) else None
+    if COUNT.parse(size) is None or SECONDS.parse(summary.get("seconds")) is None:
+        return "the retuning set's size or the run's seconds are missing"
+    return None
 
 
 def find_summary(result: str, record_dir: str, settings: RetuneSettings,
