@@ -2,26 +2,27 @@
 
     nice -n 10 .venv/bin/python benchmarks/defense_cpu.py            # full run: hours on 2 cores, resumable
     .venv/bin/python benchmarks/defense_cpu.py --quick                # pipeline check on a data subset, < 10 min
+    .venv/bin/python benchmarks/defense_cpu.py --report_only          # the report from the committed summaries
 
-Steps (each cached under --cache, default benchmarks/.cache, so a re-run skips what finished):
-  1. unpack ../shared/data/cifar10-jpeg.tar.xz (the real CIFAR-10 as JPEG q75) once;
+The plan is a grid file, benchmarks/grids/defense_cpu.yaml (--quick: defense_cpu_quick.yaml), run by `ftsam grid`:
+  1. unpack ../shared/data/cifar10-jpeg.tar.xz (the real CIFAR-10 as JPEG q75) into benchmarks/.cache once;
   2. `ftsam attack` BadNets and Blended: 10% poison, all-to-one target 0, PreAct-ResNet18 width 0.25
      (the full width trains at ~50 img/s on this CPU), batch 128, lr 0.01 cosine;
-  3. on each record, `ftsam defend` (a subprocess: the real CLI and result files) with the packaged CIFAR-10
-     config (lr 0.01, batch 256, 100 epochs, rho 2, ASAM, label smoothing 0.1), the same class-balanced 5% clean
-     subset and seed for every defense: ft-baseline, then ftsam; results moved to <cache>/runs/<record>/<tag>/;
-     an interrupted defense resumes from its checkpoint;
-  4. a rho sweep of FT-SAM (--sweep_rhos, --sweep_epochs); then the cheaper FT-SAM schedules (group `cheap`, issue
-     22: time to purify and total time as ratios to FT's 100-epoch run, see cheap_plan);
-  5. a profile of one FT-SAM epoch (and one FT epoch) with manual timers: data loading, forward/backward,
+  3. `ftsam grid` runs every cell of the plan not done yet (the local executor: --workers processes of --threads
+     torch threads; a stopped cell resumes from its checkpoint, a running one is never started twice): `ftsam
+     defend` with the packaged CIFAR-10 config and the same class-balanced 5% clean subset and seed for every
+     defense, each in `<record>/defense/<tag>/`; the same grid file runs on a Slurm cluster with `--executor slurm`;
+  4. each finished cell becomes a committed summary, benchmarks/results/defense_cpu_runs/<attack>/<tag>.json;
+  5. --profile: one FT-SAM epoch (and one FT epoch) with manual timers: data loading, forward/backward,
      SAM/optimizer steps, evaluation;
-  6. benchmarks/results/defense_cpu.md (+ defense_cpu.png), rewritten after every finished step.
+  6. benchmarks/results/defense_cpu.md (+ its plots) from the committed summaries.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import hashlib
 import itertools
@@ -45,7 +46,9 @@ from ftsam_plugin.provenance import git_commit, machine, machine_short  # noqa: 
 
 ARCHIVE = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.xz")
 ATTACKS = ("badnet", "blended")
-STALE_S = 3 * 3600  # an unfinished record untouched this long is reported as dead (never deleted)
+CACHE = os.path.join(REPO, "benchmarks", ".cache")  # the grid files name their records and data in here
+GRIDS = {"full": os.path.join(REPO, "benchmarks", "grids", "defense_cpu.yaml"),
+         "quick": os.path.join(REPO, "benchmarks", "grids", "defense_cpu_quick.yaml")}
 
 
 @dataclass
@@ -122,23 +125,15 @@ def record_name(mode: Mode, attack: str) -> str:
 
 
 def ensure_record(mode: Mode, attack: str, data: str, cache: str, env_threads: Optional[int] = None) -> str:
+    """The attack record of `attack`, trained here unless it is finished (`ftsam attack` holds the record's lock:
+    a second process training it at the same time stops at once, naming the first)."""
     root = os.path.join(cache, "record")
     name = record_name(mode, attack)
     record = os.path.join(root, name)
-    waited = 0
-    while os.path.isdir(record) and not os.path.isfile(os.path.join(record, "attack_result.pt")):
-        files = glob.glob(os.path.join(record, "*"))
-        age = time.time() - max(os.path.getmtime(f) for f in files) if files else STALE_S + 1
-        if age > STALE_S:
-            sys.exit(f"error: {record} is unfinished and untouched for {age / 60:.0f} min; delete it to train again")
-        if waited % 600 == 0:
-            done = len(read_rows(os.path.join(record, "attack_df.csv"))) if os.path.isfile(
-                os.path.join(record, "attack_df.csv")) else 0
-            log(f"{record} is being trained by another process ({done}/{mode.attack_epochs} epochs); waiting")
-        time.sleep(60)
-        waited += 60
     if os.path.isfile(os.path.join(record, "attack_result.pt")):
         return record
+    if os.path.isdir(record):
+        sys.exit(f"error: {record} is an unfinished record; delete it to train it again")
     cmd = [sys.executable, "-m", "ftsam_plugin", "attack", "--attack", attack, "--dataset", "cifar10",
            "--dataset_path", data, "--model", "preactresnet18", "--width", f"{mode.width:g}",
            "--epochs", str(mode.attack_epochs), "--batch_size", "128", "--pratio", "0.1", "--attack_target", "0",
@@ -176,9 +171,6 @@ def _isnum(text: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-# ------------------------------------------------------------------------------------------------ defenses
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -220,35 +212,43 @@ RECOMMENDED = {"rho": "4", "epochs": 20}
 SEEDS = (0, 1, 2)
 
 
+def run_of(cell) -> Run:
+    """The study's Run of a grid cell (its tag must be the cell's folder name)."""
+    from ftsam_plugin.grid.cells import Cell
+
+    s = dict(cell.settings)
+    text = lambda key: None if key not in s else Cell.text(s[key])  # noqa: E731
+    run = Run(attack=os.path.basename(cell.record).split("_")[-2], defense=cell.defense, epochs=int(s["epochs"]),
+              seed=int(s["random_seed"]), rho=text("rho"), protocol=text("protocol") or "fixed",
+              eval_every=int(s["eval_every"]), group=cell.group,
+              sam_every=int(s["sam_every"]) if "sam_every" in s else None,
+              sam_prob=float(s["sam_prob"]) if "sam_prob" in s else None, sam_epochs=text("sam_epochs"))
+    if run.tag != cell.folder_name:
+        raise ValueError(f"{cell.label}: the grid file names the folder {cell.folder_name}, the report {run.tag}")
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def plan_cells(mode_name: str) -> Tuple[Tuple[Run, object], ...]:
+    """(Run, grid cell) of each run of the plan, in the grid file's (priority) order."""
+    from ftsam_plugin.grid.spec import load_grid
+
+    return tuple((run_of(cell), cell) for cell in load_grid(GRIDS[mode_name], need_records=False).cells)
+
+
 def full_plan() -> List[Run]:
-    """In priority order: workers take the first run nobody has finished or claimed."""
-    plan: List[Run] = []
-    for seed in SEEDS:  # the 3-seed table at the recommended setting, seed 0 of both attacks first
-        for attack in ("blended", "badnet"):
-            plan += [Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho=RECOMMENDED["rho"], eval_every=5,
-                         group="seeds"),
-                     Run(attack, "ft-baseline", 100, seed, eval_every=10, group="seeds"),
-                     Run(attack, "ft-baseline", RECOMMENDED["epochs"], seed, eval_every=5, group="seeds"),
-                     Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho="auto", eval_every=5, group="seeds")]
-    # the relapse (issue 17's last group): rho 2 over 100 epochs first, then issue 22's cheaper schedules, then the
-    # rest of the full-length sweep
-    sweep = [Run("blended", "ftsam", 100, 0, rho=rho, eval_every=10, group="sweep") for rho in ("2", "8", "4", "1")]
-    rest = [Run("blended", "ftsam", 100, 0, rho="2", protocol="backdoorbench", eval_every=10, group="protocol"),
-            Run("badnet", "ftsam", 100, 0, rho="2", eval_every=10, group="sweep")]
-    return plan + sweep[:1] + cheap_plan() + sweep[1:] + rest
+    """The study's runs, as benchmarks/grids/defense_cpu.yaml lists them."""
+    return [run for run, _ in plan_cells("full")]
 
 
 # Issue 22: cheaper FT-SAM schedules against today's FT-SAM (rho 4, 20 epochs) and FT over 100 epochs (the time
-# reference), all rerun in this group. The variants are evaluated every epoch (time to purify to one epoch); FT-100
-# every 5 epochs. CHEAP_CANDIDATES get seeds 1 and 2. The first, SAM in epochs 1-5 of 20, was named before any
+# reference), all rerun in this group (the grid file's `cheap` entries). The variants are evaluated every epoch (time
+# to purify to one epoch); FT-100 every 5 epochs. CHEAP_CANDIDATES get seeds 1 and 2. The first, SAM in epochs 1-5 of 20, was named before any
 # cheap run (its cost by arithmetic, 5 x ~1.95 + 15 FT-epochs, is about 0.25x of FT-100's 100). The second, SAM in
 # epochs 1-5 of 15, was added after seed 0 of the others had run: the first measured at 0.23-0.29x (over the target
 # on BadNets), while both attacks were purified by epoch 4 (so SAM in epochs 1-5 is kept; the 5 plain epochs cut
 # are after it). Its seed 0 is therefore chosen with the others' seed 0 in view; seeds 1-2 of both candidates are
 # the check. The report lists both against the targets; README recommends from them.
-CHEAP_VARIANTS = ({"sam_epochs": "1-5"}, {"sam_every": 2}, {"sam_prob": 0.5}, {"epochs": 10},
-                  {"epochs": 15, "sam_epochs": "1-5"})
-CHEAP_LAST = ({"sam_epochs": "1-10"},)  # seed 0 only, after the candidates' seeds
 CHEAP_CANDIDATES = ({"epochs": 15, "sam_epochs": "1-5"}, {"sam_epochs": "1-5"})  # cheapest first
 
 
@@ -259,21 +259,12 @@ def cheap_run(attack: str, seed: int, **variant) -> Run:
 
 
 def cheap_plan() -> List[Run]:
-    plan: List[Run] = []
-    for attack in ("blended", "badnet"):  # today's FT-SAM first, FT-100 (the time reference), then the variants
-        plan += [cheap_run(attack, 0), cheap_run(attack, 0, **CHEAP_VARIANTS[0]),
-                 Run(attack, "ft-baseline", 100, 0, eval_every=5, group="cheap")]
-        plan += [cheap_run(attack, 0, **variant) for variant in CHEAP_VARIANTS[1:]]
-    for candidate in CHEAP_CANDIDATES:
-        plan += [cheap_run(attack, seed, **candidate) for seed in (1, 2) for attack in ("blended", "badnet")]
-    return plan + [cheap_run(attack, 0, **variant) for variant in CHEAP_LAST for attack in ("blended", "badnet")]
+    """The cheap group of the plan, in its order."""
+    return [run for run in full_plan() if run.group == "cheap"]
 
 
 def quick_plan() -> List[Run]:
-    return [Run(a, d, 2, 0, rho=("2" if d == "ftsam" else None), eval_every=1, group="seeds")
-            for a in ATTACKS for d in ("ft-baseline", "ftsam")] + [
-        Run(a, d, 2, 0, rho=("2" if d == "ftsam" else None), eval_every=1, group="cheap",
-            sam_every=(2 if d == "ftsam" else None)) for a in ATTACKS for d in ("ft-baseline", "ftsam")]
+    return [run for run, _ in plan_cells("quick")]
 
 
 PLANS = {"full": full_plan, "quick": quick_plan}
@@ -298,10 +289,6 @@ def defense_argv(mode: Mode, run: Run, record: str, data: str) -> List[str]:
     return argv
 
 
-def run_folder(cache: str, record: str, run: Run) -> str:
-    return os.path.join(cache, "runs", os.path.basename(record), run.tag)
-
-
 def link_record(record: str, folder: str) -> str:
     """A per-run record folder: links to the record's files, its own defense/ (so runs on one record can overlap)."""
     rec = os.path.join(folder, "rec")
@@ -312,29 +299,6 @@ def link_record(record: str, folder: str) -> str:
     return rec
 
 
-def claim(folder: str) -> bool:
-    """Take a run for this process (an O_EXCL pid file; a dead holder's claim is taken over)."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "claim.pid")
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(open(path).read().strip() or 0)
-                os.kill(pid, 0)
-                return pid == os.getpid()
-            except (ValueError, ProcessLookupError):
-                os.unlink(path)  # its holder died: take it over (the defense resumes from its checkpoint)
-                continue
-            except PermissionError:
-                return False
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        return True
-    return False
-
-
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -343,65 +307,90 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def execute(mode: Mode, run: Run, record: str, data: str, cache: str, results: str, threads: int) -> None:
-    folder = run_folder(cache, record, run)
-    rec = link_record(record, folder)
-    work = os.path.join(rec, "defense", run.defense)
-    argv = defense_argv(mode, run, rec, data)
-    resume = os.path.isfile(os.path.join(work, "checkpoint", "last.pt"))
-    if os.path.isdir(work) and not resume:
-        shutil.rmtree(work)
-    cmd = [sys.executable, "-m", "ftsam_plugin", *argv] + (["--resume", "true"] if resume else [])
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    wall = run_logged(cmd, os.path.join(cache, "logs", f"{os.path.basename(record)}_{run.tag}.log"), env=env)
+def run_grid(mode: Mode, workers: int, threads: int) -> int:
+    """`ftsam grid` on the plan's grid file, here: every cell not done yet."""
+    from ftsam_plugin.cli import main as ftsam
+
+    return ftsam(["grid", GRIDS[mode.name], "--executor", "local", "--workers", str(workers), "--threads",
+                  str(threads), "--workdir", os.path.join(CACHE, "grid", mode.name)])
+
+
+def summarize(run: Run, record: str, work: str, command: str, resumed: bool, wall: float, threads: int,
+              where: dict, finished: str) -> dict:
+    """The committed summary of a finished run whose defense folder is `work`."""
     rows = read_rows(os.path.join(work, f"{run.defense}_df.csv"))
     index = open(os.path.join(work, "log", "index.txt")).read().split()
-    summary = {
+    return {
         "tag": run.tag, "run": asdict(run), "record": os.path.basename(record),
         "record_sha256": sha256_file(os.path.join(record, "attack_result.pt")),
         "backdoored": read_rows(os.path.join(record, "attack_df.csv"))[-1],
-        "command": "ftsam " + " ".join(a.replace(cache, "<cache>") for a in argv),
-        "resumed": resume, "wall_s": wall, "threads": threads, "times": epoch_times(work), "rows": rows,
-        "subset_size": len(index), "subset_sha256": hashlib.sha256(" ".join(index).encode()).hexdigest(),
-        "log_tail": rho_log_lines(work),
-        "machine": machine_short(threads), "provenance": machine(threads), "commit": git_commit(REPO),
-        "finished": datetime.now().isoformat(timespec="seconds"),
+        "command": command, "resumed": resumed, "wall_s": wall, "threads": threads, "times": epoch_times(work),
+        "rows": rows, "subset_size": len(index),
+        "subset_sha256": hashlib.sha256(" ".join(index).encode()).hexdigest(), "log_tail": rho_log_lines(work),
+        "machine": machine_text(where), "provenance": where, "commit": git_commit(REPO), "finished": finished,
     }
-    path = os.path.join(results, run.attack, run.tag + ".json")
+
+
+def machine_text(m: dict) -> str:
+    """provenance.machine_short's line for a machine recorded elsewhere (a grid cell's summary)."""
+    return (f"{m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, {m['threads']} "
+            f"thread{'s' if m['threads'] != 1 else ''}")
+
+
+def write_json(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as handle:
-        json.dump(summary, handle, indent=1)
+        json.dump(data, handle, indent=1)
     os.replace(path + ".tmp", path)
-    log(f"{run.attack} {run.tag}: done in {wall / 60:.1f} min -> {path}")
+
+
+def collect(mode: Mode, results: str) -> int:
+    """A committed summary for each finished cell of the plan that has none yet; returns how many were written."""
+    from ftsam_plugin.grid.slurm import SlurmQuery
+    from ftsam_plugin.grid.state import cell_state
+
+    query, written = SlurmQuery(), 0
+    for run, cell in plan_cells(mode.name):
+        path = os.path.join(results, run.attack, run.tag + ".json")
+        state = cell_state(cell, query)
+        if os.path.isfile(path) or state.state != "done":
+            continue
+        grid = state.summary
+        data = summarize(run, cell.record, cell.folder, cell.command().replace(CACHE, "<cache>"),
+                         bool(grid.get("resumed")) or int(grid.get("attempts") or 1) > 1, float(grid["wall_s"]),
+                         int(grid["machine"]["threads"]), grid["machine"], grid["finished"])
+        write_json(path, dict(data, grid_cell=os.path.relpath(cell.folder, REPO)))
+        log(f"{run.attack} {run.tag}: done in {data['wall_s'] / 60:.1f} min -> {path}")
+        written += 1
+    return written
 
 
 def reproduce(mode: Mode, plan: List[Run], which: str, data: str, cache: str, results: str, threads: int) -> int:
-    """Run `which` (attack/tag) again into its run folder; its summary goes to `<results>_repro/`, with a verdict on
-    whether every evaluated epoch's ACC/ASR/RA equals the committed summary's."""
-    run = next((r for r in plan if f"{r.attack}/{r.tag}" == which), None)
+    """Run `which` (attack/tag) again in a folder of its own (`<cache>/repro/`); its summary goes to
+    `<results>_repro/`, with a verdict on whether every evaluated epoch's ACC/ASR/RA equals the committed summary's."""
+    cells = {f"{run.attack}/{run.tag}": (run, cell) for run, cell in plan_cells(mode.name)}
     committed = os.path.join(results, which + ".json")
-    if run is None or not os.path.isfile(committed):
+    if which not in cells or not os.path.isfile(committed):
         sys.exit(f"error: {which} is not a finished run of the plan; pick one of {results}/<attack>/<tag>.json")
-    record = os.path.join(cache, "record", record_name(mode, run.attack))
-    repro = results.rstrip(os.sep) + "_repro"
-    if not claim(run_folder(cache, record, run)):
-        sys.exit(f"error: {which} is being run by another process")
-    try:
-        execute(mode, run, record, data, cache, repro, threads)
-    finally:
-        os.unlink(os.path.join(run_folder(cache, record, run), "claim.pid"))
-    path = os.path.join(repro, which + ".json")
-    with open(path) as handle:
-        mine = json.load(handle)
+    run, cell = cells[which]
+    rec = link_record(cell.record, os.path.join(cache, "repro", os.path.basename(cell.record), run.tag))
+    work = os.path.join(rec, "defense", run.defense)
+    resume = os.path.isfile(os.path.join(work, "checkpoint", "last.pt"))
+    if os.path.isdir(work) and not resume:
+        shutil.rmtree(work)
+    cmd = [sys.executable, "-m", "ftsam_plugin", "defend", *cell.argv(rec)] + (["--resume", "true"] if resume else [])
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    wall = run_logged(cmd, os.path.join(cache, "logs", f"repro_{os.path.basename(cell.record)}_{run.tag}.log"), env)
+    mine = summarize(run, cell.record, work, cell.command().replace(cache, "<cache>"), resume, wall, threads,
+                     machine(threads), datetime.now().isoformat(timespec="seconds"))
+    path = os.path.join(results.rstrip(os.sep) + "_repro", which + ".json")
     with open(committed) as handle:
         theirs = json.load(handle)
     keys = ("epoch", "test_acc", "test_asr", "test_ra")
     pick = lambda item: [[r.get(k) for k in keys] for r in evals_of(item)]
     mine["reproduces"] = {"summary": os.path.relpath(committed, REPO), "commit": theirs.get("commit"),
                           "machine": theirs.get("machine"), "identical": pick(mine) == pick(theirs)}
-    with open(path + ".tmp", "w") as handle:
-        json.dump(mine, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, mine)
     log(f"{which}: per-epoch ACC/ASR/RA {'identical to' if mine['reproduces']['identical'] else 'DIFFERENT from'} "
         f"{committed}")
     return 0
@@ -432,44 +421,6 @@ def with_run_wall(item: dict) -> dict:
     if item.get("resumed") and last:
         item = dict(item, wall_s=last, wall_s_last_process=item["wall_s"])
     return item
-
-
-def record_ready(record: str) -> bool:
-    return os.path.isfile(os.path.join(record, "attack_result.pt"))
-
-
-def worker(mode: Mode, plan: List[Run], data: str, cache: str, results: str, threads: int,
-           attacks: Sequence[str]) -> None:
-    """Take runs in plan order until none is left; records are trained on demand (one process each). A run that
-    fails is logged and left to the next worker: this one goes on with the rest of the plan."""
-    failed = set()
-    while True:
-        done = load_results(results)
-        todo = [r for r in plan if r.attack in attacks
-                and (r.attack, r.tag) not in done and (r.attack, r.tag) not in failed]
-        if not todo:
-            log(f"worker: nothing left to run{f' ({len(failed)} failed here)' if failed else ''}")
-            return
-        progressed = False
-        for run in todo:
-            record = os.path.join(cache, "record", record_name(mode, run.attack))
-            if not record_ready(record):
-                if os.path.isdir(record):
-                    continue  # being trained by another process: take another run meanwhile
-                record = ensure_record(mode, run.attack, data, cache, env_threads=threads)
-            if claim(run_folder(cache, record, run)):
-                try:
-                    execute(mode, run, record, data, cache, results, threads)
-                except SystemExit as err:  # e.g. its folder still locked by a killed run's exiting process
-                    log(f"worker: {run.attack} {run.tag} failed ({err}); going on without it")
-                    failed.add((run.attack, run.tag))
-                finally:
-                    os.unlink(os.path.join(run_folder(cache, record, run), "claim.pid"))
-                progressed = True
-                break
-        if not progressed:
-            log("worker: every remaining run is claimed or waits for a record; checking again in 60 s")
-            time.sleep(60)
 
 
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d:\d\d:\d\d:\d\d) \[INFO\s*\] \[\S+\] epoch (\d+): (.*)$")
@@ -607,7 +558,7 @@ def evals_of(item: dict) -> List[dict]:
 def partial_item(mode: Mode, run: Run, cache: str) -> Optional[dict]:
     """A run still in progress (or interrupted) in this machine's cache, as far as it got."""
     record = os.path.join(cache, "record", record_name(mode, run.attack))
-    work = os.path.join(run_folder(cache, record, run), "rec", "defense", run.defense)
+    work = os.path.join(record, "defense", run.tag)  # the grid cell's folder
     csv_path = os.path.join(work, f"{run.defense}_df.csv")
     if not os.path.isfile(csv_path):
         return None
@@ -861,9 +812,9 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
     if mode.name == "quick":
         lines += ["**Quick mode: a pipeline check on a tiny subset, not a result.**", ""]
     lines += [
-        f"- Command: `python benchmarks/defense_cpu.py{' --quick' if mode.name == 'quick' else ''}` (any number of "
-        f"processes at once, each taking the next unclaimed run of the plan; `--report_only` rewrites this file "
-        f"from the per-run summaries in `{os.path.relpath(results, REPO)}/`). {n_done}/{len(plan)} runs of the "
+        f"- Command: `python benchmarks/defense_cpu.py{' --quick' if mode.name == 'quick' else ''}` (the plan is the "
+        f"grid file `{os.path.relpath(GRIDS[mode.name], REPO)}`, run by `ftsam grid`; `--report_only` rewrites this "
+        f"file from the per-run summaries in `{os.path.relpath(results, REPO)}/`). {n_done}/{len(plan)} runs of the "
         f"plan finished" + ("." if not unfinished else f"; not finished ({shown}): {', '.join(unfinished)}."),
         f"- Written {datetime.now():%Y-%m-%d %H:%M} at commit {git_commit(REPO)}; runs on: {'; '.join(machines) or '–'}, "
         f"torch threads per run: {sorted({i.get('threads') for i in done.values()}) or '–'}.",
@@ -1128,44 +1079,47 @@ def plot(attack: str, runs: Dict[str, dict], bd: dict, path: str) -> Optional[st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ftsam_plugin.settings import usable_cores
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="pipeline check on a data subset (< 10 min)")
-    parser.add_argument("--cache", default=os.path.join(REPO, "benchmarks", ".cache"), help="cache folder")
     parser.add_argument("--results", help="folder of the per-run summaries (default "
                                           "benchmarks/results/defense_cpu_runs[_quick]/); committed")
     parser.add_argument("--out", help="results markdown (default benchmarks/results/defense_cpu[_quick].md)")
-    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per defense (default 1: run one worker per core)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per defense (default 1)")
+    parser.add_argument("--workers", type=int, help="defenses at once (default: the usable cores / --threads)")
     parser.add_argument("--profile", action="store_true", help="also profile one epoch of FT-SAM and FT")
     parser.add_argument("--report_only", action="store_true", help="rewrite the report from the summaries")
     parser.add_argument("--show_running", action="store_true",
-                        help="also show unfinished runs as far as they got in --cache (not for a committed report: "
-                             "it cannot be regenerated from the repository)")
+                        help="also show unfinished runs as far as they got in benchmarks/.cache (not for a committed "
+                             "report: it cannot be regenerated from the repository)")
     parser.add_argument("--reproduce", metavar="ATTACK/TAG",
                         help="run a finished run of the plan again (e.g. one made outside the project, to have its "
                              "model here) and compare its per-epoch numbers with the committed summary")
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
     suffix = "_quick" if args.quick else ""
-    cache = os.path.abspath(args.cache)
     results = args.results or os.path.join(REPO, "benchmarks", "results", f"defense_cpu_runs{suffix}")
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"defense_cpu{suffix}.md")
     plan = PLANS[mode.name]()
     if args.reproduce:
-        data = unpack(cache)
-        return reproduce(mode, plan, args.reproduce, data, cache, results, args.threads)
+        data = unpack(CACHE)
+        return reproduce(mode, plan, args.reproduce, data, CACHE, results, args.threads)
+    code = 0
     if not args.report_only:
-        data = unpack(cache)
+        data = unpack(CACHE)
         if mode.train_per_class:
-            data = quick_subset(data, cache, mode.train_per_class, mode.test_per_class)
-        worker(mode, plan, data, cache, results, args.threads, args.attacks)
+            data = quick_subset(data, CACHE, mode.train_per_class, mode.test_per_class)
+        for attack in ATTACKS:
+            ensure_record(mode, attack, data, CACHE, env_threads=args.threads)
+        code = run_grid(mode, args.workers or max(1, usable_cores() // args.threads), args.threads)
+        collect(mode, results)
         if args.profile:
-            rec = os.path.join(cache, "record", record_name(mode, "blended"))
-            profile_epoch(mode, rec, data, cache)
-    write_report(mode, plan, results, cache, out, running=args.show_running)
+            rec = os.path.join(CACHE, "record", record_name(mode, "blended"))
+            profile_epoch(mode, rec, data, CACHE)
+    write_report(mode, plan, results, CACHE, out, running=args.show_running)
     log(f"report: {out}")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -83,11 +83,13 @@ def defend_parser() -> argparse.ArgumentParser:
     return add_arguments(_Parser(prog="ftsam defend", add_help=False))
 
 
-def load_grid(path: str) -> GridSpec:
+def load_grid(path: str, need_records: bool = True) -> GridSpec:
     """Read, check and expand the grid file at `path`; FtsamError (one line) on anything wrong.
 
     Args:
         path: the grid YAML.
+        need_records: False to expand a grid whose records are not made yet (a path that matches nothing is taken
+            as written), e.g. to list a study's plan.
     Returns:
         GridSpec with every cell (duplicates, i.e. the same record, folder and settings twice, kept once).
     """
@@ -101,7 +103,7 @@ def load_grid(path: str) -> GridSpec:
         raise FtsamError(f"{where}: unknown key {quote(unknown[0])}{_close(unknown[0], TOP_KEYS)}; the keys are "
                          f"{', '.join(TOP_KEYS)}")
     base = os.path.dirname(path)
-    records = _records(data.get("records"), base, where)
+    records = _records(data.get("records"), base, where, need_records)
     seeds = _seeds(data.get("seeds", [0]), f"{where}: seeds")
     parser = defend_parser()
     flags = {a.dest: a for a in parser._actions if a.option_strings}
@@ -131,7 +133,7 @@ def load_grid(path: str) -> GridSpec:
 # ---------------------------------------------------------------------------------------------- parts
 
 
-def _records(value, base: str, where: str) -> Dict[str, str]:
+def _records(value, base: str, where: str, need_records: bool = True) -> Dict[str, str]:
     """{name: absolute record folder} in the order given; globs expand in sorted order."""
     if isinstance(value, str):
         value = [value]
@@ -148,6 +150,8 @@ def _records(value, base: str, where: str) -> Dict[str, str]:
             raise FtsamError(f"{where}: records: {quote(pattern)} is not a path; write the record folder as text")
         full = os.path.join(base, os.path.expanduser(pattern))
         found = [p for p in sorted(glob.glob(full)) if os.path.isfile(os.path.join(p, "attack_result.pt"))]
+        if not found and not need_records:
+            found = [os.path.normpath(full)]
         if not found:
             raise FtsamError(f"{where}: records: {quote(pattern)} matches no record folder (one holding "
                              f"attack_result.pt, relative to {base}); fix the path or make the record first")
