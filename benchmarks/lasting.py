@@ -275,7 +275,7 @@ def cmd_analyse(args) -> int:
             known = {a["epoch"]: a for a in earlier["along"] if a.get("digest")}
     along = []
     for epoch, state in sorted(snaps.items()):
-        digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                                          for t in state.values())).hexdigest()[:16]
         row = known.get(epoch)
         if row is None or row["digest"] != digest:
