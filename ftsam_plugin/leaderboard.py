@@ -31,6 +31,11 @@ ASR stays <= 5% to the end of the run, and its cumulative training seconds where
 the run's total and final ACC; "never" otherwise (`ftsam_plugin.purify`). A table per dataset x model follows the
 metrics table; leaderboard.csv has the same values in its `purify_*` and `total_*` columns.
 
+Protocols. Under each table a line names how each column's runs ran: `ours, <protocol>` (`fixed` or
+`backdoorbench`, from the run's summary) or `BackdoorBench's defense/<name>.py` (a folder without our completion
+marker: BackdoorBench's own script wrote it). `ftsam` under `fixed` is not the reference `ft-sam`'s recipe;
+`--protocol backdoorbench` runs that. leaderboard.csv has it in its `protocol` column.
+
 Tables. Rows are attack records (name, plus the attack type from `info.pickle` when readable), then an average row
 (mean of each column over the attacks, DER averaged per attack); columns are `no defense`, then the defenses.
 DER = BackdoorBench's [max(0, ASR_bd - ASR_def) - max(0, ACC_bd - ACC_def) + 1] / 2 against the record's own
@@ -304,6 +309,7 @@ class Entry:
     retune_source: str = ""
     purify: Optional[TimeToPurify] = None  # from the run's per-epoch CSV, when there is one
     purify_source: str = ""
+    protocol: str = ""  # how the run ran (`run_protocol`); "" for `no defense`
     purify_checked: bool = False  # the CSV is the scored result's run's, by the completion marker's fingerprints
 
     def get(self, metric: str) -> Optional[float]:
@@ -540,6 +546,8 @@ def build_leaderboard(roots: Sequence[str], opts) -> List[Table]:
                     path, entry.purify, entry.purify_checked = _find_history(
                         os.path.dirname(entry.result_path), entry.defense, entry.result_path)
                     entry.purify_source = os.path.relpath(path, r.path) if path else ""
+                if entry.defense != NO_DEFENSE:
+                    entry.protocol = run_protocol(os.path.dirname(entry.result_path))
                 table.cells[(r.label, entry.defense)] = entry
             base = table.cells[(r.label, NO_DEFENSE)]
             for entry in cells[1:]:
@@ -553,6 +561,41 @@ def build_leaderboard(roots: Sequence[str], opts) -> List[Table]:
         _mark_best(table, opts.best_axis)
         tables.append(table)
     return tables
+
+
+def run_protocol(folder: str) -> str:
+    """How the run in the defense folder `folder` ran: 'ours, <protocol>' for a run of this package (its completion
+    marker lists a summary, whose `protocol` column names it; 'ours, protocol not recorded' for older runs), else
+    "BackdoorBench's defense/<folder name>.py" (no marker: BackdoorBench's own script wrote it)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return f"BackdoorBench's defense/{os.path.basename(folder.rstrip(os.sep))}.py"
+    files = marker.get("files") if isinstance(marker.get("files"), dict) else {}
+    for name in (f for f in files if f.endswith("_df_summary.csv")):
+        try:
+            rows = read_history(os.path.join(folder, name))  # its first row: `last`
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+        value = str(rows[0].get("protocol") or "").strip() if rows else ""
+        if value:
+            return f"ours, {value}"
+    return "ours, protocol not recorded"
+
+
+PROTOCOL_HEAD = ("Protocols (like-for-like with BackdoorBench's ft-sam / ft: ours with --protocol backdoorbench; "
+                 "`fixed` is our own recipe)")
+
+
+def protocol_line(table: Table, name) -> str:
+    """'Protocols (...): `ftsam`: ours, fixed; `ft-sam`: BackdoorBench's defense/ft-sam.py' for the table's defense
+    columns (a column whose runs differ lists each); `name(defense)` formats a column's name."""
+    parts = []
+    for d in table.defenses[1:]:
+        cells = (table.cells.get((r.label, d)) for r in table.rows)
+        seen = dict.fromkeys(c.protocol for c in cells if c is not None and c.protocol)
+        if seen:
+            parts.append(f"{name(d)}: {' / '.join(seen)}")
+    return f"{PROTOCOL_HEAD}: " + "; ".join(parts) if parts else ""
 
 
 def _label_rows(rows: List[RecordInfo]) -> None:
@@ -649,7 +692,7 @@ def render_markdown(tables: List[Table], opts) -> str:
             cells = [_cell_text(_cell_parts(table, label, d, shown), lambda t: f"**{t}**") for d in table.defenses]
             name = f"**{label}**" if label == AVERAGE else label.replace("|", "\\|")
             lines.append(f"| {name} | {attack} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [protocol_line(table, lambda d: f"`{d}`"), ""]
         purify = _purify_rows(table)
         if purify:
             lines += ["### Time to purify", "", PURIFY_NOTE[0].upper() + PURIFY_NOTE[1:] + ".", "",
@@ -708,6 +751,7 @@ def csv_rows(tables: List[Table]) -> List[dict]:
                     row[COLUMN_NAMES[m]] = "" if v is None else repr(v)
                 row["best"] = ";".join(m for m in table.metrics if m in table.best.get((label, d), set()))
                 row["source"] = entry.source if entry is not None else ("mean" if label == AVERAGE else "missing")
+                row["protocol"] = entry.protocol if entry is not None else ""
                 if RETUNE_METRICS[0] in table.metrics:
                     row["retune_source"] = entry.retune_source if entry is not None else row["source"]
                 row.update(_purify_columns(entry))
@@ -757,7 +801,7 @@ def render_html(tables: List[Table], opts, images: Dict[str, List[Tuple[str, byt
                 for d in table.defenses)
             parts.append(f"<tr{cls}><td class='name'>{esc(label)}</td><td class='name'>{esc(attack)}</td>"
                          f"{cells}</tr>")
-        parts.append("</table>")
+        parts.append(f"</table><p class='note'>{esc(protocol_line(table, str))}</p>")
         purify = _purify_rows(table)
         if purify:
             parts.append(f"<h3>Time to purify</h3><p class='note'>{esc(PURIFY_NOTE)}</p><table><tr>"
@@ -823,7 +867,7 @@ def write_outputs(tables: List[Table], opts) -> Dict[str, str]:
     atomic_write_text(paths["markdown"], printable(render_markdown(tables, opts)))
     metrics = table_metrics(opts)
     columns = ["dataset", "model", "record", "attack", "defense", *(COLUMN_NAMES[m] for m in metrics), "best",
-               "source", *(["retune_source"] if RETUNE_METRICS[0] in metrics else []), *PURIFY_COLUMNS]
+               "source", "protocol", *(["retune_source"] if RETUNE_METRICS[0] in metrics else []), *PURIFY_COLUMNS]
     write_csv(paths["csv"], [{k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
                                    for row in csv_rows(tables)], columns=columns)
     atomic_write_text(paths["html"], printable(render_html(tables, opts, images)))

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Apply ftsam-plugin's patches to a BackdoorBench checkout (main @ f02e353).
+# Apply ftsam-plugin's patches to a BackdoorBench checkout (main @ f02e353) and install its files there
+# (patches/files/ mirrors the checkout: defense/ftsam.py, config/defense/ftsam/*.yaml).
 #   bash patches/apply.sh /path/to/BackdoorBench
-# Every patch is checked first (git apply --check); nothing is changed unless all of them either apply
-# cleanly or are already applied. Re-running is safe: applied patches are reported and left alone.
-# Exit 0 on success; 1 (with a one-line reason) if a patch conflicts; 2 on bad usage.
+# Every patch is checked first (git apply --check) and every file compared; nothing is changed unless all patches
+# either apply cleanly or are already applied and no file to install exists with other contents. Re-running is
+# safe: applied patches and installed files are reported and left alone.
+# Exit 0 on success; 1 (with a one-line reason) if a patch or a file conflicts; 2 on bad usage.
 set -u
 
 usage="usage: bash patches/apply.sh /path/to/BackdoorBench"
@@ -59,6 +61,22 @@ for p in "${patches[@]}"; do
 " BackdoorBench main @ f02e353 - restore the patched files or apply by hand"
     fi
 done
+files_dir="$patch_dir/files"
+installs=()
+while IFS= read -r -d '' src; do
+    rel=${src#"$files_dir"/}
+    if [ ! -e "$root/$rel" ]; then
+        echo "$rel: installs cleanly"
+        installs+=("$rel")
+    elif cmp -s "$src" "$root/$rel"; then
+        echo "$rel: already installed"
+    else
+        echo "$rel: exists with other contents"
+        [ -z "$failed" ] && failed="$root/$rel exists with other contents (an older version, or your own file);"\
+" move it away and rerun"
+    fi
+done < <([ -d "$files_dir" ] && find "$files_dir" -type f ! -name '*.pyc' -print0 | sort -z)
+
 if [ -n "$failed" ]; then
     echo "error: $failed; nothing was changed" >&2
     exit 1
@@ -72,4 +90,12 @@ for p in "${todo[@]}"; do
         exit 1
     fi
 done
-echo "done: ${#patches[@]} patch(es) in place in $root"
+for rel in "${installs[@]}"; do
+    if mkdir -p "$(dirname "$root/$rel")" && cp "$files_dir/$rel" "$root/$rel"; then
+        echo "$rel: installed"
+    else
+        echo "error: could not write $root/$rel; check the folder's permissions" >&2
+        exit 1
+    fi
+done
+echo "done: ${#patches[@]} patch(es) and the files of $files_dir in place in $root"
