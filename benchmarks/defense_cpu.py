@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing
 
-from ftsam_plugin.provenance import git_commit, machine, machine_short  # noqa: E402
+from ftsam_plugin.provenance import git_commit, machine  # noqa: E402
 
 ARCHIVE = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.xz")
 ATTACKS = ("badnet", "blended")
@@ -242,13 +242,14 @@ def full_plan() -> List[Run]:
 
 
 # Issue 22: cheaper FT-SAM schedules against today's FT-SAM (rho 4, 20 epochs) and FT over 100 epochs (the time
-# reference), all rerun in this group (the grid file's `cheap` entries). The variants are evaluated every epoch (time
-# to purify to one epoch); FT-100 every 5 epochs. CHEAP_CANDIDATES get seeds 1 and 2. The first, SAM in epochs 1-5 of 20, was named before any
-# cheap run (its cost by arithmetic, 5 x ~1.95 + 15 FT-epochs, is about 0.25x of FT-100's 100). The second, SAM in
-# epochs 1-5 of 15, was added after seed 0 of the others had run: the first measured at 0.23-0.29x (over the target
-# on BadNets), while both attacks were purified by epoch 4 (so SAM in epochs 1-5 is kept; the 5 plain epochs cut
-# are after it). Its seed 0 is therefore chosen with the others' seed 0 in view; seeds 1-2 of both candidates are
-# the check. The report lists both against the targets; README recommends from them.
+# reference), all rerun in this group (the grid file's `cheap` entries). The variants are evaluated every epoch
+# (time to purify to one epoch); FT-100 every 5 epochs. CHEAP_CANDIDATES get seeds 1 and 2. The first, SAM in
+# epochs 1-5 of 20, was named before any cheap run (its cost by arithmetic, 5 x ~1.95 + 15 FT-epochs, is about
+# 0.25x of FT-100's 100). The second, SAM in epochs 1-5 of 15, was added after seed 0 of the others had run: the
+# first measured at 0.23-0.29x (over the target on BadNets), while both attacks were purified by epoch 4 (so SAM in
+# epochs 1-5 is kept; the 5 plain epochs cut are after it). Its seed 0 is therefore chosen with the others' seed 0
+# in view; seeds 1-2 of both candidates are the check. The report lists both against the targets; README
+# recommends from them.
 CHEAP_CANDIDATES = ({"epochs": 15, "sam_epochs": "1-5"}, {"sam_epochs": "1-5"})  # cheapest first
 
 

@@ -18,7 +18,8 @@ or delete a whole tree must check first).
 
 Not guaranteed: `flock` is advisory and local to one machine. On a network file system two processes on two
 machines may both get the lock (NFS maps it to byte-range locks only on some setups), so two machines must not
-write one network folder at the same time.
+write one network folder at the same time. Across machines, `ftsam grid` keeps one writer per cell with a lock file
+of its own that names its host, PID and Slurm job (ftsam_plugin/grid/cell_lock.py).
 """
 
 from __future__ import annotations

@@ -83,16 +83,21 @@ def test_job_array_through_sbatch_and_no_second_writer_on_queued_cells(root):
     assert sorted(accounted) == [f"{job['array_job_id']}_0|COMPLETED", f"{job['array_job_id']}_1|COMPLETED"]
 
 
-def test_cancel_mid_run_is_reported_and_the_next_run_resumes(root):
-    record = root / "record" / "rec"
-    grid = write_grid(root, "- {defense: ft-baseline, epochs: 3}\n", name="cancel.yaml")
-    marker = root / "paused"
-    # the run waits at the start of epoch 2 (after epoch 1's checkpoint) until a signal stops it
+def submit_paused(root, entry: str, name: str, folder: str):
+    """Submit a one-cell grid whose run waits at the start of epoch 2 (after epoch 1's checkpoint) until a signal
+    stops it; returns (grid file, marker file, Slurm job id) once it waits."""
+    grid = write_grid(root, entry, name=name)
+    marker = root / f"{name}.paused"
     code, out = grid_run(grid, *SLURM, env_extra={"FTSAM_TEST_PAUSE": f"2:0:{marker}"})
     assert code == 0, out
     wait_for(marker.exists, 300, "the job to reach epoch 2")
+    return grid, marker, summary(root / "record" / "rec", folder)["slurm"]["job_id"]
+
+
+def test_cancel_mid_run_is_reported_and_the_next_run_resumes(root):
+    record = root / "record" / "rec"
+    grid, _, job = submit_paused(root, "- {defense: ft-baseline, epochs: 3}\n", "cancel.yaml", "ft-baseline_epochs3_s0")
     assert states(grid) == {"rec/ft-baseline_epochs3_s0": "running"}
-    job = summary(record, "ft-baseline_epochs3_s0")["slurm"]["job_id"]
     code, out = grid_run(grid, *SLURM)  # resubmitted while it runs: no second writer
     assert code == 0 and "nothing to run" in out and f"Slurm job {job}" in out, out
     assert list(squeue()) == [job]
@@ -107,3 +112,22 @@ def test_cancel_mid_run_is_reported_and_the_next_run_resumes(root):
     cell = summary(record, "ft-baseline_epochs3_s0")
     assert cell["state"] == "done" and cell["resumed_from_epoch"] == 2 and cell["attempts"] == 2
     assert cell["slurm"]["job_id"] != job and cell["epochs_done"] == 3
+
+
+def test_a_preempted_or_timed_out_task_is_requeued_and_resumes(root):
+    record = root / "record" / "rec"
+    grid, marker, job = submit_paused(root, "- {defense: ftsam, rho: 2, epochs: 3}\n", "requeue.yaml",
+                                      "ftsam_rho2_epochs3_s0")
+    marker.unlink()
+    # what Slurm sends before a time limit or a preemption (submitit's signal): the job is requeued, keeps the cell
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for(lambda: summary(record, "ftsam_rho2_epochs3_s0")["state"] == "interrupted", 120, "the requeue")
+    assert summary(record, "ftsam_rho2_epochs3_s0")["error"] == "requeued (time limit or preemption)"
+    assert states(grid) == {"rec/ftsam_rho2_epochs3_s0": "queued"}  # the same job, pending again: not resubmitted
+    wait_for(marker.exists, 400, "the requeued job to resume")  # it pauses again at epoch 2: the test's hook
+    cell = summary(record, "ftsam_rho2_epochs3_s0")
+    assert cell["slurm"]["job_id"] == job and cell["slurm"]["restart_count"] == "1"
+    assert cell["state"] == "running" and cell["resumed_from_epoch"] == 1 and cell["attempts"] == 2
+    subprocess.run(["scancel", job], check=True)
+    wait_for(lambda: not squeue(), 120, "the cancelled job to end")
+    assert states(grid) == {"rec/ftsam_rho2_epochs3_s0": "interrupted"}

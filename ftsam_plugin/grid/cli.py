@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Dict
 
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.settings import Number, quote

@@ -32,7 +32,7 @@ import itertools
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ftsam_plugin.errors import FtsamError
 from ftsam_plugin.settings import Number, quote, read_yaml
