@@ -486,7 +486,7 @@ def run_defenses_side_by_side(first: dict, second: dict, threads: int) -> Tuple[
     child.start()
     send.close()
     outcome: dict = {}
-    finished = threading.Event()  # this process is done with its defense: a child ending now interrupts nothing
+    finished = threading.Event()  # set in the clean-up: a child ending from then on (stopped here) interrupts nothing
 
     def watch() -> None:  # the child's message, or its death without one
         try:

@@ -29,7 +29,12 @@ Time to purify. For each defense result with a per-epoch CSV beside its summary 
 `*_df.csv` in the folder or its `log/`, not older than the result as above): the first evaluated epoch from which
 ASR stays <= 5% to the end of the run, and its cumulative training seconds where the CSV has them (ours do), next to
 the run's total and final ACC; "never" otherwise (`ftsam_plugin.purify`). A table per dataset x model follows the
-metrics table; leaderboard.csv has the same values in its `purify_*` and `total_*` columns.
+metrics table; leaderboard.csv has the same values in its `purify_*` and `total_*` columns. Provenance: where the
+folder's completion marker lists the CSV, only that CSV, and only while the marker says the run finished and its
+fingerprints of the result and the CSV match (`purify_checked` true); where it says otherwise, none (a warning names
+the CSV). A CSV no marker covers (BackdoorBench's runs, ours from before the marker listed it) is marked † in the
+tables and `purify_checked` false. A CSV with a repeated epoch or an ACC/ASR/RA outside [0, 1] is named and not used;
+so is an evaluation cache or retune summary holding such values (the result is evaluated, the attack run, again).
 
 Protocols. Under each table a line names how each column's runs ran: `ours, <protocol>` (`fixed` or
 `backdoorbench`, from the run's summary) or `BackdoorBench's defense/<name>.py` (a folder without our completion
@@ -229,7 +234,6 @@ def _find_history(folder: str, name: str, result_path: str) -> Tuple[Optional[st
     return None, None, False
 
 
-
 # ---------------------------------------------------------------------------------------------- cache
 
 
@@ -262,7 +266,6 @@ def _read_cache(folder: str, key: dict) -> Optional[Dict[str, float]]:
               f"evaluated again", file=sys.stderr)
         return None
     return {m: float(values[m]) for m in SUMMARY_COLUMNS}
-
 
 
 def _write_cache(folder: str, key: dict, values: Dict[str, float]) -> None:
@@ -725,7 +728,6 @@ def _has_unchecked(table: Table) -> bool:
     return any(not entry.purify_checked for _, _, entry in _purify_entries(table))
 
 
-
 def _purify_rows(table: Table) -> List[List[str]]:
     """One row of text per cell with a time to purify, in the table's row and defense order (UNCHECKED marks a CSV
     the run's marker does not cover)."""
@@ -735,7 +737,6 @@ def _purify_rows(table: Table) -> List[List[str]]:
         rows.append([label, d, p.when() + ("" if entry.purify_checked else f" {UNCHECKED}"), p.total(),
                      _pct(p.final_acc), _pct(p.final_asr), f"{p.eval_every} epoch(s)"])
     return rows
-
 
 
 def csv_rows(tables: List[Table]) -> List[dict]:
@@ -774,7 +775,6 @@ def _purify_columns(entry: Optional[Entry]) -> dict:
             "purify_train_time_s": text(p.train_s) if p.purified else ("never" if p.total_train_s is not None else ""),
             "total_epochs": str(p.epochs), "total_train_time_s": text(p.total_train_s),
             "purify_eval_every": text(p.eval_every), "purify_checked": str(entry.purify_checked).lower()}
-
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222}
