@@ -186,6 +186,18 @@ def _summary_candidates(folder: str, name: str, only_named: bool = False,
     return [p for p in preferred if os.path.isfile(p)] + [p for p in others if p not in preferred]
 
 
+def _file_stem(folder: str, name: str) -> str:
+    """The stem of a defense result's file names: its folder's name (BackdoorBench's layout), or, for a folder named
+    otherwise (an `ftsam grid` cell: `ftsam_rho4_s0/` holds `ftsam_df_summary.csv`), the one its completion marker
+    lists."""
+    if os.path.isfile(os.path.join(folder, f"{name}_df_summary.csv")):
+        return name
+    files = (read_marker(folder) or {}).get("files")
+    stems = [f[:-len("_df_summary.csv")] for f in files if f.endswith("_df_summary.csv")] if isinstance(files, dict) \
+        else []
+    return stems[0] if len(stems) == 1 else name
+
+
 def _find_summary(folder: str, name: str, result_path: str, row: str, only_named: bool = False):
     result_mtime = os.path.getmtime(result_path)
     for path in _summary_candidates(folder, name, only_named):
@@ -363,7 +375,7 @@ def _fill_metrics(entry: Entry, opts) -> None:
     folder = os.path.dirname(entry.result_path)
     values = None
     attack = entry.defense == NO_DEFENSE  # the record folder: only attack_df_summary.csv
-    name = "attack" if attack else entry.defense
+    name = "attack" if attack else _file_stem(folder, entry.defense)
     finished = is_complete(folder, [os.path.basename(entry.result_path), f"{name}_df_summary.csv"])
     if finished is False:  # a run killed while writing its result, or files changed since: evaluate the file there
         print(f"warning: {entry.record.label}/{entry.defense}: the run in {folder} did not finish (or its files "
@@ -546,8 +558,9 @@ def build_leaderboard(roots: Sequence[str], opts) -> List[Table]:
                         entry.retune_source = "error"
                         print(f"warning: {r.label}/{entry.defense}: retune: {exc}", file=sys.stderr)
                 if entry.defense != NO_DEFENSE:
+                    where = os.path.dirname(entry.result_path)
                     path, entry.purify, entry.purify_checked = _find_history(
-                        os.path.dirname(entry.result_path), entry.defense, entry.result_path)
+                        where, _file_stem(where, entry.defense), entry.result_path)
                     entry.purify_source = os.path.relpath(path, r.path) if path else ""
                 if entry.defense != NO_DEFENSE:
                     entry.protocol = run_protocol(os.path.dirname(entry.result_path))

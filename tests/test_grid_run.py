@@ -3,8 +3,9 @@ stopped, never starts a second writer on a running cell, reports failures and re
 `ftsam leaderboard` reads the cells' results. (The same through a real Slurm: test_grid_slurm.py.)"""
 
 import os
-import signal
 import shutil
+import signal
+import subprocess
 
 import pytest
 
@@ -66,8 +67,12 @@ def test_local_cancel_resume_and_never_two_writers(root):
         first.send_signal(signal.SIGINT)  # Ctrl-C: the grid cancels its running cell
         out, _ = first.communicate(timeout=120)
     finally:
-        if first.poll() is None:
-            first.kill()
+        if first.poll() is None:  # the test failed before stopping it: stop its cell too, not only the grid
+            first.send_signal(signal.SIGINT)
+            try:
+                first.wait(60)
+            except subprocess.TimeoutExpired:
+                first.kill()
     assert first.returncode == 130, out
     assert states(grid) == {"rec/ftsam_rho1_epochs3_s0": "interrupted"}
     assert summary(record, "ftsam_rho1_epochs3_s0")["epochs_done"] == 2
