@@ -118,6 +118,10 @@ def cmd_run(args) -> int:
     from ftsam_plugin.defense.registry import DEFENSES
 
     cache = os.path.abspath(args.cache)
+    done = os.path.join(RESULTS, args.attack, args.tag + ".json")
+    if os.path.isfile(done):  # finished (its checkpoint is gone once the result is written): nothing to run
+        log(f"{args.attack} {args.tag}: finished already ({done})")
+        return 0
     data = unpack_data(cache)
     record = record_dir(cache, args.attack)
     folder = run_dir(cache, args.attack, args.tag)
