@@ -109,7 +109,8 @@ def test_bad_executor_options_are_one_line_errors(root):
     grid = write_grid(root, "- {defense: ftsam, epochs: 1}\n", name="opts.yaml")
     for args, needle in ((["--workers", "0"], "workers must be a whole number >= 1"),
                          (["--executor", "slurm"], "needs each task's time limit"),
-                         (["--sbatch", "=x", "--executor", "slurm", "--time", "5"], "--sbatch takes KEY=VALUE")):
+                         (["--sbatch", "=x", "--executor", "slurm", "--time", "5"], "--sbatch takes KEY=VALUE"),
+                         (["--workers", "1", "--threads", str(os.cpu_count() * 64)], "usable CPU core(s); lower")):
         code, out = grid_run(grid, *args)
         lines = [line for line in out.splitlines() if line.startswith("error:")]
         assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in out, out

@@ -182,6 +182,14 @@ def _options(args: argparse.Namespace, section: Dict, where: str):
     for key in ("workers", "threads", "time", "cpus_per_task", "gpus_per_task", "array_parallelism"):
         if key in values and POSITIVE.parse(values[key]) is None:
             raise FtsamError(f"{key} must be a whole number >= 1, got {quote(values[key])}; fix --{key}")
+    if values.get("executor", "local") in ("local", "debug"):  # on this machine: threads beyond its cores contend
+        from ftsam_plugin.settings import usable_cores
+
+        workers = int(values.get("workers", 1)) if values.get("executor", "local") == "local" else 1
+        threads, cores = values.get("threads"), usable_cores()
+        if threads is not None and workers * int(threads) > cores:
+            raise FtsamError(f"{workers} worker(s) x {threads} thread(s) = {workers * int(threads)} threads on "
+                             f"{cores} usable CPU core(s); lower --workers or --threads")
     if "mem_gb" in values and Number(low=0, low_open=True).parse(values["mem_gb"]) is None:
         raise FtsamError(f"mem_gb must be a positive number, got {quote(values['mem_gb'])}; fix --mem_gb")
     values["sbatch"] = _sbatch(values.get("sbatch"))
