@@ -49,7 +49,7 @@ class SAM(torch.optim.Optimizer):
 
     The kernel plans (ftsam_plugin.kernels.create_plan: for Triton the device pointer table, work list and one
     persistent `saved` buffer) are built at the first step and reused while every param and grad keeps its
-    storage (checked each step by comparing data pointers); grads that moved (set to None and reallocated
+    storage (checked each step in one pass by kernels/plan_guard.py: addresses, devices, dtypes, shapes, strides); grads that moved (set to None and reallocated
     elsewhere) are re-pointed with one small copy. `plan_builds` and `grad_moves` count both. A step with
     unchanged storage allocates nothing and, without a GradScaler, never syncs with the host.
 
