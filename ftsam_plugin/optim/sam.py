@@ -49,8 +49,8 @@ class SAM(torch.optim.Optimizer):
 
     The kernel plans (ftsam_plugin.kernels.create_plan: for Triton the device pointer table, work list and one
     persistent `saved` buffer) are built at the first step and reused while every param and grad keeps its
-    storage (checked each step in one pass by kernels/plan_guard.py: addresses, devices, dtypes, shapes, strides); grads that moved (set to None and reallocated
-    elsewhere) are re-pointed with one small copy. `plan_builds` and `grad_moves` count both. A step with
+    storage (checked each step in one pass by kernels/plan_guard.py: addresses, devices, dtypes, shapes and
+    strides); grads that moved (set to None and reallocated elsewhere) are re-pointed with one small copy. `plan_builds` and `grad_moves` count both. A step with
     unchanged storage allocates nothing and, without a GradScaler, never syncs with the host.
 
     Usage (AMP + BN freeze; under DDP put the whole first pass, forward included, in `with model.no_sync():`
