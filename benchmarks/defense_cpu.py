@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing
 
-from ftsam_plugin.provenance import git_commit, machine  # noqa: E402
+from ftsam_plugin.provenance import git_commit, machine, sha256_file  # noqa: E402
 
 ARCHIVE = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.xz")
 ATTACKS = ("badnet", "blended")
@@ -298,14 +298,6 @@ def link_record(record: str, folder: str) -> str:
         if name != "defense" and not os.path.lexists(os.path.join(rec, name)):
             os.symlink(os.path.join(os.path.abspath(record), name), os.path.join(rec, name))
     return rec
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_grid(mode: Mode, workers: int, threads: int) -> int:

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing
 
-from ftsam_plugin.provenance import git_commit, machine, machine_short  # noqa: E402
+from ftsam_plugin.provenance import git_commit, machine, machine_short, sha256_file  # noqa: E402
 
 SHARED = os.path.join(REPO, "..", "shared")
 RECORDS = {  # attack -> (archive in ../shared/records, or a record folder made here under <cache>/record)
@@ -81,14 +81,6 @@ def record_dir(cache: str, attack: str) -> str:
     if not os.path.isfile(os.path.join(folder, "attack_result.pt")):
         raise SystemExit(f"error: no record for attack {attack!r} at {folder}; make it first")
     return folder
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_dir(cache: str, attack: str, tag: str) -> str:

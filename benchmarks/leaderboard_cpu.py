@@ -103,6 +103,7 @@ def build(runs: Dict[Tuple[str, str], dict], retune: Dict[Tuple[str, str], Dict[
                                     ".json: mean of the last evaluations",
                              purify=time_to_purify(got[0]["rows"]) if got[0]["run"]["seed"] == 0 else None)
             entry.purify_checked = True  # the rows are the run's own, from its summary (not a CSV found beside it)
+            entry.protocol = "ours, " + ", ".join(sorted({i["run"].get("protocol", "fixed") for i in got}))
             fill_retune(entry, retune.get((record, f"{stem}_s0"), {}))
             cells[(record, column)] = entry
             behind[(record, column)] = got

@@ -4,12 +4,13 @@ not name them cannot be checked."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
 from typing import Dict, Optional
 
-__all__ = ["cpu_name", "machine", "machine_short", "git_commit"]
+__all__ = ["cpu_name", "machine", "machine_short", "git_commit", "sha256_file"]
 
 
 def cpu_name() -> str:
@@ -50,3 +51,12 @@ def git_commit(repo: str) -> str:
         return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def sha256_file(path: str) -> str:
+    """The sha256 of a file's bytes (which record, which data a run used)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
