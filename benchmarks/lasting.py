@@ -145,7 +145,7 @@ def cmd_run(args) -> int:
 
     namespace = argparse.Namespace(**{k: v for k, v in vars(opts).items() if k != "defense"})
     log(f"{args.attack} {args.tag}: {'resuming' if resume else 'starting'} ({machine_short()})")
-    started = time.time()
+    started, started_commit = time.time(), git_commit(REPO)  # the code the run loads is the code at its start
     Snapshots(namespace).defense(rec)
     wall = time.time() - started
     import csv
@@ -157,7 +157,8 @@ def cmd_run(args) -> int:
         "record_sha256": sha256_file(os.path.join(record, "attack_result.pt")),
         "command": "ftsam defend --result_file <record> " + " ".join(base_flags("<data>") + flags),
         "flags": flags, "snapshot_every": every, "resumed": resume, "wall_s": wall, "rows": rows,
-        "machine": machine(), "commit": git_commit(REPO), "finished": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(), "started_commit": started_commit, "commit": git_commit(REPO),
+        "finished": datetime.now().isoformat(timespec="seconds"),
     }
     atomic_json(os.path.join(RESULTS, args.attack, args.tag + ".json"), summary)
     log(f"{args.attack} {args.tag}: done in {wall / 60:.1f} min")
@@ -367,7 +368,7 @@ def load_runs() -> Dict[str, Dict[str, dict]]:
 
     runs: Dict[str, Dict[str, dict]] = {}
     for path in sorted(glob.glob(os.path.join(RESULTS, "*", "*.json"))):
-        if path.endswith(".analysis.json"):
+        if path.endswith((".analysis.json", ".retune.json")):
             continue
         with open(path) as handle:
             summary = json.load(handle)
@@ -463,7 +464,7 @@ def cmd_report(args) -> int:
              "poisoned images.", ""]
     for attack, tags in sorted(runs.items()):
         lines += [f"## {attack}", "", "| run | settings | ACC | ASR | RA | worst ASR, epochs 10–end | subset ASR at "
-                  "epochs 10 / 20 / 40 / 60 / 80 / 100 | P-ASR | control | machine | commit |",
+                  "epochs 10 / 20 / 40 / 60 / 80 / 100 | P-ASR | control | machine | code (at the run's start) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for tag, item in sorted(tags.items()):
             summary, analysis = item["summary"], item["analysis"]
@@ -476,7 +477,8 @@ def cmd_report(args) -> int:
                          f"{pct(worst_after(along)) if along else '–'} | "
                          + " / ".join(pct(at.get(e)) for e in (10, 20, 40, 60, 80, 100)) +
                          f" | {p_asr(item['retune'], POISON_NUM)} | {p_asr(item['retune'], 0)}"
-                         f" | {m['cpu']}, {m['threads']} thread(s), torch {m['torch']} | {summary['commit']} |")
+                         f" | {m['cpu']}, {m['threads']} thread(s), torch {m['torch']} | "
+                         f"{summary.get('started_commit', summary['commit'])} |")
         lines.append("")
         for tag, item in sorted(tags.items()):
             if item["analysis"]:
