@@ -87,16 +87,6 @@ def run_dir(cache: str, attack: str, tag: str) -> str:
     return os.path.join(cache, "lasting", attack, tag)
 
 
-def linked_record(record: str, folder: str) -> str:
-    """A per-run record folder: links to the record's files and a defense/ of its own (runs overlap safely)."""
-    rec = os.path.join(folder, "rec")
-    os.makedirs(os.path.join(rec, "defense"), exist_ok=True)
-    for name in os.listdir(record):
-        if name != "defense" and not os.path.lexists(os.path.join(rec, name)):
-            os.symlink(os.path.join(os.path.abspath(record), name), os.path.join(rec, name))
-    return rec
-
-
 # ------------------------------------------------------------------------------------------------ running
 def base_flags(data: str) -> List[str]:
     return ["--yaml_path", "cifar10", "--dataset_path", data, "--device", "cpu", "--num_workers", "0",
@@ -117,7 +107,9 @@ def cmd_run(args) -> int:
     data = unpack_data(cache)
     record = record_dir(cache, args.attack)
     folder = run_dir(cache, args.attack, args.tag)
-    rec = linked_record(record, folder)
+    from defense_cpu import link_record  # a per-run record folder of links (the study's; runs overlap safely)
+
+    rec = link_record(record, folder)
     snaps = os.path.join(folder, "snapshots")
     os.makedirs(snaps, exist_ok=True)
     flags = list(args.flags[1:] if args.flags[:1] == ["--"] else args.flags)
