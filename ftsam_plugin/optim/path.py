@@ -47,20 +47,18 @@ class PathAnchor:
         self.params = list(params)
         self.anchor = [p.detach().clone() for p in self.params]
         self.digest = anchor_digest(self.anchor)
-        self._saved: List[torch.Tensor] = []
-
-    def direction_norm(self) -> torch.Tensor:
-        """||theta0 - w||_2 over every param (a 0-dim tensor; no host sync)."""
-        diff = torch._foreach_sub(self.anchor, [p.detach() for p in self.params])
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diff)))
+        # two persistent param-sized buffers, allocated once: d, then w's copy for restore (no allocation per step)
+        self._diff: List[torch.Tensor] = [torch.empty_like(a) for a in self.anchor]
+        self._saved: List[torch.Tensor] = [torch.empty_like(a) for a in self.anchor]
 
     def perturb(self, rhos: Sequence[float], sizes: Sequence[int]) -> None:
         """w += rho_g * (theta0 - w) / ||theta0 - w||: `rhos[g]` for the `sizes[g]` params of group g (in order)."""
         with torch.no_grad():
-            params = self.params
-            diff = torch._foreach_sub(self.anchor, params)
+            params, diff = self.params, self._diff
+            torch._foreach_copy_(diff, self.anchor)
+            torch._foreach_sub_(diff, params)
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diff)))
-            self._saved = [p.clone() for p in params]
+            torch._foreach_copy_(self._saved, params)
             start = 0
             for rho, size in zip(rhos, sizes):
                 group = slice(start, start + size)
@@ -74,4 +72,3 @@ class PathAnchor:
         """w back to what it was before `perturb` (an exact copy)."""
         with torch.no_grad():
             torch._foreach_copy_(self.params, self._saved)
-        self._saved = []
