@@ -38,6 +38,8 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 
 from ftsam_plugin.provenance import git_commit, machine, machine_short, sha256_file  # noqa: E402
 
+from defense_cpu import link_record, unpack  # noqa: E402  (the study's: CIFAR-10 unpacked once, per-run record links)
+
 SHARED = os.path.join(REPO, "..", "shared")
 RECORDS = {  # attack -> (archive in ../shared/records, or a record folder made here under <cache>/record)
     "badnet": "cifar10_preactresnet18_w0.25_badnet_e15",
@@ -61,15 +63,6 @@ def atomic_json(path: str, obj) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ data and records
-def unpack_data(cache: str) -> str:
-    dest = os.path.join(cache, "cifar10-jpeg")
-    if not os.path.isfile(os.path.join(dest, ".complete")):
-        with tarfile.open(os.path.join(SHARED, "data", "cifar10-jpeg.tar.xz")) as tar:
-            tar.extractall(cache, filter="data")
-        open(os.path.join(dest, ".complete"), "w").close()
-    return dest
-
-
 def record_dir(cache: str, attack: str) -> str:
     name = RECORDS.get(attack, attack)
     folder = os.path.join(cache, "record", name)
@@ -104,11 +97,9 @@ def cmd_run(args) -> int:
     if os.path.isfile(done):  # finished (its checkpoint is gone once the result is written): nothing to run
         log(f"{args.attack} {args.tag}: finished already ({done})")
         return 0
-    data = unpack_data(cache)
+    data = unpack(cache)
     record = record_dir(cache, args.attack)
     folder = run_dir(cache, args.attack, args.tag)
-    from defense_cpu import link_record  # a per-run record folder of links (the study's; runs overlap safely)
-
     rec = link_record(record, folder)
     snaps = os.path.join(folder, "snapshots")
     os.makedirs(snaps, exist_ok=True)
@@ -198,7 +189,7 @@ def cmd_analyse(args) -> int:
 
     torch.set_num_threads(1)
     cache = os.path.abspath(args.cache)
-    data = unpack_data(cache)
+    data = unpack(cache)
     record = record_dir(cache, args.attack)
     folder = run_dir(cache, args.attack, args.tag)
     import csv
@@ -222,6 +213,8 @@ def cmd_analyse(args) -> int:
     top = np.argsort(-tac0)[: max(1, len(tac0) // 10)]  # the backdoored model's top-10% TAC channels
     rest = np.setdiff1d(np.arange(len(tac0)), top)
     bn_keys = [k for k in theta0 if k.endswith("running_mean") or k.endswith("running_var")]
+    p_0 = params_only(theta0)
+    norm_0 = l2(p_0.values())  # ||theta0||, once
 
     def measure(state: dict, epoch: int) -> dict:
         model.load_state_dict(state)
@@ -232,13 +225,12 @@ def cmd_analyse(args) -> int:
         mixed.update({k: theta0[k] for k in bn_keys})  # this snapshot's weights with theta0's BN statistics
         model.load_state_dict(mixed)
         swap = evaluate_backdoor(model, clean, bd, batch_size=256)
-        p_now, p_0 = params_only(state), params_only(theta0)
-        keys = list(p_0)
+        p_now = params_only(state)
+        dist = l2([p_now[k] - p_0[k] for k in p_0])
         return {
             "epoch": epoch, "lr": lr_of.get(epoch), "acc": m["acc"], "asr": m["asr"], "ra": m["ra"],
             "clean_loss": m["clean_loss"], "bd_loss": m["bd_loss"],
-            "dist_theta0": l2([p_now[k] - p_0[k] for k in keys]), "rel_dist_theta0": l2([p_now[k] - p_0[k]
-                                                                                       for k in keys]) / l2(p_0.values()),
+            "dist_theta0": dist, "rel_dist_theta0": dist / norm_0,
             "top_tac_norm": float(norms[top].mean()), "rest_norm": float(norms[rest].mean()),
             "top_tac_tac": float(tac[top].mean()), "rest_tac": float(tac[rest].mean()),
             "bn_rel_dist": l2([state[k] - theta0[k] for k in bn_keys]) / l2([theta0[k] for k in bn_keys]),
@@ -306,7 +298,7 @@ def cmd_retune(args) -> int:
     import subprocess
 
     cache = os.path.abspath(args.cache)
-    data = unpack_data(cache)
+    data = unpack(cache)
     folder = run_dir(cache, args.attack, args.tag)
     with open(os.path.join(RESULTS, args.attack, args.tag + ".json")) as handle:
         summary = json.load(handle)
