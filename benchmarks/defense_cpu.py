@@ -45,7 +45,8 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 from ftsam_plugin.provenance import git_commit, machine, sha256_file  # noqa: E402
 
 ARCHIVE = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.xz")
-ATTACKS = ("badnet", "blended")
+ATTACKS = ("badnet", "blended", "lf")  # the report's order; LF is BackdoorBench's trigger (BACKDOORBENCH_ROOT)
+NEEDS_BACKDOORBENCH = ("lf",)  # attacks whose record `ftsam attack` makes with BackdoorBench's trigger code
 CACHE = os.path.join(REPO, "benchmarks", ".cache")  # the grid files name their records and data in here
 GRIDS = {"full": os.path.join(REPO, "benchmarks", "grids", "defense_cpu.yaml"),
          "quick": os.path.join(REPO, "benchmarks", "grids", "defense_cpu_quick.yaml")}
@@ -134,6 +135,9 @@ def ensure_record(mode: Mode, attack: str, data: str, cache: str, env_threads: O
         return record
     if os.path.isdir(record):
         sys.exit(f"error: {record} is an unfinished record; delete it to train it again")
+    if attack in NEEDS_BACKDOORBENCH and not os.environ.get("BACKDOORBENCH_ROOT"):
+        sys.exit(f"error: the {attack} record is made with BackdoorBench's trigger code; set BACKDOORBENCH_ROOT to a "
+                 f"BackdoorBench checkout (or put the record at {record})")
     cmd = [sys.executable, "-m", "ftsam_plugin", "attack", "--attack", attack, "--dataset", "cifar10",
            "--dataset_path", data, "--model", "preactresnet18", "--width", f"{mode.width:g}",
            "--epochs", str(mode.attack_epochs), "--batch_size", "128", "--pratio", "0.1", "--attack_target", "0",
@@ -251,6 +255,9 @@ def full_plan() -> List[Run]:
 # in view; seeds 1-2 of both candidates are the check. The report lists both against the targets; README
 # recommends from them.
 CHEAP_CANDIDATES = ({"epochs": 15, "sam_epochs": "1-5"}, {"sam_epochs": "1-5"})  # cheapest first
+# Issue 27: rho 4 over 10 epochs costs what the first candidate costs; its seeds 1-2 (Blended) ran after the
+# recommendation was made, as its check. It is reported over seeds like the candidates, not recommended from.
+CHEAP_SAME_COST = ({"epochs": 10},)
 
 
 def cheap_run(attack: str, seed: int, **variant) -> Run:
@@ -718,7 +725,8 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
     ft_acc = [evals_of(i)[-1]["test_acc"] for i in fts]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     targets: List[str] = []
-    for settings in CHEAP_CANDIDATES:
+    for settings in CHEAP_CANDIDATES + CHEAP_SAME_COST:
+        kind = "Candidate" if settings in CHEAP_CANDIDATES else "Same-cost alternative"
         tags = [cheap_run(attack, s, **settings).tag for s in SEEDS]
         candidate = [cheap[t] for t in tags if t in cheap and not cheap[t].get("partial")]
         if not candidate:
@@ -729,7 +737,7 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
         walls = [i["wall_s"] / ref_wall for i in candidate if i.get("wall_s") and not i.get("timing_invalid")] \
             if ref_wall else []
         cost = costs.get(label)
-        lines += [f"Candidate ({label}) over seeds {', '.join(str(i['run']['seed']) for i in candidate)}: "
+        lines += [f"{kind} ({label}) over seeds {', '.join(str(i['run']['seed']) for i in candidate)}: "
                   f"ACC {mean_std([p.final_acc for p in ps])}, ASR {mean_std([p.final_asr for p in ps])}, time to "
                   f"purify {', '.join(p.when() for p in ps)}, cost {_ratio(cost, 1.0)} FT-100's side by side "
                   f"(typical training + 1 eval in these runs {mean_std(ones, scale=1, digits=3)}×); FT-100's ACC "
@@ -816,7 +824,10 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
            else ", full 50,000 / 10,000") + ".",
         f"- Attack records: `ftsam attack`, 10% poison, all-to-one target 0, PreAct-ResNet18 **width "
         f"{mode.width:g}** (the full width trains at ~50 img/s on this CPU), {mode.attack_epochs} epochs, batch 128, "
-        f"SGD lr 0.01 cosine (Blended from `../shared/records/`, made with this command; BadNets trained here).",
+        f"SGD lr 0.01 cosine (Blended from `../shared/records/`, made with this command; BadNets trained here). "
+        f"LF: the same command with `--attack lf` and `BACKDOORBENCH_ROOT` set, so BackdoorBench's own trigger code "
+        f"and `resource/lowFrequency/cifar10_preactresnet18_0_255.npy` poison the images (checkout f02e353); trained "
+        f"on an Intel Xeon at one thread at commit 3d8feb4 (`defense_cpu.py` makes it when the record is missing).",
         f"- Defenses: `ftsam defend` with the packaged CIFAR-10 config (SGD lr 0.01 cosine over the run, momentum "
         f"0.9, wd 5e-4, batch 256, label smoothing 0.1; FT-SAM: ASAM, eta 0), class-balanced {mode.ratio:g} clean "
         f"subset (2,500 images), clean-subset seed `--random_seed`, the same subset for FT and FT-SAM of a seed.",
@@ -831,7 +842,7 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
     for (attack, tag), item in items.items():
         by_attack.setdefault(attack, {})[tag] = item
     checks: List[str] = []
-    for attack in ATTACKS:
+    for attack in (a for a in ATTACKS if any(r.attack == a for r in plan)):
         runs = by_attack.get(attack, {})
         if not runs:
             lines += [f"## {attack}", "", "_no run finished yet_", ""]
@@ -848,19 +859,25 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         ft_tag = lambda seed: Run(attack, "ft-baseline", 100, seed).tag
         ft_short_tag = lambda seed: Run(attack, "ft-baseline", RECOMMENDED["epochs"], seed).tag
         auto_tag = lambda seed: Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho="auto").tag
+        cpu_tag = lambda seed: Run(attack, "ftsam", 15, seed, rho=RECOMMENDED["rho"], sam_epochs="1-5").tag
+        planned = {r.tag for r in plan if r.attack == attack}
         rows = []
-        for label, tagf in (("FT, 100 epochs", ft_tag),
-                            (f"FT-SAM ρ={RECOMMENDED['rho']}, {RECOMMENDED['epochs']} epochs", rec_tag),
-                            (f"FT, {RECOMMENDED['epochs']} epochs", ft_short_tag),
-                            (f"FT-SAM `--rho auto`, {RECOMMENDED['epochs']} epochs", auto_tag)):
+        for label, short, tagf in (
+                ("FT, 100 epochs", "FT 100", ft_tag),
+                (f"FT-SAM ρ={RECOMMENDED['rho']}, {RECOMMENDED['epochs']} epochs", f"FT-SAM ρ={RECOMMENDED['rho']}",
+                 rec_tag),
+                (f"FT, {RECOMMENDED['epochs']} epochs", f"FT {RECOMMENDED['epochs']}", ft_short_tag),
+                (f"FT-SAM `--rho auto`, {RECOMMENDED['epochs']} epochs", "FT-SAM auto", auto_tag),
+                ("FT-SAM ρ=4, 15 epochs, SAM in epochs 1-5 (the CPU recommendation)", "CPU rec.", cpu_tag)):
             got = [runs[tagf(s)] for s in SEEDS if tagf(s) in runs and not runs[tagf(s)].get("partial")]
             lasts = [evals_of(i)[-1] for i in got]
             ders = [der(bd["test_acc"], m["test_acc"], bd["test_asr"], m["test_asr"]) for m in lasts]
-            rows.append((label, got, lasts, ders))
+            if got or any(tagf(s) in planned for s in SEEDS):  # a row per setting this attack's plan has
+                rows.append((label, short, tagf, got, lasts, ders))
         lines += [f"### FT vs FT-SAM at the recommended CPU setting, over seeds {', '.join(map(str, SEEDS))}", "",
                   "| defense | seeds done | ACC | ASR | RA | DER | s/epoch | wall min (each seed) |",
                   "|---|---|---|---|---|---|---|---|"]
-        for label, got, lasts, ders in rows:
+        for label, _short, _tagf, got, lasts, ders in rows:
             walls = ", ".join(f"{i['wall_s'] / 60:.0f}" for i in got if i.get("wall_s"))
             lines.append(f"| {label} | {len(got)} ({', '.join(str(i['run']['seed']) for i in got) or '–'}) | "
                          f"{mean_std([m['test_acc'] for m in lasts])} | {mean_std([m['test_asr'] for m in lasts])} | "
@@ -869,8 +886,7 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         lines.append("")
         for seed in SEEDS:
             bits = []
-            for label, tagf in (("FT 100", ft_tag), (f"FT-SAM ρ={RECOMMENDED['rho']}", rec_tag),
-                                (f"FT {RECOMMENDED['epochs']}", ft_short_tag), ("FT-SAM auto", auto_tag)):
+            for _label, label, tagf, *_ in rows:
                 i = runs.get(tagf(seed))
                 if i:
                     m = evals_of(i)[-1]
@@ -881,22 +897,33 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
             if bits:
                 lines.append(f"- seed {seed}: " + "; ".join(bits))
         lines.append("")
-        (ft_label, ft_got, ft_lasts, _), (_, sam_got, sam_lasts, _), _short, (_, auto_got, auto_lasts, _) = rows
+        by_tag = {r[2]: r[3:5] for r in rows}
+        ft_got, ft_lasts = by_tag.get(ft_tag, ([], []))
+        sam_got, sam_lasts = by_tag.get(rec_tag, ([], []))
+        auto_got, auto_lasts = by_tag.get(auto_tag, ([], []))
+        cpu_got, cpu_lasts = by_tag.get(cpu_tag, ([], []))
         if auto_lasts:
             auto_asr = sum(m["test_asr"] for m in auto_lasts) / len(auto_lasts)
             checks.append(f"{attack}: `--rho auto` mean ASR ≤ 5%: **{'met' if auto_asr <= 0.05 else 'NOT met'}** "
                           f"({100 * auto_asr:.2f}%, {len(auto_lasts)} of 3 seeds)")
-        if ft_lasts and sam_lasts:
-            mean = lambda xs: sum(xs) / len(xs)
-            sam_asr, sam_acc = mean([m["test_asr"] for m in sam_lasts]), mean([m["test_acc"] for m in sam_lasts])
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        if ft_lasts:
             ft_asr, ft_acc = mean([m["test_asr"] for m in ft_lasts]), mean([m["test_acc"] for m in ft_lasts])
+            if attack in ("blended", "lf"):  # the attacks where plain FT fails in the paper
+                checks.append(f"{attack}: FT leaves ≥ 20% ASR: {'yes' if ft_asr >= 0.2 else 'no'} ({100 * ft_asr:.2f}%)")
+            if cpu_lasts:
+                cpu_asr, cpu_acc = mean([m["test_asr"] for m in cpu_lasts]), mean([m["test_acc"] for m in cpu_lasts])
+                checks.append(f"{attack}: the CPU recommendation's ASR ≤ 5%: **{'met' if cpu_asr <= 0.05 else 'NOT met'}"
+                              f"** ({100 * cpu_asr:.2f}%), ACC ≥ FT's (100 epochs): "
+                              f"**{'met' if cpu_acc >= ft_acc else 'NOT met'}** ({100 * cpu_acc:.2f} vs "
+                              f"{100 * ft_acc:.2f}) ({len(cpu_lasts)} of 3 seeds)")
+        if ft_lasts and sam_lasts:
+            sam_asr, sam_acc = mean([m["test_asr"] for m in sam_lasts]), mean([m["test_acc"] for m in sam_lasts])
             n = f"(FT {len(ft_lasts)}, FT-SAM {len(sam_lasts)} of 3 seeds)"
             checks.append(f"{attack}: FT-SAM ASR ≤ 5%: **{'met' if sam_asr <= 0.05 else 'NOT met'}** "
                           f"({100 * sam_asr:.2f}%) {n}")
             checks.append(f"{attack}: FT-SAM ACC ≥ FT's (100 epochs): **{'met' if sam_acc >= ft_acc else 'NOT met'}**"
                           f" ({100 * sam_acc:.2f} vs {100 * ft_acc:.2f})")
-            if attack == "blended":
-                checks.append(f"blended: FT leaves ≥ 20% ASR: {'yes' if ft_asr >= 0.2 else 'no'} ({100 * ft_asr:.2f}%)")
             t_ft = [i["times"]["train"] for i in ft_got if i["times"]["train"]]
             t_sam = [i["times"]["train"] for i in sam_got if i["times"]["train"]]
             machines = {i.get("machine") for i in ft_got + sam_got}
@@ -1103,7 +1130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data = unpack(CACHE)
         if mode.train_per_class:
             data = quick_subset(data, CACHE, mode.train_per_class, mode.test_per_class)
-        for attack in ATTACKS:
+        for attack in (a for a in ATTACKS if any(r.attack == a for r in plan)):
             ensure_record(mode, attack, data, CACHE, env_threads=args.threads)
         code = run_grid(mode, args.workers or max(1, usable_cores() // args.threads), args.threads)
         collect(mode, results)

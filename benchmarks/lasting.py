@@ -44,6 +44,7 @@ SHARED = os.path.join(REPO, "..", "shared")
 RECORDS = {  # attack -> (archive in ../shared/records, or a record folder made here under <cache>/record)
     "badnet": "cifar10_preactresnet18_w0.25_badnet_e15",
     "blended": "cifar10_preactresnet18_w0.25_blended_e15",
+    "lf": "cifar10_preactresnet18_w0.25_lf_e15",  # made here by defense_cpu.py's command (BACKDOORBENCH_ROOT)
 }
 RESULTS = os.path.join(REPO, "benchmarks", "results", "lasting_runs")
 REPORT = os.path.join(REPO, "benchmarks", "results", "lasting.md")

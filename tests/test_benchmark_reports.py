@@ -58,6 +58,31 @@ def test_defense_cpu_seed_table_is_mean_and_sample_std(tmp_path):
     assert "not finished (not shown): " in text and "badnet `ft_e20_s0`" in text
 
 
+def test_defense_cpu_lf_table_has_the_cpu_recommendation_row_and_the_ft_failure_check(tmp_path):
+    """LF's plan runs the CPU recommendation in the seed table (not the cheap group) and no `--rho auto`: the table
+    has a row per setting the attack's plan has, and the paper's premise (FT leaves >= 20%) is checked on LF."""
+    study = bench("defense_cpu")
+    results = tmp_path / "runs"
+    for seed in (0, 1, 2):
+        for run, acc, asr in ((study.Run("lf", "ft-baseline", 100, seed), FT_ACC[seed], FT_ASR[seed]),
+                              (study.Run("lf", "ftsam", 15, seed, rho="4", sam_epochs="1-5", eval_every=5,
+                                         group="seeds"), SAM_ACC[seed], SAM_ASR[seed])):
+            path = results / "lf" / f"{run.tag}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_summary(study, run, acc, asr)))
+    out = tmp_path / "defense_cpu.md"
+    study.write_report(study.MODES["full"], study.full_plan(), str(results), str(tmp_path / "cache"), str(out))
+    lf = out.read_text().split("## lf", 1)[1]
+    assert ("| FT-SAM ρ=4, 15 epochs, SAM in epochs 1-5 (the CPU recommendation) | 3 (0, 1, 2) | 79.00 ± 1.00 | "
+            "2.00 ± 1.00 |") in lf
+    assert "| FT-SAM ρ=4, 20 epochs | 0 (–) |" in lf  # planned for LF, not finished here
+    assert "--rho auto" not in lf.split("## ")[0]  # not in LF's plan: no empty row for it
+    assert "- seed 1: FT 100 75.00 / 20.00; CPU rec. 79.00 / 2.00" in lf
+    assert "lf: FT leaves ≥ 20% ASR: yes (23.33%)" in lf
+    assert ("lf: the CPU recommendation's ASR ≤ 5%: **met** (2.00%), ACC ≥ FT's (100 epochs): **met** (79.00 vs "
+            "74.00) (3 of 3 seeds)") in lf
+
+
 def _retune_run(model, poison_num, seed, asr, acc=0.70):
     return {"record": "cifar10_preactresnet18_w0.25_badnet_e15", "attack": "badnet", "model": model,
             "poison_num": poison_num, "seed": seed, "before": {"acc": 0.77, "asr": 0.5} if poison_num else None,
