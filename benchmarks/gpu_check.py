@@ -9,7 +9,9 @@ Sized for well under 5 minutes on one H100/H200 (not yet timed on one); writes a
    params in one plan (two launches per norm sharing the ticket counter), the grads a channels_last batch gives
    a contiguous model (their real strides), zero-element and unaligned tensors): norm, perturbation, exact
    copy-restore and subtract-restore; a reused Triton plan's norm bitwise repeatable with its result NaN-filled
-   before each call, and following its grads when they double; the perturbation bitwise repeatable; a Triton
+   before each call, and following its grads when they double; the perturbation bitwise repeatable; the
+   path-aware step (PAM, optim/path.py: the same kernels with d = theta0 - w read as g; two param groups with
+   their own rho) on each backend, its ||d|| and perturbation against fp64 and its restore exact; a Triton
    plan captured in a CUDA graph and replayed (its norm NaN-filled first) equals eager; a stress loop (thousands
    of eager norms of the two-launch plan with its grads doubled on every second call, and of graph replays of
    norm + perturb and of restore) compared bit for bit with the first of each kind. A norm kernel that stops
@@ -168,14 +170,7 @@ def check_backend(factory, backend, adaptive, eta, weights_only, rho=0.5):
         if backend == "triton" and mode == "copy":
             problems += reused_norm_problems(plan, ps, norm)
         plan.perturb(norm, rho)
-        worst = 0.0
-        for p, b, e in zip(ps, before, ref_e):
-            if p.numel():
-                rtol = RTOL[p.dtype]
-                err = ((p.detach().double() - b.double()) - e).abs()
-                bound = 4 * rtol * e.abs() + rtol * b.double().abs().max()
-                worst = max(worst, (err / bound).max().item())
-        errs["perturbation err / tol"] = worst
+        worst = errs["perturbation err / tol"] = perturbation_error(ps, before, ref_e)
         if worst > 1:
             problems.append(f"perturbation off by {worst:.2f}x its tolerance")
         if backend == "triton" and mode == "copy":
@@ -191,6 +186,48 @@ def check_backend(factory, backend, adaptive, eta, weights_only, rho=0.5):
             if not ok:
                 problems.append(f"{mode}-restore does not give w back")
                 break
+    return problems, errs
+
+
+def perturbation_error(ps, before, ref_e):
+    """The worst |(w - w before) - e| over its tolerance (the result's dtype: 4 rtol |e| + rtol max |w|)."""
+    worst = 0.0
+    for p, b, e in zip(ps, before, ref_e):
+        if p.numel():
+            rtol = RTOL[p.dtype]
+            err = ((p.detach().double() - b.double()) - e).abs()
+            bound = 4 * rtol * e.abs() + rtol * b.double().abs().max()
+            worst = max(worst, (err / bound).max().item())
+    return worst
+
+
+def check_path(backend, device, smoke, rhos=(0.5, 0.25)):
+    """Problems and errors of one path step (PAM, optim/path.py: the kernels with d = theta0 - w in place of the
+    grads) on `backend` against fp64: two param groups with their own rho and one ||d|| over both; restore exact."""
+    from ftsam_plugin.optim.path import PathAnchor
+
+    ps = make(SMOKE_SHAPES if smoke else preact_resnet18_shapes(), device)
+    anchor = PathAnchor(ps, backend)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # w away from theta0
+        for p in ps:
+            p.add_(torch.randn(p.shape, generator=g).to(device), alpha=0.01)
+    before = [p.detach().clone() for p in ps]
+    d = [a.double() - b.double() for a, b in zip(anchor.anchor, before)]
+    ref_norm = torch.sqrt(sum((x * x).sum() for x in d))
+    sizes = (len(ps) // 2, len(ps) - len(ps) // 2)
+    ref_e = [rho * x / (ref_norm + 1e-12) for x, rho in zip(d, [rhos[0]] * sizes[0] + [rhos[1]] * sizes[1])]
+    norm = anchor.perturb(rhos, sizes).double().item()
+    errs = {"norm rel err": abs(norm - ref_norm.item()) / ref_norm.item(),
+            "perturbation err / tol": perturbation_error(ps, before, ref_e)}
+    problems = [f"norm off by {errs['norm rel err']:.1e}"] * (errs["norm rel err"] > NORM_RTOL)
+    if errs["perturbation err / tol"] > 1:
+        problems.append(f"perturbation off by {errs['perturbation err / tol']:.2f}x its tolerance")
+    if anchor.fused != (backend == "triton"):
+        problems.append(f"ran on the {'Triton' if anchor.fused else 'foreach'} route")
+    anchor.restore()
+    if not all(torch.equal(p.detach(), b) for p, b in zip(ps, before)):
+        problems.append("restore does not give w back")
     return problems, errs
 
 
@@ -306,18 +343,30 @@ def check_stress(device, smoke, rho=0.5):
     return rows + [f"| {name} | triton | | | {'; '.join(problems) or 'PASS'} |"], bool(bad or problems)
 
 
+def table_row(name, backend, check):
+    """(row, failed) of one correctness check: check() -> (problems, errs); a crash is a failed check, reported."""
+    try:
+        problems, errs = check()
+    except Exception as exc:
+        problems, errs = [f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"], {}
+    return (f"| {name} | {backend} | {errs.get('norm rel err', float('nan')):.1e} "
+            f"| {errs.get('perturbation err / tol', float('nan')):.2f} | {'; '.join(problems) or 'PASS'} |",
+            bool(problems))
+
+
 def correctness(device, smoke):
     rows, failures = [], 0
     for name, factory, adaptive, eta, weights_only in cases(device, smoke):
         for backend in BACKENDS:
-            try:
-                problems, errs = check_backend(factory, backend, adaptive, eta, weights_only)
-            except Exception as exc:  # a crash is a failed check, reported in the table
-                problems, errs = [f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"], {}
-            failures += bool(problems)
-            rows.append(f"| {name} | {backend} | {errs.get('norm rel err', float('nan')):.1e} "
-                        f"| {errs.get('perturbation err / tol', float('nan')):.2f} | "
-                        f"{'; '.join(problems) or 'PASS'} |")
+            row, failed = table_row(name, backend,
+                                    lambda: check_backend(factory, backend, adaptive, eta, weights_only))
+            rows.append(row)
+            failures += failed
+    for backend in BACKENDS:  # "loop" runs the path step's foreach ops (it has no per-tensor route)
+        row, failed = table_row("path step (PAM): d = theta0 - w, two param groups (rho 0.5, 0.25), fp32", backend,
+                                lambda: check_path(backend, device, smoke))
+        rows.append(row)
+        failures += failed
     problems, same = check_graph_capture(device, smoke)
     failures += bool(problems) and problems != ["skipped: no CUDA"]
     stress_rows, stress_failed = check_stress(device, smoke)

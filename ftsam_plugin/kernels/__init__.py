@@ -1,12 +1,14 @@
 """SAM kernels: one interface, three backends, and plans that keep what a parameter list needs between steps.
 
-    plan = create_plan(params, adaptive, eta, weights_only, restore="copy"|"subtract", backend)
+    plan = create_plan(params, adaptive, eta, weights_only, restore="copy"|"subtract", backend, directions=None)
     norm = plan.grad_norm()          # 0-d fp32 ||T*g||_2 on the params' device
     saved = plan.perturb(norm, rho)  # w += e; keeps old w (restore="copy") or e ("subtract")
     plan.restore()                   # w = old w, or w -= e
 
 T = |w| + eta if adaptive (and ndim > 1 when weights_only) else 1; e = rho * T^2 * g / (norm + 1e-12).
-`params` must all have a grad (the functional forms below drop the ones without); nothing syncs with the host.
+`params` must all have a grad (the functional forms below drop the ones without), unless `directions` is given: a
+list of tensors shaped like the params, read as g in place of their grads (the path-aware step's d = theta0 - w,
+ftsam_plugin.optim.path; with adaptive=False that step is exactly norm + perturb). Nothing syncs with the host.
 A plan holds on to its tensors: the Triton plan keeps device addresses, so build a new one when params, grads or
 `saved` move (ftsam_plugin.optim.SAM does). The functional forms build a plan per call:
 
@@ -58,7 +60,7 @@ def triton_available():
         return False
 
 
-# backend name -> plan factory (params, adaptive, eta, weights_only, restore, saved)
+# backend name -> plan factory (params, adaptive, eta, weights_only, restore, saved, directions)
 _PLANS = {
     "triton": lambda *a: _triton_plan_class()(*a),  # explicit "triton": an ImportError propagates
     "foreach": functools.partial(TorchPlan, FOREACH),
@@ -66,9 +68,11 @@ _PLANS = {
 }
 
 
-def check_params(params, saved=None):
-    """ValueError unless every param (and grad, and saved tensor) is float32/float16/bfloat16 on one device."""
-    tensors = [t for p in params for t in (p, p.grad) if t is not None] + list(saved or [])
+def check_params(params, saved=None, directions=None):
+    """ValueError unless every param (and grad, or direction if given, and saved tensor) is float32/float16/bfloat16
+    on one device."""
+    grads = [p.grad for p in params] if directions is None else directions
+    tensors = [t for t in (*params, *grads) if t is not None] + list(saved or [])
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"SAM kernels: parameters and grads are on several devices "
@@ -90,8 +94,10 @@ def resolve_backend(backend, params):
     return "triton" if on_device and triton_available() else "foreach"
 
 
-def create_plan(params, adaptive=False, eta=0.0, weights_only=False, restore="copy", backend="auto", saved=None):
-    """A plan (grad_norm / perturb / restore) for `params`, each with a grad unless only `saved` is restored."""
+def create_plan(params, adaptive=False, eta=0.0, weights_only=False, restore="copy", backend="auto", saved=None,
+                directions=None):
+    """A plan (grad_norm / perturb / restore) for `params`, each with a grad unless only `saved` is restored or
+    `directions` (one tensor shaped like each param) stands in for the grads."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if restore not in RESTORE_MODES:
@@ -99,9 +105,10 @@ def create_plan(params, adaptive=False, eta=0.0, weights_only=False, restore="co
     params = list(params)
     if not params:
         raise ValueError("create_plan needs at least one parameter (the one-call forms accept empty lists)")
-    check_params(params, saved)
+    directions = None if directions is None else list(directions)
+    check_params(params, saved, directions)
     name = resolve_backend(backend, params)
-    args = (params, adaptive, eta, weights_only, restore, saved)
+    args = (params, adaptive, eta, weights_only, restore, saved, directions)
     if backend != "auto" or name != "triton":
         return _PLANS[name](*args)
     from .triton_plan import LayoutError

@@ -3,6 +3,8 @@
 Conventions shared by every backend (see ftsam_plugin.kernels):
 - only parameters with a `.grad` take part; `perturb` returns `saved` in `with_grad(params)` order and `restore`
   takes that same list (`with_grad(params)` as it was at perturb time), one entry per saved tensor;
+- `directions` (a list laid out like `params`) replaces the grads: then every param takes part and reads its
+  direction as g (the path-aware step, ftsam_plugin.optim.path, perturbs along d = theta0 - w this way);
 - T = |w| + eta for "scaled" tensors (adaptive, and ndim > 1 when weights_only), else 1;
 - norm = ||T * g||_2 accumulated in fp32; e = ((T * T) * g) * (rho / (norm + 1e-12)), rounded to the param dtype.
 """
@@ -14,6 +16,26 @@ EPS = 1e-12
 
 def with_grad(params):
     return [p for p in params if p.grad is not None]
+
+
+def check_directions(params, directions):
+    """ValueError unless `directions` holds one tensor per param, shaped like it (the Triton plan also checks their
+    strides and dtypes, as it checks grads)."""
+    if len(directions) != len(params):
+        raise ValueError(f"directions has {len(directions)} tensors for {len(params)} parameters; pass one per "
+                         "parameter, in the same order")
+    for i, (p, d) in enumerate(zip(params, directions)):
+        if d.shape != p.shape:
+            raise ValueError(f"directions[{i}] has shape {tuple(d.shape)} but its parameter {tuple(p.shape)}; pass "
+                             "tensors laid out like the parameters")
+
+
+def _with_g(params, directions):
+    """(params that take part, their g): those with a grad and their grads, or every param and `directions`."""
+    if directions is None:
+        ps = with_grad(params)
+        return ps, [p.grad for p in ps]
+    return list(params), list(directions)
 
 
 def scaled_flags(params, adaptive, weights_only):
@@ -30,14 +52,13 @@ def _fp32(t):
 
 
 # ---- loop: one tensor at a time ----
-def grad_norm_loop(params, adaptive=False, eta=0.0, weights_only=False):
-    ps = with_grad(params)
+def grad_norm_loop(params, adaptive=False, eta=0.0, weights_only=False, directions=None):
+    ps, gs = _with_g(params, directions)
     if not ps:
         return zero_norm(params)
     device = ps[0].device
     norms = []
-    for p, scaled in zip(ps, scaled_flags(ps, adaptive, weights_only)):
-        g = p.grad
+    for p, g, scaled in zip(ps, gs, scaled_flags(ps, adaptive, weights_only)):
         if scaled:
             g = (_fp32(p.detach()).abs() + eta) * _fp32(g)  # T * g
         norms.append(torch.linalg.vector_norm(g, dtype=torch.float32).to(device))
@@ -45,12 +66,12 @@ def grad_norm_loop(params, adaptive=False, eta=0.0, weights_only=False):
 
 
 @torch.no_grad()
-def perturb_loop(params, norm, rho, adaptive=False, eta=0.0, store="w", weights_only=False):
-    ps = with_grad(params)
+def perturb_loop(params, norm, rho, adaptive=False, eta=0.0, store="w", weights_only=False, directions=None):
+    ps, gs = _with_g(params, directions)
     scale = rho / (norm + EPS)
     saved = []
-    for p, scaled in zip(ps, scaled_flags(ps, adaptive, weights_only)):
-        g = _fp32(p.grad)
+    for p, g, scaled in zip(ps, gs, scaled_flags(ps, adaptive, weights_only)):
+        g = _fp32(g)
         if scaled:
             t = _fp32(p).abs() + eta
             e = ((t * t) * g) * scale.to(p.device)
@@ -72,11 +93,11 @@ def restore_loop(params, saved, mode="copy"):
 
 
 # ---- foreach: one torch._foreach_* call per (device, dtype) group and op ----
-def _groups(ps, flags):
+def _groups(ps, gs, flags):
     """(device, w dtype, g dtype, scaled) -> list of indices into ps."""
     out = {}
-    for i, (p, f) in enumerate(zip(ps, flags)):
-        out.setdefault((p.device, p.dtype, p.grad.dtype, f), []).append(i)
+    for i, (p, g, f) in enumerate(zip(ps, gs, flags)):
+        out.setdefault((p.device, p.dtype, g.dtype, f), []).append(i)
     return out
 
 
@@ -121,28 +142,28 @@ def _tg(ws, gs, eta, square):
     return t
 
 
-def grad_norm_foreach(params, adaptive=False, eta=0.0, weights_only=False):
-    ps = with_grad(params)
+def grad_norm_foreach(params, adaptive=False, eta=0.0, weights_only=False, directions=None):
+    ps, all_gs = _with_g(params, directions)
     if not ps:
         return zero_norm(params)
     device = ps[0].device
     norms = []
-    for (_, _, _, scaled), idx in _groups(ps, scaled_flags(ps, adaptive, weights_only)).items():
+    for (_, _, _, scaled), idx in _groups(ps, all_gs, scaled_flags(ps, adaptive, weights_only)).items():
         ws = [ps[i].detach() for i in idx]
-        gs = [ps[i].grad for i in idx]
+        gs = [all_gs[i] for i in idx]
         xs = _tg(ws, gs, eta, square=False) if scaled else gs
         norms.extend(n.to(device) for n in torch._foreach_norm(xs, 2, dtype=torch.float32))
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
 @torch.no_grad()
-def perturb_foreach(params, norm, rho, adaptive=False, eta=0.0, store="w", weights_only=False):
-    ps = with_grad(params)
+def perturb_foreach(params, norm, rho, adaptive=False, eta=0.0, store="w", weights_only=False, directions=None):
+    ps, all_gs = _with_g(params, directions)
     saved = [None] * len(ps)
     scale = rho / (norm + EPS)
-    for (device, dtype, gdtype, scaled), idx in _groups(ps, scaled_flags(ps, adaptive, weights_only)).items():
+    for (device, dtype, gdtype, scaled), idx in _groups(ps, all_gs, scaled_flags(ps, adaptive, weights_only)).items():
         ws = [ps[i] for i in idx]
-        gs = [ps[i].grad for i in idx]
+        gs = [all_gs[i] for i in idx]
         s = scale.to(device)
         if scaled:
             es = _tg(ws, gs, eta, square=True)
@@ -202,22 +223,26 @@ FOREACH = TorchOps(grad_norm_foreach, perturb_foreach, restore_foreach)
 class TorchPlan:
     """The loop or foreach route for a fixed parameter list; `saved` is kept from perturb to restore.
 
-    Nothing is cached on the device: these ops read the params and grads afresh on every call.
+    Nothing is cached on the device: these ops read the params and grads (or `directions`) afresh on every call.
     """
 
-    def __init__(self, ops, params, adaptive=False, eta=0.0, weights_only=False, restore="copy", saved=None):
+    def __init__(self, ops, params, adaptive=False, eta=0.0, weights_only=False, restore="copy", saved=None,
+                 directions=None):
         self.ops, self.params, self.saved = ops, list(params), saved
         self.adaptive, self.eta, self.weights_only, self.mode = adaptive, eta, weights_only, restore
+        self.directions = None if directions is None else list(directions)
+        if self.directions is not None:
+            check_directions(self.params, self.directions)
 
     def grad_norm(self):
         with torch.no_grad():
             return self.ops.grad_norm(self.params, adaptive=self.adaptive, eta=self.eta,
-                                      weights_only=self.weights_only)
+                                      weights_only=self.weights_only, directions=self.directions)
 
     def perturb(self, norm, rho):
         store = "e" if self.mode == "subtract" else "w"
         self.saved = self.ops.perturb(self.params, norm, rho, adaptive=self.adaptive, eta=self.eta, store=store,
-                                      weights_only=self.weights_only)
+                                      weights_only=self.weights_only, directions=self.directions)
         return self.saved
 
     def restore(self):

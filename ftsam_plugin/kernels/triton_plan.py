@@ -19,6 +19,7 @@ import torch
 
 from . import sam_triton as st
 from .plan_guard import same_layout
+from .reference import check_directions
 from .reference import scaled_flags
 
 SAVED_ALIGN = 128  # element alignment of each tensor inside the flat `saved` buffer (>= 16 bytes in any dtype)
@@ -35,16 +36,17 @@ def _dense(t):
     return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
 
 
-def _layout_problem(p, g, s):
-    """Why the kernels cannot take param `p` with grad `g` (None: restore only) and saved `s`; None if they can."""
+def _layout_problem(p, g, s, g_name="grad"):
+    """Why the kernels cannot take param `p` with grad `g` (None: restore only; a direction: `g_name`) and saved
+    `s`; None if they can."""
     g_dtype = p.dtype if g is None else g.dtype
     if (p.dtype, g_dtype) not in _PAIRS:
         pairs = ", ".join(f"{_short(w)}/{_short(d)}" for w, d in st.DTYPE_PAIRS)
-        return f"param/grad dtypes {_short(p.dtype)}/{_short(g_dtype)} (the kernels take {pairs})"
+        return f"param/{g_name} dtypes {_short(p.dtype)}/{_short(g_dtype)} (the kernels take {pairs})"
     if not _dense(p):
         return f"a non-dense parameter (strides {p.stride()})"
     stride, shape = p.stride(), p.shape
-    for name, t in (("grad", g), ("saved", s)):
+    for name, t in ((g_name, g), ("saved", s)):
         if t is not None and not same_layout(t.shape, t.stride(), shape, stride):
             return f"{name} shape/strides {tuple(t.shape)}/{t.stride()} differ from the parameter's {stride}"
     if s is not None and s.dtype != p.dtype:
@@ -124,7 +126,8 @@ class _Group:
 
 
 class TritonPlan:
-    """The Triton route for one fixed list of parameters (each with a grad, unless only restoring `saved`).
+    """The Triton route for one fixed list of parameters (each with a grad, unless only restoring `saved`, or
+    `directions` given: tensors laid out like the params, read as g in place of their grads).
 
     grad_norm() -> the plan's own 0-d fp32 result tensor (overwritten by the next call);
     perturb(norm, rho) -> `saved` (old w for restore="copy", e for "subtract"), the plan's own buffer;
@@ -133,18 +136,22 @@ class TritonPlan:
     Not for two CUDA streams at once: their norms would share one set of partial sums and one ticket counter.
     """
 
-    def __init__(self, params, adaptive=False, eta=0.0, weights_only=False, restore="copy", saved=None):
+    def __init__(self, params, adaptive=False, eta=0.0, weights_only=False, restore="copy", saved=None,
+                 directions=None):
         self.params = list(params)
         self.device = self.params[0].device
         check_device(self.device)
         # subtract-restore needs e kept (store_e), copy-restore the old w: one flag for both kernels
         self.eta, self.subtract = float(eta), int(restore == "subtract")
-        grads = [p.grad for p in self.params]
+        if directions is not None:
+            check_directions(self.params, list(directions))
+        grads = [p.grad for p in self.params] if directions is None else list(directions)
+        g_name = "grad" if directions is None else "direction"
         # `saved` given: restore only; else one flat buffer, allocated (and its addresses written into the
         # tables) at the first perturb, so a norm-only plan allocates nothing big
         self.saved = None if saved is None else list(saved)
         for i, (p, g, s) in enumerate(zip(self.params, grads, self.saved or [None] * len(self.params))):
-            problem = _layout_problem(p, g, s)
+            problem = _layout_problem(p, g, s, g_name)
             if problem:
                 raise LayoutError(f"backend='triton' cannot take parameter {i} (shape {tuple(p.shape)}): {problem}; "
                                   "use backend='foreach'")

@@ -112,7 +112,7 @@ class SAM(torch.optim.Optimizer):
         self.grad_moves = 0  # steps whose grads had moved, re-pointed without a rebuild
         self.perturbation, self.path_rho = perturbation, float(path_rho)
         uses_path = perturbation == "path" or self.path_rho > 0
-        self.path = PathAnchor([p for g in self.param_groups for p in g["params"]]) if uses_path else None
+        self.path = PathAnchor([p for g in self.param_groups for p in g["params"]], backend) if uses_path else None
         self.path_steps = 0  # path steps taken in place of plain ones (path_rho > 0)
         self._due = False  # whether the step under way is one the schedule chose (counted as a SAM step)
 
