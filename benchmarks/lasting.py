@@ -438,9 +438,10 @@ def cmd_report(args) -> int:
     lines = ["# Removal that lasts: long runs and what comes back (issue 29)", "",
              "Written by `python benchmarks/lasting.py report` from `benchmarks/results/lasting_runs/` (each run's "
              "summary and its analysis; the commands are in the files). Records: the study's "
-             "(`../shared/records`, CIFAR-10, PreAct-ResNet18 width 0.25, 15 attack epochs, 10% poison). Defenses: "
-             "packaged CIFAR-10 config (lr 0.01 cosine, batch 256, label smoothing 0.1), 5% class-balanced clean "
-             "subset, one thread. ACC / ASR / RA at the end on the whole test set (in-run); along the run on the "
+             "(`../shared/records`, and LF made here by `defense_cpu.py`'s command; CIFAR-10, PreAct-ResNet18 width "
+             "0.25, 15 attack epochs, 10% poison). Defenses: packaged CIFAR-10 config (lr 0.01 cosine, batch 256, "
+             "label smoothing 0.1), 5% class-balanced clean subset, one thread; `--protocol backdoorbench` in the "
+             "settings: BackdoorBench's recipe instead (plain cross-entropy, uniform subset). ACC / ASR / RA at the end on the whole test set (in-run); along the run on the "
              f"fixed subsets ({CLEAN_PER_CLASS} clean test images per class, {BD_TOTAL} poisoned test images evenly "
              "from the non-target classes) from weight snapshots every 5 epochs. **Worst ASR after epoch 10**: the "
              "largest subset ASR at the evaluations from epoch 10 on (the target: ≤ 5% at every one). **P-ASR**: "
