@@ -34,15 +34,23 @@ from ftsam_plugin.purify import time_to_purify  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 SEEDS = (0, 1, 2)
-# column -> the run tag without its seed suffix (`<tag>_s<seed>`), in the table's order
-SETTINGS: Tuple[Tuple[str, str], ...] = (
-    ("FT 100 ep", "ft_e100"),
-    ("FT 20 ep", "ft_e20"),
-    ("FT-SAM ρ4 20 ep", "ftsam_rho4_e20"),
-    ("FT-SAM ρ auto 20 ep", "ftsam_rhoauto_e20"),
-    ("FT-SAM ρ4 SAM 1-5 of 15 ep", "cheap_ftsam_rho4_sam1-5_e15"),
-    ("FT-SAM ρ4 SAM 1-5 of 20 ep", "cheap_ftsam_rho4_sam1-5_e20"),
+# column -> the run tags without their seed suffix (`<tag>_s<seed>`), in the table's order; a column reads the
+# first tag an attack has runs of (the CPU recommendation ran in the `cheap` group on BadNets/Blended, in the seed
+# table on LF)
+SETTINGS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("FT 100 ep", ("ft_e100",)),
+    ("FT 20 ep", ("ft_e20",)),
+    ("FT-SAM ρ4 20 ep", ("ftsam_rho4_e20",)),
+    ("FT-SAM ρ auto 20 ep", ("ftsam_rhoauto_e20",)),
+    ("FT-SAM ρ4 SAM 1-5 of 15 ep", ("cheap_ftsam_rho4_sam1-5_e15", "ftsam_rho4_sam1-5_e15")),
+    ("FT-SAM ρ4 SAM 1-5 of 20 ep", ("cheap_ftsam_rho4_sam1-5_e20",)),
 )
+
+
+def stem_of(runs: Dict[Tuple[str, str], dict], attack: str, column: str) -> str:
+    """The tag stem behind `column` for `attack`: the first of the column's stems with a run on it."""
+    stems = dict(SETTINGS)[column]
+    return next((st for st in stems if any((attack, f"{st}_s{s}") in runs for s in SEEDS)), stems[0])
 RETUNE_POISON = 5
 
 
@@ -90,7 +98,8 @@ def build(runs: Dict[Tuple[str, str], dict], retune: Dict[Tuple[str, str], Dict[
                         source=f"defense_cpu_runs/{attack}/*.json: the record's attack_df.csv, last row")
         fill_retune(none, retune.get((record, "none"), {}))
         cells[(record, lb.NO_DEFENSE)] = none
-        for column, stem in SETTINGS:
+        for column, _ in SETTINGS:
+            stem = stem_of(runs, attack, column)
             got = [runs[(attack, f"{stem}_s{s}")] for s in SEEDS if (attack, f"{stem}_s{s}") in runs]
             if not got:
                 continue
@@ -110,7 +119,10 @@ def build(runs: Dict[Tuple[str, str], dict], retune: Dict[Tuple[str, str], Dict[
     columns = [c for c, _ in SETTINGS if any((r.label, c) in cells for r in rows)]
     table = lb.Table("cifar10", "preactresnet18", rows, [lb.NO_DEFENSE, *columns], cells,
                      metrics=lb.table_metrics(opts))
-    table.average = {d: {m: lb._mean(table.value(r.label, d, m) for r in rows) for m in table.metrics}
+    # the average row only where every record has the column: an average over different sets of attacks would
+    # not compare
+    table.average = {d: {m: (lb._mean(table.value(r.label, d, m) for r in rows)
+                             if all((r.label, d) in cells for r in rows) else None) for m in table.metrics}
                      for d in table.defenses}
     lb._mark_best(table, opts.best_axis)
     return table, behind
@@ -151,7 +163,7 @@ def seeds_section(table: lb.Table, behind: Dict[Tuple[str, str], List[dict]],
             if not got:
                 continue
             lasts = [last_eval(i) for i in got]
-            stem = dict(SETTINGS)[column]
+            stem = stem_of(behind_runs(got), r.attack, column)
             pasr = retune.get((r.label, f"{stem}_s0"), {}).get(RETUNE_POISON, [])
             purify = [time_to_purify(i["rows"]) for i in got]
             lines.append(f"| {r.attack} | {column} | {', '.join(str(i['run']['seed']) for i in got)} | "
@@ -159,6 +171,10 @@ def seeds_section(table: lb.Table, behind: Dict[Tuple[str, str], List[dict]],
                          f"{spread(pasr) if pasr else '–'} | {'; '.join(p.when() for p in purify)} | "
                          f"{', '.join(sorted({str(p.eval_every) for p in purify}))} |")
     return lines + [""]
+
+
+def behind_runs(got: List[dict]) -> Dict[Tuple[str, str], dict]:
+    return {(i["run"]["attack"], i["tag"]): i for i in got}
 
 
 def header(runs: Dict[Tuple[str, str], dict]) -> List[str]:
@@ -169,8 +185,8 @@ def header(runs: Dict[Tuple[str, str], dict]) -> List[str]:
             "`ftsam_plugin.leaderboard`'s tables, formatting and outputs. `ftsam leaderboard` would evaluate the "
             "models themselves; here each cell is what the runs logged: the mean over defense seeds 0–2 of each "
             "run's last evaluation (DER per seed, then averaged), P-ASR / control ASR of the seed-0 model (mean over "
-            "retuning seeds 42–44; `—` where that model was not attacked). Both records have every column, so the "
-            "average row compares like with like. Time to purify in the leaderboard's own table below: the seed-0 "
+            "retuning seeds 42–44; `—` where that model was not attacked). The average row has a value only in the "
+            "columns every record has, so it compares like with like. Time to purify in the leaderboard's own table below: the seed-0 "
             "run; every seed's is in the last section. Setups: `defense_cpu.md` (attacks 15 epochs, 10% poison; "
             "defenses on 5% clean data, CIFAR-10 config); runs made on: " + "; ".join(machines) + ".", ""]
 

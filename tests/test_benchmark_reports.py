@@ -148,6 +148,30 @@ def test_leaderboard_cpu_spread_is_sample_std():
     assert board.spread(FT_ASR) == "23.33 ± 15.28 (3)" and board.spread([0.5]) == "50.00 (1)"
 
 
+def test_leaderboard_cpu_reads_lf_cpu_recommendation_and_averages_only_shared_columns():
+    """LF's CPU recommendation ran in the seed table (`ftsam_rho4_sam1-5_e15`), BadNets' in the cheap group: both fill
+    one column; a column only BadNets has gets no average (an average over different attacks would not compare)."""
+    study, board = bench("defense_cpu"), bench("leaderboard_cpu")
+    runs = {}
+    for seed in (0, 1, 2):
+        for run, asr in ((study.Run("badnet", "ft-baseline", 100, seed), FT_ASR[seed]),
+                         (study.Run("lf", "ft-baseline", 100, seed), SAM_ASR[seed]),
+                         (study.Run("badnet", "ftsam", 15, seed, rho="4", sam_epochs="1-5", eval_every=1,
+                                    group="cheap"), FT_ASR[seed]),
+                         (study.Run("lf", "ftsam", 15, seed, rho="4", sam_epochs="1-5", eval_every=5,
+                                    group="seeds"), SAM_ASR[seed]),
+                         (study.Run("badnet", "ftsam", 20, seed, rho="auto"), FT_ASR[seed])):
+            item = dict(_summary(study, run, 0.75, asr), record=f"rec_{run.attack}")
+            runs[(run.attack, run.tag)] = item
+    opts = argparse.Namespace(out="unused", retune=True, metric="all", best_axis="row", summary_row="last")
+    table, behind = board.build(runs, {}, opts)
+    rec = "FT-SAM ρ4 SAM 1-5 of 15 ep"
+    assert [i["tag"] for i in behind[("rec_lf", rec)]] == [f"ftsam_rho4_sam1-5_e15_s{s}" for s in (0, 1, 2)]
+    assert table.value("rec_lf", rec, "asr") == pytest.approx(0.02)
+    assert table.average[rec]["asr"] == pytest.approx((0.02 + 0.70 / 3) / 2)  # both attacks have it
+    assert table.average["FT-SAM ρ auto 20 ep"]["asr"] is None  # BadNets only
+
+
 DEMO_OUTPUT = """data: scikit-learn digits
 seed 0 (data subset, attack, both defenses, loaders), 1 torch threads, device cpu (Test CPU: numbers differ)
 [1/2] attack: blended, 10% poison ...
