@@ -1001,7 +1001,8 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
               f"- The recommended CPU setting (FT-SAM ρ={RECOMMENDED['rho']} over {RECOMMENDED['epochs']} epochs, "
               "cosine over the run) was chosen from single-seed Blended runs (issue 10's table, ASR read off): it "
               "was tuned on the Blended record reported here (seed 0); BadNets and Blended seeds 1-2 were not used "
-              "to choose it, so they are its held-out check.",
+              "to choose it, so they are its held-out check. LF (BackdoorBench's trigger, issue 28) was run after "
+              "every setting here was fixed: all its runs are held-out checks.",
               "- `--rho auto` is not part of the CPU recommendation: issue 17 set the rule that if its mean ASR over "
               "the seeds is above 5% on either attack it is reported as failing rather than tuned on these records' "
               "ASR, and on Blended it is (see Targets): its probes pick ρ=2 on every seed, and at ρ=2 the Blended "
