@@ -37,7 +37,7 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing
@@ -258,6 +258,11 @@ CHEAP_CANDIDATES = ({"epochs": 15, "sam_epochs": "1-5"}, {"sam_epochs": "1-5"}) 
 # Issue 27: rho 4 over 10 epochs costs what the first candidate costs; its seeds 1-2 (Blended) ran after the
 # recommendation was made, as its check. It is reported over seeds like the candidates, not recommended from.
 CHEAP_SAME_COST = ({"epochs": 10},)
+
+
+def plan_attacks(plan: List[Run]) -> List[str]:
+    """The attacks `plan` runs, in the report's order (ATTACKS)."""
+    return [a for a in ATTACKS if any(r.attack == a for r in plan)]
 
 
 def cheap_run(attack: str, seed: int, **variant) -> Run:
@@ -794,6 +799,16 @@ def chosen_rho(item: dict) -> Optional[float]:
     return rhos.pop() if len(rhos) == 1 else None
 
 
+class SeedRow(NamedTuple):
+    """One setting of an attack's seed table."""
+    label: str  # the table's
+    short: str  # the per-seed lines'
+    tag: Callable[[int], str]  # seed -> the run's tag
+    got: List[dict]  # its finished runs, in seed order
+    lasts: List[dict]  # their last evaluations
+    ders: List[float]
+
+
 def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str, running: bool = False) -> None:
     """The report from the committed summaries in `results`; `running`: also unfinished runs as far as they got in
     this machine's `cache` (for watching a study: such a report cannot be regenerated from the repository)."""
@@ -842,7 +857,7 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
     for (attack, tag), item in items.items():
         by_attack.setdefault(attack, {})[tag] = item
     checks: List[str] = []
-    for attack in (a for a in ATTACKS if any(r.attack == a for r in plan)):
+    for attack in plan_attacks(plan):
         runs = by_attack.get(attack, {})
         if not runs:
             lines += [f"## {attack}", "", "_no run finished yet_", ""]
@@ -859,7 +874,8 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         ft_tag = lambda seed: Run(attack, "ft-baseline", 100, seed).tag
         ft_short_tag = lambda seed: Run(attack, "ft-baseline", RECOMMENDED["epochs"], seed).tag
         auto_tag = lambda seed: Run(attack, "ftsam", RECOMMENDED["epochs"], seed, rho="auto").tag
-        cpu_tag = lambda seed: Run(attack, "ftsam", 15, seed, rho=RECOMMENDED["rho"], sam_epochs="1-5").tag
+        # the CPU recommendation, as the seed table runs it (LF); BadNets/Blended ran it in the cheap group
+        cpu_tag = lambda seed: Run(attack, "ftsam", seed=seed, rho=RECOMMENDED["rho"], **CHEAP_CANDIDATES[0]).tag
         planned = {r.tag for r in plan if r.attack == attack}
         rows = []
         for label, short, tagf in (
@@ -873,11 +889,11 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
             lasts = [evals_of(i)[-1] for i in got]
             ders = [der(bd["test_acc"], m["test_acc"], bd["test_asr"], m["test_asr"]) for m in lasts]
             if got or any(tagf(s) in planned for s in SEEDS):  # a row per setting this attack's plan has
-                rows.append((label, short, tagf, got, lasts, ders))
+                rows.append(SeedRow(label, short, tagf, got, lasts, ders))
         lines += [f"### FT vs FT-SAM at the recommended CPU setting, over seeds {', '.join(map(str, SEEDS))}", "",
                   "| defense | seeds done | ACC | ASR | RA | DER | s/epoch | wall min (each seed) |",
                   "|---|---|---|---|---|---|---|---|"]
-        for label, _short, _tagf, got, lasts, ders in rows:
+        for label, _short, _tag, got, lasts, ders in rows:
             walls = ", ".join(f"{i['wall_s'] / 60:.0f}" for i in got if i.get("wall_s"))
             lines.append(f"| {label} | {len(got)} ({', '.join(str(i['run']['seed']) for i in got) or '–'}) | "
                          f"{mean_std([m['test_acc'] for m in lasts])} | {mean_std([m['test_asr'] for m in lasts])} | "
@@ -886,22 +902,20 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         lines.append("")
         for seed in SEEDS:
             bits = []
-            for _label, label, tagf, *_ in rows:
-                i = runs.get(tagf(seed))
+            for row in rows:
+                i = runs.get(row.tag(seed))
                 if i:
                     m = evals_of(i)[-1]
                     flag = f" (unfinished, epoch {int(m['epoch'])})" if i.get("partial") else ""
                     rho = chosen_rho(i) if i["run"]["rho"] == "auto" else None
                     chose = f" (chose ρ={rho:g})" if rho else ""
-                    bits.append(f"{label}{chose} {pct(m['test_acc'])} / {pct(m['test_asr'])}{flag}")
+                    bits.append(f"{row.short}{chose} {pct(m['test_acc'])} / {pct(m['test_asr'])}{flag}")
             if bits:
                 lines.append(f"- seed {seed}: " + "; ".join(bits))
         lines.append("")
-        by_tag = {r[2]: r[3:5] for r in rows}
-        ft_got, ft_lasts = by_tag.get(ft_tag, ([], []))
-        sam_got, sam_lasts = by_tag.get(rec_tag, ([], []))
-        auto_got, auto_lasts = by_tag.get(auto_tag, ([], []))
-        cpu_got, cpu_lasts = by_tag.get(cpu_tag, ([], []))
+        found = {row.tag: row for row in rows}
+        (ft_got, ft_lasts), (sam_got, sam_lasts), (_, auto_lasts), (_, cpu_lasts) = (
+            (found[t].got, found[t].lasts) if t in found else ([], []) for t in (ft_tag, rec_tag, auto_tag, cpu_tag))
         if auto_lasts:
             auto_asr = sum(m["test_asr"] for m in auto_lasts) / len(auto_lasts)
             checks.append(f"{attack}: `--rho auto` mean ASR ≤ 5%: **{'met' if auto_asr <= 0.05 else 'NOT met'}** "
@@ -910,11 +924,14 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         if ft_lasts:
             ft_asr, ft_acc = mean([m["test_asr"] for m in ft_lasts]), mean([m["test_acc"] for m in ft_lasts])
             if attack in ("blended", "lf"):  # the attacks where plain FT fails in the paper
-                checks.append(f"{attack}: FT leaves ≥ 20% ASR: {'yes' if ft_asr >= 0.2 else 'no'} ({100 * ft_asr:.2f}%)")
+                checks.append(f"{attack}: FT leaves ≥ 20% ASR: {'yes' if ft_asr >= 0.2 else 'no'} "
+                              f"({100 * ft_asr:.2f}%)")
             if cpu_lasts:
-                cpu_asr, cpu_acc = mean([m["test_asr"] for m in cpu_lasts]), mean([m["test_acc"] for m in cpu_lasts])
-                checks.append(f"{attack}: the CPU recommendation's ASR ≤ 5%: **{'met' if cpu_asr <= 0.05 else 'NOT met'}"
-                              f"** ({100 * cpu_asr:.2f}%), ACC ≥ FT's (100 epochs): "
+                cpu_asr = mean([m["test_asr"] for m in cpu_lasts])
+                cpu_acc = mean([m["test_acc"] for m in cpu_lasts])
+                checks.append(f"{attack}: the CPU recommendation's ASR ≤ 5%: "
+                              f"**{'met' if cpu_asr <= 0.05 else 'NOT met'}** ({100 * cpu_asr:.2f}%), "
+                              f"ACC ≥ FT's (100 epochs): "
                               f"**{'met' if cpu_acc >= ft_acc else 'NOT met'}** ({100 * cpu_acc:.2f} vs "
                               f"{100 * ft_acc:.2f}) ({len(cpu_lasts)} of 3 seeds)")
         if ft_lasts and sam_lasts:
@@ -1131,7 +1148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data = unpack(CACHE)
         if mode.train_per_class:
             data = quick_subset(data, CACHE, mode.train_per_class, mode.test_per_class)
-        for attack in (a for a in ATTACKS if any(r.attack == a for r in plan)):
+        for attack in plan_attacks(plan):
             ensure_record(mode, attack, data, CACHE, env_threads=args.threads)
         code = run_grid(mode, args.workers or max(1, usable_cores() // args.threads), args.threads)
         collect(mode, results)

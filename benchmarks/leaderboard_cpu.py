@@ -34,6 +34,7 @@ from ftsam_plugin.purify import time_to_purify  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 SEEDS = (0, 1, 2)
+RETUNE_POISON = 5
 # column -> the run tags without their seed suffix (`<tag>_s<seed>`), in the table's order; a column reads the
 # first tag an attack has runs of (the CPU recommendation ran in the `cheap` group on BadNets/Blended, in the seed
 # table on LF)
@@ -51,7 +52,6 @@ def stem_of(runs: Dict[Tuple[str, str], dict], attack: str, column: str) -> str:
     """The tag stem behind `column` for `attack`: the first of the column's stems with a run on it."""
     stems = dict(SETTINGS)[column]
     return next((st for st in stems if any((attack, f"{st}_s{s}") in runs for s in SEEDS)), stems[0])
-RETUNE_POISON = 5
 
 
 def load_runs(folder: str) -> Dict[Tuple[str, str], dict]:
@@ -163,7 +163,7 @@ def seeds_section(table: lb.Table, behind: Dict[Tuple[str, str], List[dict]],
             if not got:
                 continue
             lasts = [last_eval(i) for i in got]
-            stem = stem_of(behind_runs(got), r.attack, column)
+            stem = got[0]["tag"].rsplit("_s", 1)[0]  # the tag without its seed: the column's stem for this attack
             pasr = retune.get((r.label, f"{stem}_s0"), {}).get(RETUNE_POISON, [])
             purify = [time_to_purify(i["rows"]) for i in got]
             lines.append(f"| {r.attack} | {column} | {', '.join(str(i['run']['seed']) for i in got)} | "
@@ -171,10 +171,6 @@ def seeds_section(table: lb.Table, behind: Dict[Tuple[str, str], List[dict]],
                          f"{spread(pasr) if pasr else '–'} | {'; '.join(p.when() for p in purify)} | "
                          f"{', '.join(sorted({str(p.eval_every) for p in purify}))} |")
     return lines + [""]
-
-
-def behind_runs(got: List[dict]) -> Dict[Tuple[str, str], dict]:
-    return {(i["run"]["attack"], i["tag"]): i for i in got}
 
 
 def header(runs: Dict[Tuple[str, str], dict]) -> List[str]:
@@ -186,9 +182,9 @@ def header(runs: Dict[Tuple[str, str], dict]) -> List[str]:
             "models themselves; here each cell is what the runs logged: the mean over defense seeds 0–2 of each "
             "run's last evaluation (DER per seed, then averaged), P-ASR / control ASR of the seed-0 model (mean over "
             "retuning seeds 42–44; `—` where that model was not attacked). The average row has a value only in the "
-            "columns every record has, so it compares like with like. Time to purify in the leaderboard's own table below: the seed-0 "
-            "run; every seed's is in the last section. Setups: `defense_cpu.md` (attacks 15 epochs, 10% poison; "
-            "defenses on 5% clean data, CIFAR-10 config); runs made on: " + "; ".join(machines) + ".", ""]
+            "columns every record has, so it compares like with like. Time to purify in the leaderboard's own table "
+            "below: the seed-0 run; every seed's is in the last section. Setups: `defense_cpu.md` (attacks 15 epochs, "
+            "10% poison; defenses on 5% clean data, CIFAR-10 config); runs made on: " + "; ".join(machines) + ".", ""]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
