@@ -6,6 +6,8 @@
     # the diagnosis along its snapshots (subset ACC/ASR, distance to theta0, neuron norms/TAC, BN statistics,
     # the straight line back to theta0), then the report
     .venv/bin/python benchmarks/lasting.py analyse --attack blended --tag ftsam_rho4_e100_s0
+    # the trigger-free signal: --unlearn uap's targeted-UAP scan on snapshots 0 (theta0), 5, 20, 100
+    .venv/bin/python benchmarks/lasting.py uap --attack blended --tag ftsam_rho4_e100_s0
     .venv/bin/python benchmarks/lasting.py report
 
 Runs use the study's records (`../shared/records`, unpacked into --cache) and its protocol: packaged CIFAR-10
@@ -288,6 +290,51 @@ def cmd_analyse(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ the UAP scan
+def cmd_uap(args) -> int:
+    """`--unlearn uap`'s scan (the defense's own code) on chosen snapshots: each class's targeted-UAP success on
+    the fixed clean test subset (first 1,000 images: fit on the even ones, measure on the odd ones), written to
+    <tag>.uap.json. Does the trigger-free signal see the backdoor, and its return?"""
+    import torch
+
+    from ftsam_plugin.data.records import load_attack_result
+    from ftsam_plugin.data.datasets import get_dataset_info
+    from ftsam_plugin.defense.unlearn import SCAN_IMAGES, UapUnlearning
+    from ftsam_plugin.io import safe_load
+
+    torch.set_num_threads(1)
+    cache = os.path.abspath(args.cache)
+    loaded = load_attack_result(record_dir(cache, args.attack), dataset_path=unpack(cache))
+    model = loaded["model"].eval()
+    theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pool = eval_subsets(loaded)["clean"][:SCAN_IMAGES]
+    items = [loaded["clean_test"][i] for i in pool]
+    images, labels = torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
+    info = get_dataset_info(loaded["clean_data"])
+    folder = run_dir(cache, args.attack, args.tag)
+    out_path = os.path.join(RESULTS, args.attack, args.tag + ".uap.json")
+    done = {}
+    if os.path.isfile(out_path):
+        with open(out_path) as handle:
+            done = {r["epoch"]: r for r in json.load(handle)["scans"]}
+    for epoch in args.epochs:
+        if epoch in done:
+            continue
+        state = theta0 if epoch == 0 else safe_load(os.path.join(folder, "snapshots", f"epoch_{epoch:03d}.pt"),
+                                                    what="snapshot")["model"]
+        model.load_state_dict(state)
+        scan = UapUnlearning(args.eps / 255.0, 0.25, int(loaded["num_classes"]), info.mean, info.std, seed=0)
+        started = time.time()
+        scan.scan(model, images, labels)
+        done[epoch] = {"epoch": epoch, "success": scan.success, "suspect": scan.target,
+                       "wall_s": round(time.time() - started, 1)}
+        atomic_json(out_path, {"tag": args.tag, "attack": args.attack, "eps255": args.eps,
+                               "scans": sorted(done.values(), key=lambda r: r["epoch"]), "machine": machine(),
+                               "commit": git_commit(REPO)})
+        log(f"{args.attack} {args.tag}: epoch {epoch}: targeted-UAP success {scan.success}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ P-ASR
 RETUNE_SEEDS = (42, 43, 44)
 POISON_NUM = 5  # the retuning set: 2% of the training set (1,000 images) holding 5 poisoned ones; control: none
@@ -353,7 +400,7 @@ def load_runs() -> Dict[str, Dict[str, dict]]:
 
     runs: Dict[str, Dict[str, dict]] = {}
     for path in sorted(glob.glob(os.path.join(RESULTS, "*", "*.json"))):
-        if path.endswith((".analysis.json", ".retune.json")):
+        if path.endswith((".analysis.json", ".retune.json", ".uap.json")):
             continue
         with open(path) as handle:
             summary = json.load(handle)
@@ -367,8 +414,13 @@ def load_runs() -> Dict[str, Dict[str, dict]]:
         if os.path.isfile(retune_path):
             with open(retune_path) as handle:
                 retune = json.load(handle)
+        uap_path = path[:-len(".json")] + ".uap.json"
+        uap = None
+        if os.path.isfile(uap_path):
+            with open(uap_path) as handle:
+                uap = json.load(handle)
         runs.setdefault(summary["attack"], {})[summary["tag"]] = {"summary": summary, "analysis": analysis,
-                                                                  "retune": retune}
+                                                                  "retune": retune, "uap": uap}
     return runs
 
 
@@ -467,6 +519,19 @@ def cmd_report(args) -> int:
                          f" | {m['cpu']}, {m['threads']} thread(s), torch {m['torch']} | "
                          f"{summary.get('started_commit', summary['commit'])} |")
         lines.append("")
+        scans = [(tag, item["uap"]) for tag, item in sorted(tags.items()) if item.get("uap")]
+        if scans:
+            lines += ["Targeted-UAP scan (`lasting.py uap`: `--unlearn uap`'s scan on the snapshot, L∞ radius "
+                      f"{scans[0][1]['eps255']}/255, 1,000 images of the clean test subset): the share of the other "
+                      "classes' images a targeted UAP sends to the attack's target class 0, against the largest "
+                      "share for another class, and the class the scan suspects.", "",
+                      "| run | epoch | subset ASR | class 0 | largest other | suspect |", "|---|---|---|---|---|---|"]
+            for tag, uap in scans:
+                at = {a["epoch"]: a["asr"] for a in (tags[tag]["analysis"] or {}).get("along", [])}
+                for r in uap["scans"]:
+                    lines.append(f"| {tag} | {r['epoch']} | {pct(at.get(r['epoch']))} | {r['success'][0]:.1f} | "
+                                 f"{max(r['success'][1:]):.1f} | {r['suspect']} |")
+            lines.append("")
         for tag, item in sorted(tags.items()):
             if item["analysis"]:
                 name = f"lasting_{attack}_{tag}.png"
@@ -496,9 +561,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     retune.add_argument("--attack", required=True)
     retune.add_argument("--tag", required=True)
     retune.add_argument("--seeds", type=int, nargs="+", default=list(RETUNE_SEEDS))
+    uap = sub.add_parser("uap", help="--unlearn uap's targeted-UAP scan on chosen snapshots (0: theta0)")
+    uap.add_argument("--attack", required=True)
+    uap.add_argument("--tag", required=True)
+    uap.add_argument("--epochs", type=int, nargs="+", default=[0, 5, 20, 100])
+    uap.add_argument("--eps", type=float, default=10.0, help="L-inf radius in pixel levels out of 255")
     sub.add_parser("report", help="benchmarks/results/lasting.md and its plots from the committed files")
     args = parser.parse_args(argv)
-    commands = {"run": cmd_run, "analyse": cmd_analyse, "retune": cmd_retune, "report": cmd_report}
+    commands = {"run": cmd_run, "analyse": cmd_analyse, "retune": cmd_retune, "uap": cmd_uap, "report": cmd_report}
     return commands[args.command](args)
 
 

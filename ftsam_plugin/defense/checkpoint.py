@@ -38,7 +38,7 @@ RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer",
                "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
                "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
                "amp", "amp_dtype", "eval_every", "num_workers", "sam_every", "sam_prob", "sam_epochs", "rho_schedule",
-               "rho_min", "checkpoint_path", "perturbation", "path_rho")
+               "rho_min", "checkpoint_path", "perturbation", "path_rho", "unlearn", "unlearn_eps", "unlearn_frac")
 FIX = "delete it or run without --resume"  # what to do with a checkpoint that cannot be resumed
 SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore", "sam_every", "sam_prob", "sam_epochs", "rho_schedule",
                  "rho_min", "perturbation", "path_rho")  # not in FT
@@ -51,6 +51,8 @@ def resume_config(cfg: dict, uses_sam: bool) -> dict:
         cfg["amp_dtype"] = None  # unused without AMP
     if cfg.get("rho_schedule") != "proportional":
         cfg["rho_min"] = None  # unused by a constant rho
+    if cfg.get("unlearn") in (None, "none"):
+        cfg["unlearn_eps"] = cfg["unlearn_frac"] = None  # unused without unlearning
     if not uses_sam:
         for key in SAM_ONLY_KEYS:
             cfg[key] = None
@@ -59,10 +61,11 @@ def resume_config(cfg: dict, uses_sam: bool) -> dict:
 
 def save_checkpoint(path: str, *, defense: str, epoch: int, model_state: dict, optimizer, scheduler, scaler,
                     indices: Sequence[int], history: List[dict], config: dict, rngs: Optional[list] = None,
-                    data: Optional[dict] = None) -> None:
+                    data: Optional[dict] = None, extra: Optional[dict] = None) -> None:
     """Write the checkpoint `path` atomically. `rngs`: every rank's `rng_state()` in rank order (default: this
     process's only); resume restores each rank's own state (a fresh run seeds rank r with random_seed + r).
-    `data`: the fingerprint of the data the run trains on (`data.identity.data_identity`)."""
+    `data`: the fingerprint of the data the run trains on (`data.identity.data_identity`). `extra`: name -> an
+    object with state_dict()/load_state_dict() whose state the run also needs (the unlearner's UAP)."""
     from ftsam_plugin.io import atomic_save
 
     state = {
@@ -77,6 +80,7 @@ def save_checkpoint(path: str, *, defense: str, epoch: int, model_state: dict, o
         "history": plain(history),
         "config": config,
         "data": plain(data),
+        "extra": {name: obj.state_dict() for name, obj in (extra or {}).items()},
     }
     state["checksum"] = checksum(state)
     atomic_save(state, path)
@@ -84,7 +88,7 @@ def save_checkpoint(path: str, *, defense: str, epoch: int, model_state: dict, o
 
 def load_checkpoint(path: str, *, defense: str, model: torch.nn.Module, optimizer, scheduler, scaler,
                     indices: Sequence[int], config: dict, world_size: int = 1, rank: int = 0,
-                    data: Optional[dict] = None) -> Tuple[int, list]:
+                    data: Optional[dict] = None, extra: Optional[dict] = None) -> Tuple[int, list]:
     """Restore `path` into model, optimizer, scheduler, scaler and this rank's RNGs; returns (next epoch, history).
 
     FtsamError (naming the fix) when it is missing, another defense's, made with other `config` settings, on
@@ -128,6 +132,10 @@ def load_checkpoint(path: str, *, defense: str, model: torch.nn.Module, optimize
         if len(rngs) != world_size:
             raise FtsamError(f"checkpoint {path} was made by {len(rngs)} process(es), now {world_size}; resume "
                              f"with the same number of processes or run without --resume")
+        for name, obj in (extra or {}).items():
+            if name not in (state.get("extra") or {}):
+                raise FtsamError(f"checkpoint {path} holds no '{name}' state; {FIX}")
+            obj.load_state_dict(state["extra"][name])
         set_rng_state(rngs[rank])  # each rank continues its own random stream
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__

@@ -22,6 +22,7 @@ from ftsam_plugin.optim.sam import PERTURBATIONS
 from .factories import BASE_OPTIMIZERS, SCHEDULERS
 from .protocols import PROTOCOLS, get_recipe
 from .rho_schedule import RHO_SCHEDULES
+from .unlearn import UNLEARNERS
 
 __all__ = [
     "add_arguments",
@@ -69,7 +70,8 @@ BB_KEYS = {
 }
 OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width", "rho_schedule",
             "keep_checkpoint", "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout",
-            "sam_every", "sam_prob", "sam_epochs", "perturbation", "path_rho"}
+            "sam_every", "sam_prob", "sam_epochs", "perturbation", "path_rho", "unlearn", "unlearn_eps",
+            "unlearn_frac"}
 RHO_AUTO = "auto"  # `--rho auto`: chosen from the clean subset (rho_auto.py)
 KNOWN_KEYS = BB_KEYS | OUR_KEYS
 
@@ -169,6 +171,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "weights theta0, radius --rho absolute, one pass: PAM)")
     add("--path_rho", type=float, help="> 0: the steps the SAM schedule makes plain are path steps of this absolute "
                                        "radius instead (e.g. --sam_epochs 1-5 --path_rho 0.5); default 0")
+    # trigger-free unlearning (unlearn.py), FT and FT-SAM alike
+    add("--unlearn", type=str, choices=tuple(UNLEARNERS),
+        help="none (default), or uap: find the class a targeted universal perturbation reaches most easily on the "
+             "clean subset and unlearn that perturbation in every step (docs/optimizer.md#unlearning)")
+    add("--unlearn_eps", type=float, help="--unlearn uap: L-inf radius in pixel levels out of 255 (default 10)")
+    add("--unlearn_frac", type=float, help="--unlearn uap: share of each batch added again with the perturbation "
+                                           "(default 0.25)")
     # run control
     add("--eval_every", type=int, help="evaluate ACC/ASR/RA every k epochs (the last epoch always)")
     add("--protocol", type=str, choices=sorted(PROTOCOLS),
@@ -258,6 +267,7 @@ DEFAULTS = {
     "protocol": "fixed", "resume": False, "keep_checkpoint": False, "steplr_gamma": 0.1, "steplr_stepsize": 30,
     "sam_every": 1, "sam_prob": 1.0,  # SAM on every step (sam_epochs None: in every epoch)
     "perturbation": "gradient", "path_rho": 0.0,
+    "unlearn": "none", "unlearn_eps": 10.0, "unlearn_frac": 0.25,
 }
 BOOL_KEYS = ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "keep_checkpoint", "prefetch")
 LIST_KEYS = {"steplr_milestones", "rho_auto_grid", "sam_epochs"}  # every other key holds one value
@@ -272,6 +282,8 @@ RULES = {
     "label_smoothing": Number(low=0, high=1, high_open=True),
     "steplr_gamma": Number(low=0, high=1, low_open=True),
     "ReduceLROnPlateau_factor": Number(low=0, high=1, low_open=True, high_open=True),
+    "unlearn_eps": Number(low=0, high=255, low_open=True),
+    "unlearn_frac": Number(low=0, high=1, low_open=True),
 }
 SAM_RULES = {  # checked for every defense (plain fine-tuning ignores the values, but not bad ones)
     "rho": Number(low=0, low_open=True),
@@ -289,7 +301,7 @@ SAM_ONLY_FLAGS = sorted({*SAM_RULES, "sam_epochs", "rho_schedule", "adaptive", "
 # paths and names: text only (a YAML `index: 5` would open file descriptor 5, `log: true` a folder named True)
 PATH_RULES = {key: Text() for key in ("checkpoint_save", "log", "dataset_path", "result_file", "index", "yaml_path")}
 PATH_RULES.update(dataset=Text("a dataset name"), model=Text("a model name"))
-CHOICES = {"restore": ("copy", "subtract"), "perturbation": PERTURBATION_NAMES}  # the flags' argparse choices, for values from the YAML too
+CHOICES = {"restore": ("copy", "subtract"), "perturbation": PERTURBATION_NAMES, "unlearn": tuple(UNLEARNERS)}  # the flags' argparse choices, for values from the YAML too
 FIX = "fix --{key} (or {key} in the YAML)"
 
 

@@ -114,6 +114,7 @@ class FineTune:
         self._handlers: List[logging.Handler] = []
         self._start_from: Optional[str] = None  # --checkpoint_path: the defense_result.pt the run starts from
         self._start_model: Optional[torch.nn.Module] = None
+        self.unlearner = None  # --unlearn's (setup_training); None in --rho auto's probes, which run before it
         self.dist = ddp.DistInfo()
         ddp.resolve_device(self.args.device, int(os.environ.get("LOCAL_RANK", "0")))  # fail before loading data
         if self.args.result_file is not None:
@@ -258,6 +259,8 @@ class FineTune:
         elif os.path.isfile(ckpt_path) and self.dist.is_main:
             logger.warning("checkpoint %s from an earlier run will be overwritten (starting from epoch 1; pass "
                            "--resume to continue that run instead)", ckpt_path)
+        if self.unlearner is not None and self.unlearner.delta is None:  # a resumed run keeps its own UAP
+            self.unlearner.scan(model, *self._scan_pool(indices))
         if self.dist.is_main:
             from ftsam_plugin.io import atomic_write_text
 
@@ -314,6 +317,8 @@ class FineTune:
             row.update(epoch=epoch, train_epoch_loss_avg_over_batch=loss, train_acc=acc, lr=lr_used)
             row.update(first_step)
             row.update(self.extra_metrics())
+            if self.unlearner is not None:
+                row.update(self.unlearner.epoch_metrics())
             if self.dist.is_main and (epoch % args.eval_every == 0 or epoch == args.epochs):
                 row.update(self.evaluate(ddp.unwrap(model)))
             row.update(clock.columns(train_seconds))  # last: the existing columns keep their order
@@ -379,6 +384,7 @@ class FineTune:
         self.plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.step_per_batch = self.recipe.step_per_batch and not self.plateau
         self.lr_changed()
+        self.unlearner = self._create_unlearner()
 
     # ------------------------------------------------------------------ hooks FT-SAM overrides
     def create_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -430,6 +436,32 @@ class FineTune:
         draw = SUBSET_DRAWS[self.recipe.subset]
         return draw(raw, int(self.result["num_classes"]), self.args.ratio, self.args.random_seed)
 
+    def _create_unlearner(self):
+        """--unlearn's unlearner (unlearn.py), or None."""
+        from ftsam_plugin.data.datasets import get_dataset_info
+
+        from .unlearn import create_unlearner
+
+        args = self.args
+        if args.unlearn == "none":
+            return None
+        info = get_dataset_info(self.result["clean_data"])
+        return create_unlearner(args.unlearn, eps=float(args.unlearn_eps) / 255.0, frac=float(args.unlearn_frac),
+                                num_classes=int(self.result["num_classes"]), mean=info.mean, std=info.std,
+                                seed=int(args.random_seed))
+
+    def _scan_pool(self, indices: Sequence[int]):
+        """The unlearner's scan images: the clean subset's first SCAN_IMAGES, with the test transform, on device."""
+        from ftsam_plugin.data.transforms import get_transform
+
+        from .unlearn import SCAN_IMAGES
+
+        raw = raw_dataset(self.result["clean_train"])
+        transform = get_transform(self.result["clean_data"], train=False, img_size=self.result.get("img_size"))
+        items = [raw[i] for i in list(indices)[:SCAN_IMAGES]]
+        images = torch.stack([transform(img) for img, _ in items]).to(self.device)
+        return images, torch.tensor([int(label) for _, label in items], device=self.device)
+
     def build_train_set(self, indices: Sequence[int]):
         """The subset with the dataset's train transform, yielding (image tensor, label)."""
         from ftsam_plugin.data.backdoor import TransformDataset
@@ -469,6 +501,8 @@ class FineTune:
             for step, batch in enumerate(steps, start=1):
                 x = batch[0].to(dev, non_blocking=nb)
                 y = torch.as_tensor(batch[1]).to(dev, non_blocking=nb).long()
+                if self.unlearner is not None:  # --unlearn: the batch plus its images carrying the inverted trigger
+                    x, y = self.unlearner.augment(model, x, y, self.dist)
                 loss, logits = self.train_step(model, x, y)
                 value = float(loss)
                 stop = getattr(self, "_stop", None)
@@ -515,7 +549,8 @@ class FineTune:
 
         save_checkpoint(path, defense=self.name, epoch=epoch, model_state=cpu_state_dict(ddp.unwrap(model)),
                         optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, indices=indices,
-                        history=history, config=self._resume_config(), rngs=rngs, data=self._data)
+                        history=history, config=self._resume_config(), rngs=rngs, data=self._data,
+                        extra=self._extra_state())
 
     def _resume_config(self) -> dict:
         """The settings a checkpoint stores and a resumed run must share (checkpoint.RESUME_KEYS)."""
@@ -525,7 +560,11 @@ class FineTune:
         return load_checkpoint(path, defense=self.name, model=model, optimizer=self.optimizer,
                                scheduler=self.scheduler, scaler=self.scaler, indices=indices,
                                config=self._resume_config(), world_size=self.dist.world_size, rank=self.dist.rank,
-                               data=self._data)
+                               data=self._data, extra=self._extra_state())
+
+    def _extra_state(self) -> dict:
+        """What a checkpoint keeps besides the model and optimizer: the unlearner's UAP (--unlearn)."""
+        return {"unlearn": self.unlearner} if getattr(self, "unlearner", None) is not None else {}
 
     # ------------------------------------------------------------------ helpers
     def _result_files(self) -> List[str]:

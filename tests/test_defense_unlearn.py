@@ -1,0 +1,172 @@
+"""`--unlearn uap` (defense/unlearn.py): the scan finds a planted shortcut class, a training step's added images and
+UAP update against a hand computation, resume bit for bit, the per-epoch signal, and bad settings."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from ftsam_plugin.defense.ftsam import FTSAM
+from ftsam_plugin.defense.unlearn import TRAIN_STEP_SIZE, UapUnlearning
+from ftsam_plugin.io import safe_load
+
+from helpers import check_error, cpu_yaml, make_attack_record, run_cli, without_clock_columns
+from test_defense_schedule import Interrupt, read_csv
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+FLAGS = ["--yaml_path", "cpu", "--device", "cpu", "--ratio", "0.2", "--batch_size", "8", "--num_workers", "0"]
+
+
+class Shortcut(torch.nn.Module):
+    """A classifier with a planted shortcut: class `target`'s logit grows fast with the pixels' brightness (any
+    images, whatever their class); the logits read a fixed random projection of the signs of BatchNorm's output
+    (a small perturbation flips few of them: no other class is easy to reach). BatchNorm is there so that a pass in
+    train mode would move its running statistics."""
+
+    def __init__(self, target: int, num_classes: int = 10):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.proj = torch.nn.Parameter(torch.randn(num_classes, 3 * 8 * 8, generator=gen) * 0.1)
+        self.target = target
+
+    def forward(self, x):
+        z = self.bn(x)
+        logits = torch.sign(z).flatten(1) @ self.proj.t()
+        bright = (x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)).mean((1, 2, 3))
+        shortcut = torch.zeros_like(logits)
+        shortcut[:, self.target] = 200.0 * (bright - 0.52)
+        return logits + shortcut
+
+
+def images(n=200, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(n, 3, 8, 8, generator=gen) * 0.5 + 0.25  # mean brightness about 0.5
+    x = (pixels - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x, torch.arange(n) % 10
+
+
+@pytest.mark.parametrize("target", [3, 7])
+def test_scan_finds_the_planted_shortcut_class(target):
+    model = Shortcut(target).train()
+    x, y = images()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    un = UapUnlearning(8 / 255, 0.25, 10, MEAN, STD, seed=0)
+    assert un.scan(model, x, y) == target == un.target
+    assert un.success[target] > 60 and max(s for c, s in enumerate(un.success) if c != target) < 40
+    assert float(un.delta.abs().max()) == pytest.approx(8 / 255)  # at the radius, not past it
+    assert model.training  # its mode back, its weights and BatchNorm statistics untouched
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.proj.grad is None
+
+
+def test_apply_adds_in_pixels_and_clips_to_valid_pixels():
+    un = UapUnlearning(0.1, 0.25, 10, MEAN, STD)
+    pixels = torch.tensor([0.0, 0.5, 0.95]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    x = (pixels - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    delta = torch.tensor([-0.1, 0.1, 0.1]).view(1, 3, 1, 1)
+    got = un.apply(x, delta) * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    want = torch.tensor([0.0, 0.6, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_augment_step_against_a_hand_computation():
+    """The batch grows by ceil(frac * n) images: x[:k] carrying the UAP after one signed step towards the suspect
+    class (taken in eval mode), at their own labels; the model's weights, grads, BN statistics and mode unchanged."""
+    model = Shortcut(3).train()
+    x, y = images(10, seed=2)
+    un = UapUnlearning(8 / 255, 0.25, 10, MEAN, STD)
+    un.target = 3
+    un.delta = torch.full((1, 3, 8, 8), 2 / 255)
+    un.delta[0, 0, 0, 0] = -8 / 255
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # by hand: the eval-mode gradient of CE(model(x[:3] + delta), 3) w.r.t. delta, a signed step, the projection
+    k = math.ceil(0.25 * 10)
+    ref = Shortcut(3)
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    d = un.delta.clone().requires_grad_(True)
+    pix = (x[:k] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1) + d).clamp(0, 1)
+    loss = torch.nn.functional.cross_entropy(ref((pix - torch.tensor(MEAN).view(1, 3, 1, 1))
+                                                 / torch.tensor(STD).view(1, 3, 1, 1)), torch.full((k,), 3))
+    (g,) = torch.autograd.grad(loss, d)
+    new_delta = (un.delta - TRAIN_STEP_SIZE * (8 / 255) * g.sign()).clamp(-8 / 255, 8 / 255)
+    xa, ya = un.augment(model, x, y)
+    assert xa.shape[0] == 10 + k and torch.equal(ya, torch.cat([y, y[:k]]))
+    assert torch.equal(xa[:10], x)
+    assert torch.equal(un.delta, new_delta)
+    assert torch.equal(xa[10:], un.apply(x[:k], new_delta))
+    assert model.training and model.proj.grad is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    metrics = un.epoch_metrics()  # the share of added images (not of class 3) the model sends to class 3
+    with torch.no_grad():
+        pred = ref(xa[10:]).argmax(1)
+    keep = y[:k] != 3
+    assert metrics["unlearn_class"] == 3
+    assert metrics["unlearn_success"] == pytest.approx(100.0 * float((pred[keep] == 3).float().mean()))
+    assert math.isnan(un.epoch_metrics()["unlearn_success"])  # reset
+
+
+def test_augment_before_scan_is_an_error():
+    with pytest.raises(RuntimeError, match="before scan"):
+        UapUnlearning(0.03, 0.25, 10, MEAN, STD).augment(Shortcut(0), *images(4))
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    return make_attack_record(tmp_path_factory.mktemp("unlearn"), name="rec", n_per_class=10, epochs=1)
+
+
+def test_run_logs_the_scan_and_the_signal_and_resumes_bit_for_bit(record, monkeypatch):
+    full, resumed = record.parent / "full", record.parent / "resumed"
+    for folder in (full, resumed):
+        shutil.copytree(record, folder, ignore=shutil.ignore_patterns("defense"))
+    argv = ["--defense", "ftsam", *FLAGS, "--epochs", "3", "--eval_every", "3", "--unlearn", "uap"]
+    code, _, err = run_cli(["defend", "--result_file", str(full), *argv])
+    assert code == 0, err
+    assert "unlearn uap: targeted-UAP success per class" in err and "suspect class" in err
+    rows = read_csv(full / "defense" / "ftsam" / "ftsam_df.csv")
+    assert len(rows) == 3 and all(r["unlearn_class"] == rows[0]["unlearn_class"] for r in rows)
+    assert all(0 <= float(r["unlearn_success"]) <= 100 for r in rows)
+    expected = safe_load(full / "defense" / "ftsam" / "defense_result.pt")["model"]
+
+    def stop(self, epoch):
+        if epoch == 1:
+            raise Interrupt()
+
+    again = ["defend", "--result_file", str(resumed), *argv]
+    with monkeypatch.context() as patch:
+        patch.setattr(FTSAM, "_after_epoch", stop)
+        assert run_cli(again)[0] == 130
+    ckpt = safe_load(resumed / "defense" / "ftsam" / "checkpoint" / "last.pt", what="checkpoint")
+    assert ckpt["extra"]["unlearn"]["delta"].shape[1:] == (3, 32, 32)
+    code, _, err = run_cli([*again, "--resume", "--keep_checkpoint"])
+    assert code == 0, err
+    assert "targeted-UAP success per class" not in err  # the UAP comes from the checkpoint, not a new scan
+    got = safe_load(resumed / "defense" / "ftsam" / "defense_result.pt")["model"]
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert without_clock_columns((resumed / "defense" / "ftsam" / "ftsam_df.csv").read_text()) == \
+        without_clock_columns((full / "defense" / "ftsam" / "ftsam_df.csv").read_text())
+    code, _, err = run_cli([*again, "--unlearn_frac", "0.5", "--resume"])  # another setting: refused
+    assert code == 2 and "was made with unlearn_frac=0.25, now 0.5" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--unlearn_eps", "0"], "unlearn_eps must be a finite number in (0, 255], got 0"),
+    (["--unlearn_frac", "1.5"], "unlearn_frac must be a finite number in (0, 1], got 1.5"),
+])
+def test_bad_settings_get_one_line(record, flags, message):
+    check_error(run_cli(["defend", "--result_file", str(record), *FLAGS, "--epochs", "1", *flags]), message,
+                whole=False)
+
+
+def test_an_unknown_unlearner_in_the_yaml_gets_one_line(record, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(cpu_yaml(unlearn="maybe"))
+    flags = ["--yaml_path", str(path), *FLAGS[2:]]
+    check_error(run_cli(["defend", "--result_file", str(record), *flags, "--epochs", "1"]), "unlearn", whole=False)
