@@ -170,3 +170,45 @@ def test_an_unknown_unlearner_in_the_yaml_gets_one_line(record, tmp_path):
     path.write_text(cpu_yaml(unlearn="maybe"))
     flags = ["--yaml_path", str(path), *FLAGS[2:]]
     check_error(run_cli(["defend", "--result_file", str(record), *flags, "--epochs", "1"]), "unlearn", whole=False)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def _ddp_worker(rank, port, outdir):
+    import os
+
+    import torch.distributed as dist
+
+    from ftsam_plugin.defense import ddp
+    from test_defense_ddp import _join, tiny_net
+
+    _join(rank, port)
+    dist.init_process_group("gloo")
+    info = ddp.DistInfo(rank=rank, world_size=2)
+    un = UapUnlearning(8 / 255, 0.5, 3, MEAN, STD)
+    un.target, un.delta = 1, torch.zeros(1, 3, 8, 8)
+    x, _ = images(6, seed=10 + rank)  # each rank its own batch
+    un.augment(tiny_net().train(), x, torch.arange(6) % 3, info)
+    torch.save(un.delta, os.path.join(outdir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_ddp_ranks_keep_one_uap_stepped_with_the_summed_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    from test_defense_ddp import _free_port, tiny_net
+
+    mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    deltas = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    assert torch.equal(deltas[0], deltas[1])
+    grads = []  # by hand: each rank's eval-mode gradient on its own first 3 images, summed, then one signed step
+    for rank in range(2):
+        model = tiny_net().eval()
+        x, _ = images(6, seed=10 + rank)
+        d = torch.zeros(1, 3, 8, 8, requires_grad=True)
+        un = UapUnlearning(8 / 255, 0.5, 3, MEAN, STD)
+        loss = torch.nn.functional.cross_entropy(model(un.apply(x[:3], d)), torch.full((3,), 1))
+        grads.append(torch.autograd.grad(loss, d)[0])
+    want = (-TRAIN_STEP_SIZE * (8 / 255) * (grads[0] + grads[1]).sign()).clamp(-8 / 255, 8 / 255)
+    assert torch.equal(deltas[0], want)
+    assert not torch.equal(want, (-TRAIN_STEP_SIZE * (8 / 255) * grads[0].sign()))  # the ranks' gradients differ
