@@ -8,7 +8,8 @@ The plan is a grid file, benchmarks/grids/defense_cpu.yaml (--quick: defense_cpu
   1. unpack ../shared/data/cifar10-jpeg.tar.xz (the real CIFAR-10 as JPEG q75) into benchmarks/.cache once;
   2. `ftsam attack` BadNets and Blended: 10% poison, all-to-one target 0, PreAct-ResNet18 width 0.25
      (the full width trains at ~50 img/s on this CPU), batch 128, lr 0.01 cosine;
-  3. `ftsam grid` runs every cell of the plan not done yet (the local executor: --workers processes of --threads
+  3. `ftsam grid --only` runs every cell of the plan with no committed summary (a machine whose cache lacks the
+     older cells' folders does not run them again; the local executor: --workers processes of --threads
      torch threads; a stopped cell resumes from its checkpoint, a running one is never started twice): `ftsam
      defend` with the packaged CIFAR-10 config and the same class-balanced 5% clean subset and seed for every
      defense, each in `<record>/defense/<tag>/`; the same grid file runs on a Slurm cluster with `--executor slurm`;
@@ -312,12 +313,19 @@ def link_record(record: str, folder: str) -> str:
     return rec
 
 
-def run_grid(mode: Mode, workers: int, threads: int) -> int:
-    """`ftsam grid` on the plan's grid file, here: every cell not done yet."""
+def run_grid(mode: Mode, workers: int, threads: int, results: str) -> int:
+    """`ftsam grid` on the plan's grid file, here: the cells with no committed summary in `results` (a cell whose
+    summary is committed is finished, even where this machine's cache lacks its folder)."""
     from ftsam_plugin.cli import main as ftsam
 
+    done = load_results(results)
+    missing = [cell.label for run, cell in plan_cells(mode.name) if (run.attack, run.tag) not in done]
+    if not missing:
+        log("every run of the plan has its summary: nothing to run")
+        return 0
+    only = [flag for label in missing for flag in ("--only", label)]
     return ftsam(["grid", GRIDS[mode.name], "--executor", "local", "--workers", str(workers), "--threads",
-                  str(threads), "--workdir", os.path.join(CACHE, "grid", mode.name)])
+                  str(threads), "--workdir", os.path.join(CACHE, "grid", mode.name), *only])
 
 
 def summarize(run: Run, record: str, work: str, command: str, resumed: bool, wall: float, threads: int,
@@ -678,7 +686,7 @@ def cheap_section(attack: str, cheap: Dict[str, dict], runs: Dict[str, dict], pn
     ref_typ = typical_cost_s(ref_item)[0] if ref_item else None
     ref_one = _one_eval(ref_item) if ref_item else None
     costs = side_by_side_costs()
-    lines = [f"### Cheaper FT-SAM schedules (issue 22), seed 0: times as ratios to FT's 100-epoch run", "",
+    lines = ["### Cheaper FT-SAM schedules (issue 22), seed 0: times as ratios to FT's 100-epoch run", "",
              "All runs of this table ran in the `cheap` group of the plan (two one-thread workers on one 2-core "
              "machine), FT-SAM ones evaluated every epoch, FT every 5. Time to purify: the first evaluated epoch "
              "from which ASR stays ≤ 5% to the end of the run, and the training seconds up to it "
@@ -1150,7 +1158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data = quick_subset(data, CACHE, mode.train_per_class, mode.test_per_class)
         for attack in plan_attacks(plan):
             ensure_record(mode, attack, data, CACHE, env_threads=args.threads)
-        code = run_grid(mode, args.workers or max(1, usable_cores() // args.threads), args.threads)
+        code = run_grid(mode, args.workers or max(1, usable_cores() // args.threads), args.threads, results)
         collect(mode, results)
         if args.profile:
             rec = os.path.join(CACHE, "record", record_name(mode, "blended"))

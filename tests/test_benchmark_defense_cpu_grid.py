@@ -37,6 +37,25 @@ def test_the_plan_is_the_grid_file(study):
     assert len(study.quick_plan()) == 8
 
 
+def test_the_study_runs_only_the_cells_without_a_committed_summary(study, tmp_path, monkeypatch):
+    import ftsam_plugin.cli
+
+    calls = []
+    monkeypatch.setattr(ftsam_plugin.cli, "main", lambda argv: calls.append(argv) or 0)
+    plan = study.plan_cells("full")
+    for run, _ in plan[1:]:  # every run has its summary but the first
+        (tmp_path / run.attack).mkdir(exist_ok=True)
+        (tmp_path / run.attack / f"{run.tag}.json").write_text(json.dumps({"run": {"attack": run.attack},
+                                                                            "tag": run.tag}))
+    assert study.run_grid(study.MODES["full"], 2, 1, str(tmp_path)) == 0
+    argv = calls[0]
+    assert argv[0] == "grid" and argv[argv.index("--workers") + 1] == "2"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--only"] == [plan[0][1].label]
+    (tmp_path / plan[0][0].attack / f"{plan[0][0].tag}.json").write_text(json.dumps(
+        {"run": {"attack": plan[0][0].attack}, "tag": plan[0][0].tag}))
+    assert study.run_grid(study.MODES["full"], 2, 1, str(tmp_path)) == 0 and len(calls) == 1  # nothing left
+
+
 def test_a_finished_cell_becomes_the_summary_the_report_reads(study, tmp_path, monkeypatch):
     make_attack_record(tmp_path, name="cifar10_preactresnet18_w0.125_badnet_e1", n_per_class=8)
     grid = tmp_path / "plan.yaml"

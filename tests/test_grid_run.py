@@ -50,6 +50,21 @@ def test_local_grid_runs_each_cell_once_and_leaderboard_reads_it(root):
     assert summary(record, "ftsam_rho2_epochs1_s0")["attempts"] == 1
 
 
+def test_only_runs_the_cells_matching_a_pattern(root):
+    record = root / "record" / "rec"
+    grid = write_grid(root, "- {defense: ftsam, rho: [2, 8], epochs: 1}\n", name="only.yaml", seeds="[3]")
+    assert states(grid, "--only", "rec/*rho8*") == {"rec/ftsam_rho8_epochs1_s3": "pending"}
+    code, out = grid_run(grid, "--only", "rec/*rho8*", "--threads", "1")
+    assert code == 0, out
+    assert summary(record, "ftsam_rho8_epochs1_s3")["state"] == "done"
+    assert not (record / "defense" / "ftsam_rho2_epochs1_s3").exists()  # the other cell never ran
+    assert states(grid) == {"rec/ftsam_rho2_epochs1_s3": "pending", "rec/ftsam_rho8_epochs1_s3": "done"}
+    code, out = grid_run(grid, "--only", "rec/nothing*")
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert code == 2 and lines == [f"error: no cell of {grid} matches --only rec/nothing*; see the labels with "
+                                   "--status"], out
+
+
 def test_local_cancel_resume_and_never_two_writers(root):
     record = root / "record" / "rec"
     grid = write_grid(root, "- {defense: ftsam, rho: 1, epochs: 3}\n", name="cancel.yaml")

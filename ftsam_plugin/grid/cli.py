@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--status", action="store_true", help="list each cell's state and exit (runs nothing)")
     add("--retry_failed", action="store_true", help="also run the cells that failed")
     add("--wait", action="store_true", help="slurm: after submitting, watch until every submitted cell ends")
+    add("--only", action="append", metavar="PATTERN",
+        help="only the cells whose label (RECORD/CELL, as --status lists them) matches this shell pattern, e.g. "
+             "'*_lf_e15/ft_e100_s*'; repeatable (a cell matching any is kept)")
     add("--workdir", help="submitit's logs and the cells' record views (default: <grid>.grid/ beside the file)")
     group = parser.add_argument_group("executor (each also `executor:` in the grid file; a flag wins)")
     group.add_argument("--executor", choices=sorted(EXECUTORS),
@@ -69,7 +72,15 @@ def run(args: argparse.Namespace) -> int:
     spec = load_grid(args.grid)
     options = _options(args, spec.executor, os.path.basename(spec.path))
     workdir = os.path.abspath(args.workdir or os.path.join(spec.folder, _stem(spec.path) + ".grid"))
-    states = cell_states(spec.cells)
+    cells = spec.cells
+    if args.only:
+        import fnmatch
+
+        cells = [c for c in cells if any(fnmatch.fnmatchcase(c.label, p) for p in args.only)]
+        if not cells:
+            raise FtsamError(f"no cell of {spec.path} matches --only {' '.join(args.only)}; see the labels with "
+                             f"--status")
+    states = cell_states(cells)
     if args.status:
         _print_table(states)
         return 0
