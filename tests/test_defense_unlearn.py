@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ftsam_plugin.defense.ftsam import FTSAM
-from ftsam_plugin.defense.unlearn import TRAIN_STEP_SIZE, UapUnlearning
+from ftsam_plugin.defense.unlearn import TRAIN_STEP_SIZE, L2UapUnlearning, UapUnlearning, create_unlearner
 from ftsam_plugin.io import safe_load
 
 from helpers import check_error, cpu_yaml, make_attack_record, run_cli, without_clock_columns
@@ -60,6 +60,47 @@ def test_scan_finds_the_planted_shortcut_class(target):
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert model.proj.grad is None
+
+
+class PatchShortcut(Shortcut):
+    """The shortcut reads one pixel (a patch trigger's shape): class `target` wins where that pixel is near white."""
+
+    def forward(self, x):
+        logits = torch.sign(self.bn(x)).flatten(1) @ self.proj.t()
+        pixel = x[:, :, 0, 0] * torch.tensor(STD).view(1, 3) + torch.tensor(MEAN).view(1, 3)
+        shortcut = torch.zeros_like(logits)
+        shortcut[:, self.target] = 40.0 * (pixel.mean(1) - 0.85)
+        return logits + shortcut
+
+
+def test_an_l2_uap_finds_a_patch_shortcut_that_an_linf_one_misses():
+    x, y = images()
+    linf = create_unlearner("uap", eps=None, frac=0.25, num_classes=10, mean=MEAN, std=STD, seed=0)
+    l2 = create_unlearner("uap-l2", eps=None, frac=0.25, num_classes=10, mean=MEAN, std=STD, seed=0)
+    assert isinstance(l2, L2UapUnlearning) and l2.eps == pytest.approx(2.0) and linf.eps == pytest.approx(10 / 255)
+    linf.scan(PatchShortcut(5), x, y)
+    assert linf.success[5] < 5  # 10/255 per pixel cannot whiten one pixel
+    assert l2.scan(PatchShortcut(5), x, y) == 5 and l2.success[5] > 90
+    assert float(l2.delta.norm()) <= 2.0 + 1e-5
+    assert float(l2.delta.abs().max()) > 0.3  # concentrated on the shortcut's pixel
+
+
+def test_an_l2_step_is_the_normalised_gradient_projected_to_the_ball():
+    from test_defense_ddp import tiny_net  # a conv net: the gradient's size differs from pixel to pixel
+
+    model = tiny_net().train()
+    x, _ = images(8, seed=4)
+    y = torch.arange(8) % 3
+    un = L2UapUnlearning(0.5, 0.25, 3, MEAN, STD)
+    un.target, un.delta = 1, torch.full((1, 3, 8, 8), 0.06)  # norm 0.06 * sqrt(192) = 0.83: outside, projected
+    ref = tiny_net().eval()
+    d = un.delta.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(ref(un.apply(x[:2], d)), torch.full((2,), 1))
+    (g,) = torch.autograd.grad(loss, d)
+    moved = un.delta - TRAIN_STEP_SIZE * 0.5 * g / g.norm()
+    want = moved * (0.5 / moved.norm())
+    un.augment(model, x, y)
+    assert torch.allclose(un.delta, want, atol=1e-7) and float(un.delta.norm()) == pytest.approx(0.5)
 
 
 def test_apply_adds_in_pixels_and_clips_to_valid_pixels():
@@ -157,7 +198,7 @@ def test_run_logs_the_scan_and_the_signal_and_resumes_bit_for_bit(record, monkey
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--unlearn_eps", "0"], "unlearn_eps must be a finite number in (0, 255], got 0"),
+    (["--unlearn_eps", "0"], "unlearn_eps must be a finite number > 0, got 0"),
     (["--unlearn_frac", "1.5"], "unlearn_frac must be a finite number in (0, 1], got 1.5"),
 ])
 def test_bad_settings_get_one_line(record, flags, message):

@@ -173,9 +173,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                        "radius instead (e.g. --sam_epochs 1-5 --path_rho 0.5); default 0")
     # trigger-free unlearning (unlearn.py), FT and FT-SAM alike
     add("--unlearn", type=str, choices=tuple(UNLEARNERS),
-        help="none (default), or uap: find the class a targeted universal perturbation reaches most easily on the "
-             "clean subset and unlearn that perturbation in every step (docs/optimizer.md#unlearning)")
-    add("--unlearn_eps", type=float, help="--unlearn uap: L-inf radius in pixel levels out of 255 (default 10)")
+        help="none (default), or uap / uap-l2: find the class a targeted universal perturbation (L-inf / L2 "
+             "bounded) reaches most easily on the clean subset and unlearn that perturbation in every step "
+             "(docs/optimizer.md#unlearning-an-inverted-trigger---unlearn-uap)")
+    add("--unlearn_eps", type=float, help="--unlearn: the perturbation's radius in pixel levels out of 255 (default: "
+                                          "uap 10 per pixel, uap-l2 510 over the image, i.e. 2.0 on the 0..1 scale)")
     add("--unlearn_frac", type=float, help="--unlearn uap: share of each batch added again with the perturbation "
                                            "(default 0.25)")
     # run control
@@ -267,7 +269,7 @@ DEFAULTS = {
     "protocol": "fixed", "resume": False, "keep_checkpoint": False, "steplr_gamma": 0.1, "steplr_stepsize": 30,
     "sam_every": 1, "sam_prob": 1.0,  # SAM on every step (sam_epochs None: in every epoch)
     "perturbation": "gradient", "path_rho": 0.0,
-    "unlearn": "none", "unlearn_eps": 10.0, "unlearn_frac": 0.25,
+    "unlearn": "none", "unlearn_frac": 0.25,  # unlearn_eps: the unlearner's own default (unlearn.py)
 }
 BOOL_KEYS = ("amp", "pin_memory", "non_blocking", "adaptive", "resume", "keep_checkpoint", "prefetch")
 LIST_KEYS = {"steplr_milestones", "rho_auto_grid", "sam_epochs"}  # every other key holds one value
@@ -282,7 +284,7 @@ RULES = {
     "label_smoothing": Number(low=0, high=1, high_open=True),
     "steplr_gamma": Number(low=0, high=1, low_open=True),
     "ReduceLROnPlateau_factor": Number(low=0, high=1, low_open=True, high_open=True),
-    "unlearn_eps": Number(low=0, high=255, low_open=True),
+    "unlearn_eps": Number(low=0, low_open=True),
     "unlearn_frac": Number(low=0, high=1, low_open=True),
 }
 SAM_RULES = {  # checked for every defense (plain fine-tuning ignores the values, but not bad ones)
@@ -437,6 +439,9 @@ def validate(cfg: Dict, uses_sam: bool, given=()) -> Dict:
     if cfg["rho_auto"]:
         cfg["rho"] = RHO_AUTO
         cfg["rho_auto_settings"] = _rho_auto_settings(cfg)
+    unlearner = UNLEARNERS[cfg["unlearn"]]
+    if unlearner is not None and cfg["unlearn_eps"] is None:  # the unlearner's own radius (its norm decides it)
+        cfg["unlearn_eps"] = unlearner.DEFAULT_EPS
     if cfg["steplr_milestones"] is not None:
         cfg["steplr_milestones"] = _milestones(cfg["steplr_milestones"])
     if not isinstance(cfg["protocol"], str) or cfg["protocol"] not in PROTOCOLS:

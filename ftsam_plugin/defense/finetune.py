@@ -446,7 +446,7 @@ class FineTune:
         if args.unlearn == "none":
             return None
         info = get_dataset_info(self.result["clean_data"])
-        return create_unlearner(args.unlearn, eps=float(args.unlearn_eps) / 255.0, frac=float(args.unlearn_frac),
+        return create_unlearner(args.unlearn, eps=float(args.unlearn_eps), frac=float(args.unlearn_frac),
                                 num_classes=int(self.result["num_classes"]), mean=info.mean, std=info.std,
                                 seed=int(args.random_seed))
 

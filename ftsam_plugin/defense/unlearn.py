@@ -31,10 +31,11 @@ from . import ddp
 
 logger = logging.getLogger("ftsam_plugin.defense")
 
-__all__ = ["UapUnlearning", "UNLEARNERS", "create_unlearner", "SCAN_IMAGES", "SCAN_STEPS", "SCAN_BATCH"]
+__all__ = ["UapUnlearning", "L2UapUnlearning", "UNLEARNERS", "create_unlearner", "SCAN_IMAGES", "SCAN_STEPS",
+           "SCAN_BATCH"]
 
 SCAN_IMAGES = 1000  # the pool: the clean subset's first images (test transform), half to fit, half to measure
-SCAN_STEPS = 20  # signed-gradient steps per class's targeted UAP
+SCAN_STEPS = 20  # gradient steps per class's targeted UAP
 SCAN_BATCH = 250  # images per scan step, drawn from the fitting half by a generator seeded with --random_seed
 SCAN_STEP_SIZE = 0.25  # of the radius, per scan step
 TRAIN_STEP_SIZE = 0.1  # of the radius, per training step's UAP update
@@ -42,14 +43,17 @@ TRAIN_STEP_SIZE = 0.1  # of the radius, per training step's UAP update
 
 class UapUnlearning:
     """Find the class a targeted UAP reaches most easily (`scan`), then unlearn that UAP in every step (`augment`).
+    This class bounds the UAP in L-inf (signed-gradient steps); `L2UapUnlearning` in L2.
 
     Args:
-        eps: L-inf radius of the UAP in pixel units (0..1).
+        eps: radius of the UAP in pixel units (0..1; L-inf here).
         frac: share of each batch added again with the UAP, at the true labels.
         num_classes: the classifier's classes.
         mean, std: the dataset's normalisation (the transforms normalise; the UAP lives in pixel space).
         seed: seeds the scan's draws.
     """
+
+    DEFAULT_EPS = 10.0  # in pixel levels out of 255 (--unlearn_eps's unit): 10/255 per pixel
 
     def __init__(self, eps: float, frac: float, num_classes: int, mean: Sequence[float], std: Sequence[float],
                  seed: int = 0):
@@ -69,14 +73,22 @@ class UapUnlearning:
 
     def _targeted_step(self, net: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor, target: int,
                        size: float, dist=None) -> torch.Tensor:
-        """delta moved one signed-gradient step towards `target` on `x` and projected to the radius."""
+        """delta moved one gradient step of `size` x the radius towards `target` on `x`, projected to the radius."""
         delta = delta.detach().requires_grad_(True)
         logits = net(self.apply(x, delta))
         loss = F.cross_entropy(logits, torch.full((len(x),), target, dtype=torch.long, device=x.device))
         (grad,) = torch.autograd.grad(loss, delta)
         if dist is not None:
             ddp.all_reduce_sum(grad, dist)  # every rank takes the same step: the UAP stays identical
-        return (delta.detach() - size * self.eps * grad.sign()).clamp(-self.eps, self.eps)
+        return self._project(delta.detach() - size * self.eps * self._direction(grad))
+
+    def _direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """The step's unit direction (L-inf: the sign)."""
+        return grad.sign()
+
+    def _project(self, delta: torch.Tensor) -> torch.Tensor:
+        """delta back inside the radius (L-inf: clipped per pixel)."""
+        return delta.clamp(-self.eps, self.eps)
 
     # ------------------------------------------------------------------ the scan
     @torch.no_grad()
@@ -154,10 +166,27 @@ class UapUnlearning:
         self.success = list(state.get("success") or [])
 
 
-UNLEARNERS = {"none": None, "uap": UapUnlearning}
+class L2UapUnlearning(UapUnlearning):
+    """The same with the UAP bounded in L2 over the whole image: it can concentrate on a few pixels, as a patch
+    trigger does (an L-inf UAP spreads thinly over all of them)."""
+
+    DEFAULT_EPS = 510.0  # in pixel levels out of 255: an L2 radius of 2.0 on the 0..1 scale
+
+    def _direction(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad / (grad.norm() + 1e-12)
+
+    def _project(self, delta: torch.Tensor) -> torch.Tensor:
+        norm = float(delta.norm())
+        return delta * (self.eps / norm) if norm > self.eps else delta
 
 
-def create_unlearner(name: str, *, eps: float, frac: float, num_classes: int, mean, std, seed: int):
-    """The `--unlearn` choice: None for 'none', else the unlearner."""
+UNLEARNERS = {"none": None, "uap": UapUnlearning, "uap-l2": L2UapUnlearning}
+
+
+def create_unlearner(name: str, *, eps: Optional[float], frac: float, num_classes: int, mean, std, seed: int):
+    """The `--unlearn` choice: None for 'none', else the unlearner. `eps` in pixel levels out of 255 (None: the
+    unlearner's DEFAULT_EPS)."""
     cls = UNLEARNERS[name]
-    return None if cls is None else cls(eps, frac, num_classes, mean, std, seed)
+    if cls is None:
+        return None
+    return cls((cls.DEFAULT_EPS if eps is None else float(eps)) / 255.0, frac, num_classes, mean, std, seed)
