@@ -292,14 +292,14 @@ def cmd_analyse(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ the UAP scan
 def cmd_uap(args) -> int:
-    """`--unlearn uap`'s scan (the defense's own code) on chosen snapshots: each class's targeted-UAP success on
-    the fixed clean test subset (first 1,000 images: fit on the even ones, measure on the odd ones), written to
-    <tag>.uap.json. Does the trigger-free signal see the backdoor, and its return?"""
+    """`--unlearn`'s scan (the defense's own code, `--unlearner` uap or uap-l2) on chosen snapshots: each class's
+    targeted-UAP success on the fixed clean test subset (first 1,000 images: fit on the even ones, measure on the
+    odd ones), added to <tag>.uap.json. Does the trigger-free signal see the backdoor, and its return?"""
     import torch
 
-    from ftsam_plugin.data.records import load_attack_result
     from ftsam_plugin.data.datasets import get_dataset_info
-    from ftsam_plugin.defense.unlearn import SCAN_IMAGES, UapUnlearning
+    from ftsam_plugin.data.records import load_attack_result
+    from ftsam_plugin.defense.unlearn import SCAN_IMAGES, create_unlearner
     from ftsam_plugin.io import safe_load
 
     torch.set_num_threads(1)
@@ -316,22 +316,24 @@ def cmd_uap(args) -> int:
     done = {}
     if os.path.isfile(out_path):
         with open(out_path) as handle:
-            done = {r["epoch"]: r for r in json.load(handle)["scans"]}
+            done = {(r["unlearner"], r["epoch"]): r for r in json.load(handle)["scans"]}
     for epoch in args.epochs:
-        if epoch in done:
+        if (args.unlearner, epoch) in done:
             continue
         state = theta0 if epoch == 0 else safe_load(os.path.join(folder, "snapshots", f"epoch_{epoch:03d}.pt"),
                                                     what="snapshot")["model"]
         model.load_state_dict(state)
-        scan = UapUnlearning(args.eps / 255.0, 0.25, int(loaded["num_classes"]), info.mean, info.std, seed=0)
+        scan = create_unlearner(args.unlearner, eps=args.eps, frac=0.25, num_classes=int(loaded["num_classes"]),
+                                mean=info.mean, std=info.std, seed=0)
         started = time.time()
         scan.scan(model, images, labels)
-        done[epoch] = {"epoch": epoch, "success": scan.success, "suspect": scan.target,
-                       "wall_s": round(time.time() - started, 1)}
-        atomic_json(out_path, {"tag": args.tag, "attack": args.attack, "eps255": args.eps,
-                               "scans": sorted(done.values(), key=lambda r: r["epoch"]), "machine": machine(),
-                               "commit": git_commit(REPO)})
-        log(f"{args.attack} {args.tag}: epoch {epoch}: targeted-UAP success {scan.success}")
+        done[(args.unlearner, epoch)] = {"unlearner": args.unlearner, "eps255": round(scan.eps * 255, 4),
+                                         "epoch": epoch, "success": scan.success, "suspect": scan.target,
+                                         "wall_s": round(time.time() - started, 1)}
+        atomic_json(out_path, {"tag": args.tag, "attack": args.attack,
+                               "scans": sorted(done.values(), key=lambda r: (r["unlearner"], r["epoch"])),
+                               "machine": machine(), "commit": git_commit(REPO)})
+        log(f"{args.attack} {args.tag}: {args.unlearner} epoch {epoch}: targeted-UAP success {scan.success}")
     return 0
 
 
@@ -521,16 +523,19 @@ def cmd_report(args) -> int:
         lines.append("")
         scans = [(tag, item["uap"]) for tag, item in sorted(tags.items()) if item.get("uap")]
         if scans:
-            lines += ["Targeted-UAP scan (`lasting.py uap`: `--unlearn uap`'s scan on the snapshot, L∞ radius "
-                      f"{scans[0][1]['eps255']}/255, 1,000 images of the clean test subset): the share of the other "
-                      "classes' images a targeted UAP sends to the attack's target class 0, against the largest "
-                      "share for another class, and the class the scan suspects.", "",
-                      "| run | epoch | subset ASR | class 0 | largest other | suspect |", "|---|---|---|---|---|---|"]
+            lines += ["Targeted-UAP scans (`lasting.py uap`: `--unlearn`'s scan on the snapshot; uap: L∞ radius "
+                      "in pixel levels out of 255, uap-l2: L2 radius over the image in the same unit; 1,000 images "
+                      "of the clean test subset): the share of the other classes' images a targeted UAP sends to "
+                      "the attack's target class 0, against the largest share for another class, and the class the "
+                      "scan suspects.", "",
+                      "| run | scan | epoch | subset ASR | class 0 | largest other | suspect |",
+                      "|---|---|---|---|---|---|---|"]
             for tag, uap in scans:
                 at = {a["epoch"]: a["asr"] for a in (tags[tag]["analysis"] or {}).get("along", [])}
                 for r in uap["scans"]:
-                    lines.append(f"| {tag} | {r['epoch']} | {pct(at.get(r['epoch']))} | {r['success'][0]:.1f} | "
-                                 f"{max(r['success'][1:]):.1f} | {r['suspect']} |")
+                    lines.append(f"| {tag} | {r['unlearner']}, {r['eps255']:g} | {r['epoch']} | "
+                                 f"{pct(at.get(r['epoch']))} | {r['success'][0]:.1f} | {max(r['success'][1:]):.1f} | "
+                                 f"{r['suspect']} |")
             lines.append("")
         for tag, item in sorted(tags.items()):
             if item["analysis"]:
@@ -565,7 +570,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     uap.add_argument("--attack", required=True)
     uap.add_argument("--tag", required=True)
     uap.add_argument("--epochs", type=int, nargs="+", default=[0, 5, 20, 100])
-    uap.add_argument("--eps", type=float, default=10.0, help="L-inf radius in pixel levels out of 255")
+    uap.add_argument("--unlearner", default="uap", choices=("uap", "uap-l2"), help="whose scan (default uap)")
+    uap.add_argument("--eps", type=float, help="radius in pixel levels out of 255 (default: the unlearner's)")
     sub.add_parser("report", help="benchmarks/results/lasting.md and its plots from the committed files")
     args = parser.parse_args(argv)
     commands = {"run": cmd_run, "analyse": cmd_analyse, "retune": cmd_retune, "uap": cmd_uap, "report": cmd_report}

@@ -1,13 +1,14 @@
-"""`--unlearn uap`: unlearn an inverted trigger found on the clean subset alone, all through fine-tuning.
+"""`--unlearn uap|uap-l2`: unlearn an inverted trigger found on the clean subset alone, all through fine-tuning.
 
 A backdoored model has a shortcut to its target class: a small universal perturbation (UAP) sends most images there.
 Before the first step, `UapUnlearning.scan` looks for that shortcut with the clean subset and the weights only: for
-every class c it fits a targeted UAP (L-inf radius --unlearn_eps, in pixels) on half of a fixed pool of clean-subset
-images and measures on the other half how many images of the other classes it sends to c. The class it reaches most
-easily is the suspect; its UAP is the inverted trigger. The defender never sees the trigger or the target.
+every class c it fits a targeted UAP (radius --unlearn_eps in pixels; L-inf for uap, L2 over the image for uap-l2,
+which can concentrate on a patch) on half of a fixed pool of clean-subset images and measures on the other half how
+many images of the other classes it sends to c. The class it reaches most easily is the suspect; its UAP is the
+inverted trigger. The defender never sees the trigger or the target.
 
 Then every training step (`augment`) adds --unlearn_frac of the batch again, carrying the inverted trigger, at the
-images' true labels, so the step unlearns the shortcut; before that, one signed-gradient step moves the UAP towards
+images' true labels, so the step unlearns the shortcut; before that, one gradient step moves the UAP towards
 the suspect class on those images (BatchNorm in eval mode, the weights' gradients untouched), so the adversary
 follows the backdoor if fine-tuning brings it back. The share of those images the model still sends to the suspect
 class is logged per epoch (`unlearn_success`, a clean-data signal of the backdoor returning).
@@ -53,6 +54,7 @@ class UapUnlearning:
         seed: seeds the scan's draws.
     """
 
+    name = "uap"  # its --unlearn name
     DEFAULT_EPS = 10.0  # in pixel levels out of 255 (--unlearn_eps's unit): 10/255 per pixel
 
     def __init__(self, eps: float, frac: float, num_classes: int, mean: Sequence[float], std: Sequence[float],
@@ -123,8 +125,8 @@ class UapUnlearning:
             net.train(was_training)
         self.target = int(max(range(self.num_classes), key=lambda k: success[k]))
         self.delta, self.success = deltas[self.target], [round(s, 2) for s in success]
-        logger.info("unlearn uap: targeted-UAP success per class (radius %.4f, %d measuring images): %s; suspect "
-                    "class %d", self.eps, len(measure_x), ", ".join(f"{s:.1f}" for s in self.success), self.target)
+        logger.info("unlearn %s: targeted-UAP success per class (radius %.4f, %d measuring images): %s; suspect "
+                    "class %d", self.name, self.eps, len(measure_x), ", ".join(f"{s:.1f}" for s in self.success), self.target)
         return self.target
 
     # ------------------------------------------------------------------ training
@@ -170,6 +172,7 @@ class L2UapUnlearning(UapUnlearning):
     """The same with the UAP bounded in L2 over the whole image: it can concentrate on a few pixels, as a patch
     trigger does (an L-inf UAP spreads thinly over all of them)."""
 
+    name = "uap-l2"
     DEFAULT_EPS = 510.0  # in pixel levels out of 255: an L2 radius of 2.0 on the 0..1 scale
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
@@ -180,7 +183,7 @@ class L2UapUnlearning(UapUnlearning):
         return delta * (self.eps / norm) if norm > self.eps else delta
 
 
-UNLEARNERS = {"none": None, "uap": UapUnlearning, "uap-l2": L2UapUnlearning}
+UNLEARNERS = {"none": None, **{cls.name: cls for cls in (UapUnlearning, L2UapUnlearning)}}
 
 
 def create_unlearner(name: str, *, eps: Optional[float], frac: float, num_classes: int, mean, std, seed: int):
