@@ -564,7 +564,7 @@ class FineTune:
 
     def _extra_state(self) -> dict:
         """What a checkpoint keeps besides the model and optimizer: the unlearner's UAP (--unlearn)."""
-        return {"unlearn": self.unlearner} if getattr(self, "unlearner", None) is not None else {}
+        return {"unlearn": self.unlearner} if self.unlearner is not None else {}
 
     # ------------------------------------------------------------------ helpers
     def _result_files(self) -> List[str]:
