@@ -261,6 +261,8 @@ class FineTune:
                            "--resume to continue that run instead)", ckpt_path)
         if self.unlearner is not None and self.unlearner.delta is None:  # a resumed run keeps its own UAP
             self.unlearner.scan(model, *self._scan_pool(indices))
+            # every rank takes rank 0's suspect and UAP (a GPU's scan need not be bit-identical across ranks)
+            self.unlearner.load_state_dict(ddp.all_gather_objects(self.unlearner.state_dict(), self.dist)[0])
         if self.dist.is_main:
             from ftsam_plugin.io import atomic_write_text
 
