@@ -58,6 +58,14 @@ def log(msg: str) -> None:
     print(f"[{datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
+def read_json(path: str) -> Optional[dict]:
+    """A result file's contents, or None where there is none yet (a run's analysis, P-ASR or scans)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def atomic_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as handle:
@@ -252,11 +260,9 @@ def cmd_analyse(args) -> int:
         snaps[int(item["epoch"])] = item["model"]
     out_path = os.path.join(RESULTS, args.attack, args.tag + ".analysis.json")
     known = {}  # an earlier analysis of the same snapshots (a running run is analysed as it goes)
-    if os.path.isfile(out_path):
-        with open(out_path) as handle:
-            earlier = json.load(handle)
-        if earlier.get("top_tac_channels") == sorted(int(c) for c in top):
-            known = {a["epoch"]: a for a in earlier["along"] if a.get("digest")}
+    earlier = read_json(out_path)
+    if earlier is not None and earlier.get("top_tac_channels") == sorted(int(c) for c in top):
+        known = {a["epoch"]: a for a in earlier["along"] if a.get("digest")}
     along = []
     for epoch, state in sorted(snaps.items()):
         digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -313,10 +319,7 @@ def cmd_uap(args) -> int:
     info = get_dataset_info(loaded["clean_data"])
     folder = run_dir(cache, args.attack, args.tag)
     out_path = os.path.join(RESULTS, args.attack, args.tag + ".uap.json")
-    done = {}
-    if os.path.isfile(out_path):
-        with open(out_path) as handle:
-            done = {(r["unlearner"], r["epoch"]): r for r in json.load(handle)["scans"]}
+    done = {(r["unlearner"], r["epoch"]): r for r in (read_json(out_path) or {"scans": []})["scans"]}
     for epoch in args.epochs:
         if (args.unlearner, epoch) in done:
             continue
@@ -356,10 +359,7 @@ def cmd_retune(args) -> int:
         else "ftsam"
     rec = os.path.join(folder, "rec")
     out_path = os.path.join(RESULTS, args.attack, args.tag + ".retune.json")
-    done = {}
-    if os.path.isfile(out_path):
-        with open(out_path) as handle:
-            done = {(r["poison_num"], r["seed"]): r for r in json.load(handle)["runs"]}
+    done = {(r["poison_num"], r["seed"]): r for r in (read_json(out_path) or {"runs": []})["runs"]}
     for seed in args.seeds:
         for poison in (POISON_NUM, 0):
             if (poison, seed) in done:
@@ -406,23 +406,9 @@ def load_runs() -> Dict[str, Dict[str, dict]]:
             continue
         with open(path) as handle:
             summary = json.load(handle)
-        analysis_path = path[:-len(".json")] + ".analysis.json"
-        analysis = None
-        if os.path.isfile(analysis_path):
-            with open(analysis_path) as handle:
-                analysis = json.load(handle)
-        retune_path = path[:-len(".json")] + ".retune.json"
-        retune = None
-        if os.path.isfile(retune_path):
-            with open(retune_path) as handle:
-                retune = json.load(handle)
-        uap_path = path[:-len(".json")] + ".uap.json"
-        uap = None
-        if os.path.isfile(uap_path):
-            with open(uap_path) as handle:
-                uap = json.load(handle)
-        runs.setdefault(summary["attack"], {})[summary["tag"]] = {"summary": summary, "analysis": analysis,
-                                                                  "retune": retune, "uap": uap}
+        stem = path[:-len(".json")]
+        runs.setdefault(summary["attack"], {})[summary["tag"]] = {
+            "summary": summary, **{part: read_json(f"{stem}.{part}.json") for part in ("analysis", "retune", "uap")}}
     return runs
 
 
