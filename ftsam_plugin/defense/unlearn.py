@@ -70,7 +70,9 @@ class UapUnlearning:
     # ------------------------------------------------------------------ the perturbation
     def apply(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Normalised images `x` with `delta` added in pixel space, clipped to valid pixels."""
-        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        if self.mean.device != x.device or self.mean.dtype != x.dtype:  # moved once, not in every step
+            self.mean, self.std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        mean, std = self.mean, self.std
         return ((x * std + mean + delta).clamp(0.0, 1.0) - mean) / std
 
     def _targeted_step(self, net: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor, target: int,
