@@ -3,6 +3,9 @@
     # one run: `ftsam defend` flags after --, snapshots of the weights every 5 epochs (resumes if interrupted)
     nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lasting.py run --attack blended \
         --tag ftsam_rho4_e100_s0 -- --defense ftsam --rho 4 --epochs 100 --random_seed 0
+    # issue 29's frozen rule (configs/ftsam/cifar10_lasting.yaml) on a held-out seed or attack
+    nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lasting.py run --attack lf \
+        --tag rule_e100_s0 -- --defense ftsam --yaml_path cifar10_lasting --epochs 100 --random_seed 0
     # the diagnosis along its snapshots (subset ACC/ASR, distance to theta0, neuron norms/TAC, BN statistics,
     # the straight line back to theta0), then the report
     .venv/bin/python benchmarks/lasting.py analyse --attack blended --tag ftsam_rho4_e100_s0
@@ -92,8 +95,11 @@ def run_dir(cache: str, attack: str, tag: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def base_flags(data: str) -> List[str]:
-    return ["--yaml_path", "cifar10", "--dataset_path", data, "--device", "cpu", "--num_workers", "0",
+def base_flags(data: str, flags: Sequence[str] = ()) -> List[str]:
+    """The study's protocol; the packaged cifar10 config unless the run's own flags name one (the frozen rule is
+    `--yaml_path cifar10_lasting`)."""
+    config = [] if "--yaml_path" in flags else ["--yaml_path", "cifar10"]
+    return [*config, "--dataset_path", data, "--device", "cpu", "--num_workers", "0",
             "--pin_memory", "false", "--non_blocking", "false", "--ratio", "0.05"]
 
 
@@ -116,7 +122,7 @@ def cmd_run(args) -> int:
     os.makedirs(snaps, exist_ok=True)
     flags = list(args.flags[1:] if args.flags[:1] == ["--"] else args.flags)
     parser = defense_cli.add_arguments(argparse.ArgumentParser())
-    opts = parser.parse_args(["--result_file", rec, *base_flags(data), *flags])
+    opts = parser.parse_args(["--result_file", rec, *base_flags(data, flags), *flags])
     epochs = int(opts.epochs)
     opts.eval_every = epochs  # once, at the end: the snapshots give the ASR along the run
     work = os.path.join(rec, "defense", opts.defense)
@@ -149,7 +155,7 @@ def cmd_run(args) -> int:
     summary = {
         "tag": args.tag, "attack": args.attack, "record": os.path.basename(record),
         "record_sha256": sha256_file(os.path.join(record, "attack_result.pt")),
-        "command": "ftsam defend --result_file <record> " + " ".join(base_flags("<data>") + flags),
+        "command": "ftsam defend --result_file <record> " + " ".join(base_flags("<data>", flags) + flags),
         "flags": flags, "snapshot_every": every, "resumed": resume, "wall_s": wall, "rows": rows,
         "machine": machine(), "started_commit": started_commit, "commit": git_commit(REPO),
         "finished": datetime.now().isoformat(timespec="seconds"),

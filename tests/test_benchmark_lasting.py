@@ -36,3 +36,12 @@ def test_report_regenerates_from_the_committed_files(tmp_path, monkeypatch):
     assert (tmp_path / "lasting.md").read_text(encoding="utf-8") == committed
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in
                                                                     (BENCH / "results").glob("lasting_*.png"))
+
+
+def test_a_run_naming_a_config_uses_it_instead_of_cifar10():
+    module = lasting()
+    rule = ["--defense", "ftsam", "--yaml_path", "cifar10_lasting", "--epochs", "100"]
+    args = module.base_flags("DATA", rule) + rule
+    assert args[args.index("--yaml_path") + 1] == "cifar10_lasting" and args.count("--yaml_path") == 1
+    plain = module.base_flags("DATA", ["--defense", "ft"])
+    assert plain[plain.index("--yaml_path") + 1] == "cifar10"
