@@ -53,7 +53,7 @@ RECORDS = {  # attack -> (archive in ../shared/records, or a record folder made 
 }
 RESULTS = os.path.join(REPO, "benchmarks", "results", "lasting_runs")
 REPORT = os.path.join(REPO, "benchmarks", "results", "lasting.md")
-CLEAN_PER_CLASS, BD_TOTAL = 200, 2000  # the during-run evaluation subset
+EVAL_SUBSET = 2000  # the during-run evaluation subsets: 200 clean test images per class, 2,000 poisoned
 PATH_POINTS = 11  # alphas 0, 0.1, ..., 1 on the line from the defended model to theta0
 
 
@@ -167,20 +167,12 @@ def cmd_run(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ the diagnosis
 def eval_subsets(loaded: dict) -> Dict[str, List[int]]:
-    """The fixed during-run subsets: the first CLEAN_PER_CLASS clean test images of each class; BD_TOTAL poisoned
-    test images taken evenly from each original class (in index order)."""
-    import numpy as np
+    """The fixed during-run subsets, those of `ftsam defend --eval_subset 2000`: 200 clean test images per class,
+    2,000 poisoned test images taken evenly from the original classes (in index order)."""
+    from ftsam_plugin.defense.subsets import fixed_eval_subsets
 
-    from ftsam_plugin.defense.subsets import dataset_labels, raw_dataset
-
-    clean = np.asarray(dataset_labels(raw_dataset(loaded["clean_test"])))
-    clean_idx = sorted(int(i) for c in np.unique(clean) for i in np.flatnonzero(clean == c)[:CLEAN_PER_CLASS])
-    original = np.asarray(loaded["bd_test"].original_index_array)
-    bd_labels = clean[original]
-    classes = np.unique(bd_labels)
-    per = BD_TOTAL // len(classes)
-    bd_idx = sorted(int(i) for c in classes for i in np.flatnonzero(bd_labels == c)[:per])
-    return {"clean": clean_idx, "bd": bd_idx}
+    clean, bd = fixed_eval_subsets(loaded["clean_test"], loaded["bd_test"], EVAL_SUBSET)
+    return {"clean": clean, "bd": bd}
 
 
 def params_only(state: dict) -> Dict[str, "torch.Tensor"]:
@@ -489,7 +481,7 @@ def cmd_report(args) -> int:
              "label smoothing 0.1), 5% class-balanced clean subset, one thread; `--protocol backdoorbench` in the "
              "settings: BackdoorBench's recipe instead (plain cross-entropy, uniform subset). ACC / ASR / RA at the "
              "end on the whole test set (in-run); along the run on the "
-             f"fixed subsets ({CLEAN_PER_CLASS} clean test images per class, {BD_TOTAL} poisoned test images evenly "
+             f"fixed subsets ({EVAL_SUBSET // 10} clean test images per class, {EVAL_SUBSET} poisoned test images evenly "
              "from the non-target classes) from weight snapshots every 5 epochs. **Worst ASR after epoch 10**: the "
              "largest subset ASR at the evaluations from epoch 10 on (the target: ≤ 5% at every one). **P-ASR**: "
              "`ftsam retune` (1,000 clean training images holding 5 poisoned ones, 5 epochs, lr 0.01) on the final "

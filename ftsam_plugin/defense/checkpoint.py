@@ -38,7 +38,8 @@ RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "client_optimizer",
                "ratio", "index", "protocol", "label_smoothing", "rho", "adaptive", "eta", "alpha", "restore",
                "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "ReduceLROnPlateau_factor",
                "amp", "amp_dtype", "eval_every", "num_workers", "sam_every", "sam_prob", "sam_epochs", "rho_schedule",
-               "rho_min", "checkpoint_path", "perturbation", "path_rho", "unlearn", "unlearn_eps", "unlearn_frac")
+               "rho_min", "checkpoint_path", "perturbation", "path_rho", "unlearn", "unlearn_eps", "unlearn_frac",
+               "eval_subset")
 FIX = "delete it or run without --resume"  # what to do with a checkpoint that cannot be resumed
 SAM_ONLY_KEYS = ("rho", "adaptive", "eta", "alpha", "restore", "sam_every", "sam_prob", "sam_epochs", "rho_schedule",
                  "rho_min", "perturbation", "path_rho")  # not in FT

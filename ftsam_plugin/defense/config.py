@@ -71,7 +71,7 @@ BB_KEYS = {
 OUR_KEYS = {"eta", "amp_dtype", "eval_every", "protocol", "restore", "resume", "width", "rho_schedule",
             "keep_checkpoint", "rho_auto_budget", "rho_auto_grid", "rho_auto_epochs", "rho_auto_holdout",
             "sam_every", "sam_prob", "sam_epochs", "perturbation", "path_rho", "unlearn", "unlearn_eps",
-            "unlearn_frac"}
+            "unlearn_frac", "eval_subset"}
 RHO_AUTO = "auto"  # `--rho auto`: chosen from the clean subset (rho_auto.py)
 KNOWN_KEYS = BB_KEYS | OUR_KEYS
 
@@ -182,6 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                            "(default 0.25)")
     # run control
     add("--eval_every", type=int, help="evaluate ACC/ASR/RA every k epochs (the last epoch always)")
+    add("--eval_subset", type=int, help="evaluate before the last epoch on fixed class-balanced test subsets of N "
+                                        "clean and N poisoned images (the last epoch: the whole test sets); "
+                                        "default: the whole test sets every time")
     add("--protocol", type=str, choices=sorted(PROTOCOLS),
         help="; ".join(f"{p.name}: {p.help}" for p in PROTOCOLS.values()) + " (default: fixed)")
     add("--resume", type=str2bool, nargs="?", const=True, help="continue from <save_path>/checkpoint/last.pt")
@@ -278,6 +281,7 @@ MAX_MILESTONES = 100
 RULES = {
     **TRAINING_RULES,
     "eval_every": Number(integer=True, low=1),
+    "eval_subset": Number(integer=True, low=1),
     "steplr_stepsize": Number(integer=True, low=1),
     "cos_t_max": Number(integer=True, low=1),
     "ratio": Number(low=0, high=1, low_open=True),

@@ -39,7 +39,7 @@ from .losses import create_loss, smooth_crossentropy
 from .plotting import plot_acc_like_metrics
 from .protocols import get_recipe
 from .signals import Interrupted, StopOnSigint, ignore_sigint, test_pause
-from .subsets import SUBSET_DRAWS, class_balanced_subset, raw_dataset, read_index_file
+from .subsets import SUBSET_DRAWS, class_balanced_subset, fixed_eval_subsets, raw_dataset, read_index_file
 
 # smooth_crossentropy, class_balanced_subset, read_index_file, Interrupted: re-exported for existing importers
 __all__ = ["FineTune", "Interrupted", "smooth_crossentropy", "class_balanced_subset", "read_index_file"]
@@ -106,6 +106,7 @@ class FineTune:
         self.args = argparse.Namespace(**cfg)
         self.recipe = get_recipe(self.args.protocol, self.uses_sam)  # the protocol, chosen once
         self.result = None
+        self._eval_subsets = None  # --eval_subset's (clean, poisoned) test indices, chosen at the first use
         self._record_dir = None
         self._lock: Optional[FolderLocks] = None  # of every output folder: one writer per folder
         self._started = time.time()
@@ -322,7 +323,7 @@ class FineTune:
             if self.unlearner is not None:
                 row.update(self.unlearner.epoch_metrics())
             if self.dist.is_main and (epoch % args.eval_every == 0 or epoch == args.epochs):
-                row.update(self.evaluate(ddp.unwrap(model)))
+                row.update(self.evaluate(ddp.unwrap(model), whole=epoch == args.epochs))
             row.update(clock.columns(train_seconds))  # last: the existing columns keep their order
             history.append(row)
             rngs = ddp.all_gather_objects(rng_state(), self.dist)  # every rank's RNG state (a collective)
@@ -531,18 +532,26 @@ class FineTune:
         loss = totals[4] / totals[2] if self.recipe.train_loss_per_sample else totals[0] / totals[3]
         return float(loss), float(totals[1] / totals[2])
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, whole: bool = True) -> dict:
         """ACC on the clean test set; ASR (backdoor labels) and RA (original labels) on the backdoor test set.
-        Always in fp32 (as BackdoorBench evaluates), whatever --amp says for training."""
+        Always in fp32 (as BackdoorBench evaluates), whatever --amp says for training. With --eval_subset N and
+        `whole` false, on the fixed subsets of N clean and N poisoned test images instead (column eval_set)."""
         from ftsam_plugin.metrics import evaluate_backdoor
 
-        m = evaluate_backdoor(model, self.result["clean_test"], self.result["bd_test"], device=self.device,
+        clean, bd = self.result["clean_test"], self.result["bd_test"]
+        subset = getattr(self.args, "eval_subset", None)
+        if subset is not None and not whole:
+            if self._eval_subsets is None:
+                self._eval_subsets = fixed_eval_subsets(clean, bd, int(subset))
+            clean, bd = Subset(clean, self._eval_subsets[0]), Subset(bd, self._eval_subsets[1])
+        m = evaluate_backdoor(model, clean, bd, device=self.device,
                               batch_size=self.args.batch_size, amp_dtype=None,
                               num_workers=self.args.num_workers, with_loss=True)
         # the losses as BackdoorBench's trainer logs them: plain cross-entropy, mean over batches (bd: vs bd labels)
         return {"clean_test_loss_avg_over_batch": float(m["clean_loss"]),
                 "bd_test_loss_avg_over_batch": float(m["bd_loss"]),
-                "test_acc": float(m["acc"]), "test_asr": float(m["asr"]), "test_ra": float(m["ra"])}
+                "test_acc": float(m["acc"]), "test_asr": float(m["asr"]), "test_ra": float(m["ra"]),
+                **({"eval_set": "whole" if whole else f"subset{int(subset)}"} if subset is not None else {})}
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, path, epoch, model, indices, history, rngs=None) -> None:

@@ -1,4 +1,5 @@
-"""The clean subset a defense fine-tunes on: an --index file, or a seeded draw registered by name.
+"""The clean subset a defense fine-tunes on: an --index file, or a seeded draw registered by name; and the fixed
+test subsets it may evaluate on during the run (--eval_subset).
 
 A protocol names its draw (`SUBSET_DRAWS`); every draw is `draw(dataset, num_classes, ratio, seed) -> indices`
 on the raw (PIL, label) clean training set.
@@ -7,14 +8,14 @@ on the raw (PIL, label) clean training set.
 from __future__ import annotations
 
 import random
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
 from ftsam_plugin.errors import FtsamError
 
 __all__ = ["SUBSET_DRAWS", "class_balanced_subset", "choose_by_class", "choose_index", "dataset_labels",
-           "raw_dataset", "read_index_file"]
+           "fixed_eval_subsets", "raw_dataset", "read_index_file"]
 
 
 def raw_dataset(dataset):
@@ -120,3 +121,21 @@ SUBSET_DRAWS = {
     "choose_by_class": _by_labels(choose_by_class),
     "uniform": lambda dataset, num_classes, ratio, seed: choose_index(len(dataset), ratio, seed),
 }
+
+
+def fixed_eval_subsets(clean_test, bd_test, total: int) -> Tuple[List[int], List[int]]:
+    """The fixed test subsets of `--eval_subset total` (also the snapshots' in benchmarks/lasting.py): the first
+    total // classes clean test images of each class, and the first total // sources poisoned test images of each
+    original class (`bd_test.original_index_array` points into the clean test set), all in index order. No draw:
+    every run and seed is measured on the same images."""
+    clean = np.asarray(dataset_labels(raw_dataset(clean_test)), dtype=np.int64)
+    bd = clean[np.asarray(bd_test.original_index_array, dtype=np.int64)]
+    chosen = []
+    for labels in (clean, bd):
+        classes = np.unique(labels)
+        per = total // max(1, len(classes))
+        if per < 1:
+            raise FtsamError(f"eval_subset {total} is fewer than one test image per class ({len(classes)} classes); "
+                             f"raise --eval_subset or leave it out")
+        chosen.append(sorted(int(i) for c in classes for i in np.flatnonzero(labels == c)[:per]))
+    return chosen[0], chosen[1]
