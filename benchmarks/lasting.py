@@ -11,6 +11,8 @@
     .venv/bin/python benchmarks/lasting.py analyse --attack blended --tag ftsam_rho4_e100_s0
     # the trigger-free signal: --unlearn uap's targeted-UAP scan on snapshots 0 (theta0), 5, 20, 100
     .venv/bin/python benchmarks/lasting.py uap --attack blended --tag ftsam_rho4_e100_s0
+    # the 100-epoch table's grid (benchmarks/grids/lasting.yaml, for a cluster): its finished cells into summaries
+    .venv/bin/python benchmarks/lasting.py collect
     .venv/bin/python benchmarks/lasting.py report
 
 Runs use the study's records (`../shared/records`, unpacked into --cache) and its protocol: packaged CIFAR-10
@@ -27,10 +29,12 @@ plots from those files alone.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tarfile
@@ -186,8 +190,6 @@ def l2(tensors) -> float:
 def cmd_analyse(args) -> int:
     """ASR/ACC on the fixed subsets, distance to theta0, neuron norms/TAC, BN statistics along the snapshots; the
     loss/ACC/ASR on the straight line from chosen snapshots back to theta0."""
-    import glob
-
     import numpy as np
     import torch
     from torch.utils.data import Subset
@@ -356,6 +358,9 @@ def cmd_retune(args) -> int:
     defense = summary["flags"][summary["flags"].index("--defense") + 1] if "--defense" in summary["flags"] \
         else "ftsam"
     rec = os.path.join(folder, "rec")
+    target = summary.get("retune_target")  # a grid cell's model: <record>/defense/<cell folder>/
+    if target:
+        rec, defense = os.path.join(cache, target["result_file"]), target["defense"]
     out_path = os.path.join(RESULTS, args.attack, args.tag + ".retune.json")
     done = {(r["poison_num"], r["seed"]): r for r in (read_json(out_path) or {"runs": []})["runs"]}
     for seed in args.seeds:
@@ -373,8 +378,6 @@ def cmd_retune(args) -> int:
                                        env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
             if code != 0:
                 raise SystemExit(f"error: ftsam retune failed with exit code {code}; see {log_path}")
-            import glob
-
             found = sorted(glob.glob(os.path.join(rec, "defense", defense, "retune", f"p{poison}_*_s{seed}",
                                                   "summary.json")), key=os.path.getmtime)
             with open(found[-1]) as handle:
@@ -389,6 +392,52 @@ def cmd_retune(args) -> int:
     return 0
 
 
+GRID = os.path.join(REPO, "benchmarks", "grids", "lasting.yaml")  # the 100-epoch table's cells, for a cluster
+COMMON_FLAGS = ("dataset_path", "device", "num_workers", "pin_memory", "non_blocking", "ratio")  # the protocol's
+
+
+def cmd_collect(args) -> int:
+    """A summary in lasting_runs/ for each finished cell of benchmarks/grids/lasting.yaml that has none: its CSV
+    rows (subset evaluations every 5 epochs, the whole test sets at the end) stand in for the snapshots' analysis;
+    `retune` then finds its model in the cell's folder."""
+    from ftsam_plugin.grid.slurm import SlurmQuery
+    from ftsam_plugin.grid.spec import load_grid
+    from ftsam_plugin.grid.state import cell_state
+
+    cache = os.path.abspath(args.cache)
+    attacks = {folder: attack for attack, folder in RECORDS.items()}
+    query, written = SlurmQuery(), 0
+    for cell in load_grid(GRID, need_records=False).cells:
+        attack = attacks.get(os.path.basename(cell.record))
+        path = os.path.join(RESULTS, str(attack), cell.folder_name + ".json")
+        if attack is None or os.path.isfile(path):
+            continue
+        state = cell_state(cell, query)
+        if state.state != "done":
+            continue
+        import csv
+
+        with open(os.path.join(cell.folder, f"{cell.defense}_df.csv"), newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        settings = dict(cell.settings)
+        flags = ["--defense", cell.defense] + [f"--{k}" if i == 0 else str(v) for k, v in settings.items()
+                                               if k not in COMMON_FLAGS and (k, v) != ("yaml_path", "cifar10")
+                                               for i in range(2)]
+        grid = state.summary
+        atomic_json(path, {
+            "tag": cell.folder_name, "attack": attack, "record": os.path.basename(cell.record),
+            "record_sha256": sha256_file(os.path.join(cell.record, "attack_result.pt")),
+            "command": cell.command().replace(cache, "<cache>"), "flags": flags, "resumed": bool(
+                grid.get("resumed")) or int(grid.get("attempts") or 1) > 1, "wall_s": float(grid["wall_s"]),
+            "rows": rows, "machine": grid["machine"], "commit": grid.get("commit") or git_commit(REPO),
+            "finished": grid["finished"], "grid_cell": os.path.relpath(cell.folder, REPO),
+            "retune_target": {"result_file": os.path.relpath(cell.record, cache), "defense": cell.folder_name}})
+        log(f"{attack} {cell.folder_name}: collected -> {path}")
+        written += 1
+    log(f"{written} grid cell(s) collected")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ the report
 def pct(x: Optional[float]) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
@@ -396,8 +445,6 @@ def pct(x: Optional[float]) -> str:
 
 def load_runs() -> Dict[str, Dict[str, dict]]:
     """{attack: {tag: {"summary": ..., "analysis": ... or None}}} from benchmarks/results/lasting_runs/."""
-    import glob
-
     runs: Dict[str, Dict[str, dict]] = {}
     for path in sorted(glob.glob(os.path.join(RESULTS, "*", "*.json"))):
         if path.endswith((".analysis.json", ".retune.json", ".uap.json")):
@@ -425,6 +472,76 @@ def worst_after(along: List[dict], first_epoch: int = 10) -> Optional[float]:
     """The largest subset ASR at the evaluations from `first_epoch` on (the relapse measure)."""
     values = [a["asr"] for a in along if a["epoch"] >= first_epoch]
     return max(values) if values else None
+
+
+SEED_TAG = re.compile(r"^(?:lasting_)?(?P<setting>.+)_s(?P<seed>\d+)$")  # a grid cell's folder: lasting_<tag>
+STUDY = os.path.join(REPO, "benchmarks", "results", "defense_cpu_runs")  # the CPU study's FT-100 runs: the reference
+
+
+def along_of(item: dict) -> List[dict]:
+    """The subset ASR along a run: its snapshots' analysis, or a grid cell's own evaluations (--eval_subset: every
+    5 epochs on the subsets, the last on the whole test sets); [] when neither was measured."""
+    if item.get("analysis"):
+        return item["analysis"]["along"]
+    rows = item["summary"]["rows"]
+    if not any(r.get("eval_set") for r in rows):
+        return []
+    return [{"epoch": int(float(r["epoch"])), "asr": float(r["test_asr"])} for r in rows
+            if r.get("test_asr") not in (None, "")]
+
+
+def cpu_vendor(text: str) -> str:
+    """AMD or Intel: CPU runs reproduce to the digit only on the same kind of CPU."""
+    return "AMD" if "AMD" in text else "Intel" if "Intel" in text else text
+
+
+def mean_sd(values: Sequence[float], scale: float = 100.0) -> str:
+    if not values:
+        return "–"
+    sd = f" ± {scale * statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{scale * statistics.mean(values):.2f}{sd}"
+
+
+def setting_rows(attack: str, tags: Dict[str, dict]) -> List[str]:
+    """The attack's table by setting, means over its defense seeds: ACC, final ASR, worst subset ASR from epoch 10
+    (mean and largest over the seeds), P-ASR and control over every defense seed x retuning seed, training time
+    and its ratio to the CPU study's FT-100 on this attack (same CPU model only)."""
+    groups: Dict[str, Dict[int, dict]] = {}
+    for tag, item in sorted(tags.items()):
+        m = SEED_TAG.match(tag)
+        if m:  # the same seed twice (a snapshot run and a grid cell): the one with the snapshots' analysis
+            seen = groups.setdefault(m["setting"], {}).get(int(m["seed"]))
+            if seen is None or (item.get("analysis") and not seen.get("analysis")):
+                groups[m["setting"]][int(m["seed"])] = item
+    vendors = {cpu_vendor(item["summary"]["machine"]["cpu"]) for item in tags.values()}
+    ft100 = [s for s in (read_json(p) for p in sorted(glob.glob(os.path.join(STUDY, attack, "ft_e100_s*.json"))))
+             if s and cpu_vendor(str(s.get("machine"))) in vendors]
+    timed = [float(s["rows"][-1]["train_time_s"]) for s in ft100 if s["rows"][-1].get("train_time_s")]
+    ref = statistics.mean(timed) if timed else None
+    lines = ["| setting | defense seeds | ACC | final ASR | worst ASR, epochs 10–100: mean (largest) | P-ASR | "
+             "control | train time, s (÷ FT-100's) |", "|---|---|---|---|---|---|---|---|"]
+    if ft100:
+        worst = [max(float(r["test_asr"]) for r in s["rows"] if r.get("test_asr") is not None
+                     and float(r["epoch"]) >= 10) for s in ft100]
+        lines.append(f"| FT-100, CPU study (whole test set every 10 epochs) | "
+                     f"{', '.join(s['tag'][-1] for s in ft100)} | {mean_sd([s['rows'][-1]['test_acc'] for s in ft100])} | "
+                     f"{mean_sd([s['rows'][-1]['test_asr'] for s in ft100])} | {mean_sd(worst)} "
+                     f"({pct(max(worst))}) | – | – | " + (f"{ref:.0f} (1.00, n={len(timed)})" if ref else "–") + " |")
+    for setting, seeds in sorted(groups.items()):
+        items = [seeds[s] for s in sorted(seeds)]
+        last = [item["summary"]["rows"][-1] for item in items]
+        worst = [w for w in (worst_after(along_of(item)) for item in items) if w is not None]
+        runs = [r for item in items for r in ((item.get("retune") or {}).get("runs") or [])]
+        after = {p: [r["after"]["asr"] for r in runs if r["poison_num"] == p] for p in (POISON_NUM, 0)}
+        times = [float(r["train_time_s"]) for r in last if r.get("train_time_s")]
+        time = f"{statistics.mean(times):.0f}" + (f" ({statistics.mean(times) / ref:.2f})" if ref else "") \
+            if times else "–"
+        lines.append(f"| {setting} | {', '.join(str(s) for s in sorted(seeds))} | "
+                     f"{mean_sd([float(r['test_acc']) for r in last])} | "
+                     f"{mean_sd([float(r['test_asr']) for r in last])} | "
+                     + (f"{mean_sd(worst)} ({pct(max(worst))}), n={len(worst)}" if worst else "–") +
+                     f" | {mean_sd(after[POISON_NUM])} (n={len(after[POISON_NUM])}) | {mean_sd(after[0])} | {time} |")
+    return lines + [""]
 
 
 def plot_run(attack: str, tag: str, analysis: dict, out: str) -> None:
@@ -486,15 +603,23 @@ def cmd_report(args) -> int:
              "largest subset ASR at the evaluations from epoch 10 on (the target: ≤ 5% at every one). **P-ASR**: "
              "`ftsam retune` (1,000 clean training images holding 5 poisoned ones, 5 epochs, lr 0.01) on the final "
              "model, mean ± sample standard deviation over retuning seeds 42–44; **control**: the same without "
-             "poisoned images.", ""]
+             "poisoned images. Each attack's first table groups the runs by setting (the tag without its seed; a "
+             "grid cell of `benchmarks/grids/lasting.yaml`, collected by `lasting.py collect`, counts as the run of "
+             "its tag without `lasting_`, its subset ASR read from its own evaluations): means over the defense "
+             "seeds, the worst ASR as the mean and the largest over them, P-ASR over every defense seed × retuning "
+             "seed. **rule_e100** is the frozen rule (`--yaml_path cifar10_lasting`); every run of it is held out "
+             "(LF, and seeds 3–5 of BadNets and Blended); its design runs are `ftsam_rho4_sam1-5_uapl2_e100`, seed "
+             "0 of BadNets and Blended. Train time: the runs' training seconds (evaluation excluded) on a 2-core "
+             "machine shared with one or two other jobs, so the ratios to the CPU study's FT-100 are rough.", ""]
     for attack, tags in sorted(runs.items()):
-        lines += [f"## {attack}", "", "| run | settings | ACC | ASR | RA | worst ASR, epochs 10–end | subset ASR at "
+        lines += [f"## {attack}", ""] + setting_rows(attack, tags)
+        lines += ["| run | settings | ACC | ASR | RA | worst ASR, epochs 10–end | subset ASR at "
                   "epochs 10 / 20 / 40 / 60 / 80 / 100 | P-ASR | control | machine | code (at the run's start) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for tag, item in sorted(tags.items()):
-            summary, analysis = item["summary"], item["analysis"]
+            summary = item["summary"]
             last = summary["rows"][-1]
-            along = analysis["along"] if analysis else []
+            along = along_of(item)
             at = {a["epoch"]: a["asr"] for a in along}
             m = summary["machine"]
             lines.append(f"| {tag} | `{' '.join(summary['flags'])}` | {pct(float(last['test_acc']))} | "
@@ -558,7 +683,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     uap.add_argument("--eps", type=float, help="radius in pixel levels out of 255 (default: the unlearner's)")
     sub.add_parser("report", help="benchmarks/results/lasting.md and its plots from the committed files")
     args = parser.parse_args(argv)
-    commands = {"run": cmd_run, "analyse": cmd_analyse, "retune": cmd_retune, "uap": cmd_uap, "report": cmd_report}
+    sub.add_parser("collect", help="summaries of the finished cells of benchmarks/grids/lasting.yaml")
+    commands = {"run": cmd_run, "analyse": cmd_analyse, "retune": cmd_retune, "uap": cmd_uap, "report": cmd_report,
+                "collect": cmd_collect}
     return commands[args.command](args)
 
 

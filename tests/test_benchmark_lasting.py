@@ -45,3 +45,63 @@ def test_a_run_naming_a_config_uses_it_instead_of_cifar10():
     assert args[args.index("--yaml_path") + 1] == "cifar10_lasting" and args.count("--yaml_path") == 1
     plain = module.base_flags("DATA", ["--defense", "ft"])
     assert plain[plain.index("--yaml_path") + 1] == "cifar10"
+
+
+def test_the_setting_table_pools_seeds_and_reads_a_grid_cells_own_evaluations():
+    module = lasting()
+    retune = {"runs": [{"poison_num": 5, "after": {"asr": a}} for a in (0.04, 0.08)]
+              + [{"poison_num": 0, "after": {"asr": 0.02}}]}
+    machine = {"cpu": "AMD EPYC test", "threads": 1, "torch": "x"}
+    snap = {"summary": {"rows": [{"epoch": "100", "test_acc": "0.70", "test_asr": "0.02", "train_time_s": "100"}],
+                        "machine": machine},
+            "analysis": {"along": [{"epoch": 5, "asr": 0.5}, {"epoch": 10, "asr": 0.03}, {"epoch": 100, "asr": 0.02}]},
+            "retune": retune}
+    cell_rows = [{"epoch": "5", "test_acc": "0.6", "test_asr": "0.9", "eval_set": "subset2000"},
+                 {"epoch": "50", "test_acc": "0.7", "test_asr": "0.07", "eval_set": "subset2000"},
+                 {"epoch": "100", "test_acc": "0.74", "test_asr": "0.01", "eval_set": "whole", "train_time_s": "300"}]
+    cell = {"summary": {"rows": cell_rows, "machine": machine}, "analysis": None, "retune": None}
+    other = {"summary": {"rows": [{"epoch": "100", "test_acc": "0.1", "test_asr": "0.9"}], "machine": machine},
+             "analysis": None, "retune": None}  # seed 3 again, without the snapshots' analysis: not counted
+    for first, second in ((snap, other), (other, snap)):  # in either order of their tags
+        lines = module.setting_rows("nothing", {"rule_e100_s3": first, "lasting_rule_e100_s4": cell,
+                                                "lasting_rule_e100_s3": second})
+        assert lines[2] == ("| rule_e100 | 3, 4 | 72.00 ± 2.83 | 1.50 ± 0.71 | 5.00 ± 2.83 (7.00), n=2 | "
+                            "6.00 ± 2.83 (n=2) | 2.00 | 200 |")
+
+
+def test_collect_turns_a_finished_grid_cell_into_a_run_summary(tmp_path, monkeypatch):
+    import argparse
+    import json
+    import textwrap
+
+    from helpers import make_attack_record, run_cli
+
+    module = lasting()
+    name = "cifar10_preactresnet18_w0.125_badnet_e1"
+    make_attack_record(tmp_path, name=name, n_per_class=8)
+    grid = tmp_path / "lasting.yaml"
+    grid.write_text(textwrap.dedent(f"""\
+        records: {{badnet: record/{name}}}
+        common: {{dataset_path: data, device: cpu, yaml_path: cpu, num_workers: 0, ratio: 0.5, batch_size: 8,
+                 eval_every: 1, eval_subset: 10}}
+        defenses:
+          - {{group: reference, name: "lasting_ft_e{{epochs}}", defense: ft-baseline, epochs: 2}}
+        """))
+    monkeypatch.setattr(module, "GRID", str(grid))
+    monkeypatch.setattr(module, "RECORDS", {"badnet": name})
+    monkeypatch.setattr(module, "RESULTS", str(tmp_path / "runs"))
+    monkeypatch.setattr(module, "COMMON_FLAGS", ("dataset_path", "device", "num_workers", "ratio", "batch_size"))
+    code, out, err = run_cli(["grid", str(grid), "--executor", "debug", "--threads", "1"])
+    assert code == 0, out + err
+    args = argparse.Namespace(cache=str(tmp_path))
+    assert module.cmd_collect(args) == 0
+    path = tmp_path / "runs" / "badnet" / "lasting_ft_e2_s0.json"
+    item = json.loads(path.read_text())
+    first = path.stat().st_mtime_ns
+    assert module.cmd_collect(args) == 0 and path.stat().st_mtime_ns == first  # written once
+    assert item["flags"] == ["--defense", "ft-baseline", "--yaml_path", "cpu", "--eval_every", "1", "--eval_subset",
+                             "10", "--epochs", "2", "--random_seed", "0"]
+    assert [r["eval_set"] for r in item["rows"]] == ["subset10", "whole"]
+    assert item["retune_target"] == {"result_file": f"record/{name}", "defense": "lasting_ft_e2_s0"}
+    along = module.along_of({"summary": item, "analysis": None})
+    assert [a["epoch"] for a in along] == [1, 2] and along[1]["asr"] == float(item["rows"][1]["test_asr"])
