@@ -46,8 +46,8 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 from ftsam_plugin.provenance import git_commit, machine, sha256_file  # noqa: E402
 
 ARCHIVE = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.xz")
-ATTACKS = ("badnet", "blended", "lf")  # the report's order; LF is BackdoorBench's trigger (BACKDOORBENCH_ROOT)
-NEEDS_BACKDOORBENCH = ("lf",)  # attacks whose record `ftsam attack` makes with BackdoorBench's trigger code
+ATTACKS = ("badnet", "blended", "lf", "sig")  # the report's order; LF and SIG: BackdoorBench's (BACKDOORBENCH_ROOT)
+NEEDS_BACKDOORBENCH = ("lf", "sig")  # attacks whose record `ftsam attack` makes with BackdoorBench's trigger code
 CACHE = os.path.join(REPO, "benchmarks", ".cache")  # the grid files name their records and data in here
 GRIDS = {"full": os.path.join(REPO, "benchmarks", "grids", "defense_cpu.yaml"),
          "quick": os.path.join(REPO, "benchmarks", "grids", "defense_cpu_quick.yaml")}
@@ -850,7 +850,9 @@ def write_report(mode: Mode, plan: List[Run], results: str, cache: str, out: str
         f"SGD lr 0.01 cosine (Blended from `../shared/records/`, made with this command; BadNets trained here). "
         f"LF: the same command with `--attack lf` and `BACKDOORBENCH_ROOT` set, so BackdoorBench's own trigger code "
         f"and `resource/lowFrequency/cifar10_preactresnet18_0_255.npy` poison the images (checkout f02e353); trained "
-        f"on an Intel Xeon at one thread at commit 3d8feb4 (`defense_cpu.py` makes it when the record is missing).",
+        f"on an Intel Xeon at one thread at commit 3d8feb4 (`defense_cpu.py` makes it when the record is missing). "
+        f"SIG: likewise with `--attack sig` (clean-label: only target-class training images carry BackdoorBench's "
+        f"sinusoidal signal, their labels unchanged).",
         f"- Defenses: `ftsam defend` with the packaged CIFAR-10 config (SGD lr 0.01 cosine over the run, momentum "
         f"0.9, wd 5e-4, batch 256, label smoothing 0.1; FT-SAM: ASAM, eta 0), class-balanced {mode.ratio:g} clean "
         f"subset (2,500 images), clean-subset seed `--random_seed`, the same subset for FT and FT-SAM of a seed.",

@@ -25,13 +25,15 @@ def study():
 
 def test_the_plan_is_the_grid_file(study):
     plan = study.full_plan()
-    assert len(plan) == 68 and len({(r.attack, r.tag) for r in plan}) == 68
+    assert len(plan) == 80 and len({(r.attack, r.tag) for r in plan}) == 80
     assert plan[0] == study.Run("blended", "ftsam", 20, 0, rho="4", eval_every=5, group="seeds")
     assert plan[53] == study.Run("badnet", "ftsam", 100, 0, rho="2", eval_every=10, group="sweep")
     assert plan[54:56] == [study.Run("blended", "ftsam", 10, s, rho="4", eval_every=1, group="cheap") for s in (1, 2)]
     lf = [r for r in plan if r.attack == "lf"]  # issue 28: 4 settings x seeds 0-2, all in the seed table
     assert len(lf) == 12 and {r.group for r in lf} == {"seeds"} and {r.seed for r in lf} == {0, 1, 2}
     assert {r.tag[:-3] for r in lf} == {"ft_e100", "ft_e20", "ftsam_rho4_e20", "ftsam_rho4_sam1-5_e15"}
+    sig = [r for r in plan if r.attack == "sig"]  # the same four settings on SIG, the clean-label control
+    assert sorted((r.tag, r.group) for r in sig) == sorted((r.tag, r.group) for r in lf)
     assert [r.tag for r in study.cheap_plan()][:3] == ["cheap_ftsam_rho4_e20_s0", "cheap_ftsam_rho4_sam1-5_e20_s0",
                                                        "cheap_ft_e100_s0"]
     assert len(study.quick_plan()) == 8
