@@ -167,7 +167,7 @@ def _defend(record, *extra):
     return FTSAM(args).defense(args.result_file)["model"]
 
 
-def _defend_worker(rank, port, outdir, full_record, resumed_record):
+def _defend_worker(rank, port, outdir, full_record, resumed_record, extra):
     from ftsam_plugin.data import records
 
     _join(rank, port)
@@ -179,7 +179,7 @@ def _defend_worker(rank, port, outdir, full_record, resumed_record):
         return real_save(*args, **kwargs)
 
     records.save_defense_result = counting_save
-    full = _defend(full_record)
+    full = _defend(full_record, *extra)
 
     def stop(self, epoch):
         if epoch == 1:
@@ -187,12 +187,12 @@ def _defend_worker(rank, port, outdir, full_record, resumed_record):
 
     FTSAM._after_epoch = stop
     try:
-        _defend(resumed_record)
+        _defend(resumed_record, *extra)
         raise AssertionError("the run was not interrupted")
     except Interrupt:
         pass
     del FTSAM._after_epoch
-    resumed = _defend(resumed_record, "--resume", "--keep_checkpoint")
+    resumed = _defend(resumed_record, *extra, "--resume", "--keep_checkpoint")
     snap = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
     torch.save({"full": snap(full), "resumed": snap(resumed), "saves": len(saves)},
                os.path.join(outdir, f"defend{rank}.pt"))
@@ -200,7 +200,8 @@ def _defend_worker(rank, port, outdir, full_record, resumed_record):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
-def test_full_defense_under_ddp_is_rank_consistent_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--unlearn", "uap-l2"), ("--eval_subset", "10")], ids=["plain", "unlearn", "subset"])
+def test_full_defense_under_ddp_is_rank_consistent_and_resumes_exactly(tmp_path, extra):
     import shutil
 
     from ftsam_plugin.io import safe_load
@@ -210,7 +211,7 @@ def test_full_defense_under_ddp_is_rank_consistent_and_resumes_exactly(tmp_path)
     full_record = make_attack_record(tmp_path, name="full", n_per_class=10, epochs=1)
     resumed_record = tmp_path / "record" / "resumed"
     shutil.copytree(full_record, resumed_record)
-    _spawn(_defend_worker, str(tmp_path), str(full_record), str(resumed_record))
+    _spawn(_defend_worker, str(tmp_path), str(full_record), str(resumed_record), tuple(extra))
     ranks = [torch.load(tmp_path / f"defend{r}.pt") for r in range(WORLD)]
     assert [r["saves"] for r in ranks] == [2, 0]  # defense_result.pt written by rank 0 only, once per run
     attack = safe_load(full_record / "attack_result.pt")["model"]

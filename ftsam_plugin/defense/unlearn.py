@@ -139,12 +139,15 @@ class UapUnlearning:
             raise RuntimeError("UapUnlearning.augment before scan (or load_state_dict)")
         k = max(1, math.ceil(self.frac * len(x)))
         xs, ys = x[:k], y[:k]
+        distributed = dist if dist is not None and dist.is_distributed else None
+        if distributed is not None:  # the eval-mode step reads BatchNorm's running statistics, which the last
+            ddp.broadcast_buffers(model, distributed)  # step left rank-local: rank 0's everywhere, as after a resume
         net = ddp.unwrap(model)
         was_training = net.training
         net.eval()
         try:
             self.delta = self._targeted_step(net, xs, self.delta.to(x.device), self.target, TRAIN_STEP_SIZE,
-                                             dist if dist is not None and dist.is_distributed else None)
+                                             distributed)
             with torch.no_grad():
                 xa = self.apply(xs, self.delta)
                 self._hits += int((net(xa).argmax(1)[ys != self.target] == self.target).sum())
