@@ -73,6 +73,14 @@ def read_json(path: str) -> Optional[dict]:
         return json.load(handle)
 
 
+def read_csv_rows(path: str) -> List[dict]:
+    """A defense's per-epoch CSV as written (text values; the unnamed first column is BackdoorBench's index)."""
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def atomic_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as handle:
@@ -152,10 +160,7 @@ def cmd_run(args) -> int:
     started, started_commit = time.time(), git_commit(REPO)  # the code the run loads is the code at its start
     Snapshots(namespace).defense(rec)
     wall = time.time() - started
-    import csv
-
-    with open(os.path.join(work, f"{opts.defense}_df.csv"), newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_csv_rows(os.path.join(work, f"{opts.defense}_df.csv"))
     summary = {
         "tag": args.tag, "attack": args.attack, "record": os.path.basename(record),
         "record_sha256": sha256_file(os.path.join(record, "attack_result.pt")),
@@ -172,7 +177,7 @@ def cmd_run(args) -> int:
 # ------------------------------------------------------------------------------------------------ the diagnosis
 def eval_subsets(loaded: dict) -> Dict[str, List[int]]:
     """The fixed during-run subsets, those of `ftsam defend --eval_subset 2000`: 200 clean test images per class,
-    2,000 poisoned test images taken evenly from the original classes (in index order)."""
+    1,998 poisoned test images (the first 222 of each of the 9 source classes, in index order)."""
     from ftsam_plugin.defense.subsets import fixed_eval_subsets
 
     clean, bd = fixed_eval_subsets(loaded["clean_test"], loaded["bd_test"], EVAL_SUBSET)
@@ -203,12 +208,9 @@ def cmd_analyse(args) -> int:
     data = unpack(cache)
     record = record_dir(cache, args.attack)
     folder = run_dir(cache, args.attack, args.tag)
-    import csv
-
     rows = []  # the run's CSV (its lr column), also while it is still running
     for path in glob.glob(os.path.join(folder, "rec", "defense", "*", "*_df.csv")):
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = read_csv_rows(path)
     lr_of = {int(r["epoch"]): float(r["lr"]) for r in rows}
     loaded = load_attack_result(record, dataset_path=data)
     model = loaded["model"]
@@ -415,10 +417,7 @@ def cmd_collect(args) -> int:
         state = cell_state(cell, query)
         if state.state != "done":
             continue
-        import csv
-
-        with open(os.path.join(cell.folder, f"{cell.defense}_df.csv"), newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = read_csv_rows(os.path.join(cell.folder, f"{cell.defense}_df.csv"))
         settings = dict(cell.settings)
         flags = ["--defense", cell.defense] + [f"--{k}" if i == 0 else str(v) for k, v in settings.items()
                                                if k not in COMMON_FLAGS and (k, v) != ("yaml_path", "cifar10")
@@ -429,7 +428,7 @@ def cmd_collect(args) -> int:
             "record_sha256": sha256_file(os.path.join(cell.record, "attack_result.pt")),
             "command": cell.command().replace(cache, "<cache>"), "flags": flags, "resumed": bool(
                 grid.get("resumed")) or int(grid.get("attempts") or 1) > 1, "wall_s": float(grid["wall_s"]),
-            "rows": rows, "machine": grid["machine"], "commit": grid.get("commit") or git_commit(REPO),
+            "rows": rows, "machine": grid["machine"], "commit": grid.get("commit", "unknown"),
             "finished": grid["finished"], "grid_cell": os.path.relpath(cell.folder, REPO),
             "retune_target": {"result_file": os.path.relpath(cell.record, cache), "defense": cell.folder_name}})
         log(f"{attack} {cell.folder_name}: collected -> {path}")
@@ -474,20 +473,25 @@ def worst_after(along: List[dict], first_epoch: int = 10) -> Optional[float]:
     return max(values) if values else None
 
 
-SEED_TAG = re.compile(r"^(?:lasting_)?(?P<setting>.+)_s(?P<seed>\d+)$")  # a grid cell's folder: lasting_<tag>
+SEED_TAG = re.compile(r"^(?:lasting_)?(?P<head>.+?)_s(?P<seed>\d+)(?P<tail>_[a-z]+)?$")  # grid cell: lasting_<tag>
 STUDY = os.path.join(REPO, "benchmarks", "results", "defense_cpu_runs")  # the CPU study's FT-100 runs: the reference
 
 
 def along_of(item: dict) -> List[dict]:
     """The subset ASR along a run: its snapshots' analysis, or a grid cell's own evaluations (--eval_subset: every
-    5 epochs on the subsets, the last on the whole test sets); [] when neither was measured."""
+    5 epochs on the subsets, column subset_test_asr; the last epoch on the whole test sets, test_asr); [] when
+    neither was measured."""
     if item.get("analysis"):
         return item["analysis"]["along"]
     rows = item["summary"]["rows"]
-    if not any(r.get("eval_set") for r in rows):
+    if not any(r.get("subset_test_asr") not in (None, "") for r in rows):
         return []
-    return [{"epoch": int(float(r["epoch"])), "asr": float(r["test_asr"])} for r in rows
-            if r.get("test_asr") not in (None, "")]
+    along = []
+    for r in rows:
+        asr = next((r[k] for k in ("subset_test_asr", "test_asr") if r.get(k) not in (None, "")), None)
+        if asr is not None:
+            along.append({"epoch": int(float(r["epoch"])), "asr": float(asr)})
+    return along
 
 
 def cpu_vendor(text: str) -> str:
@@ -505,14 +509,15 @@ def mean_sd(values: Sequence[float], scale: float = 100.0) -> str:
 def setting_rows(attack: str, tags: Dict[str, dict]) -> List[str]:
     """The attack's table by setting, means over its defense seeds: ACC, final ASR, worst subset ASR from epoch 10
     (mean and largest over the seeds), P-ASR and control over every defense seed x retuning seed, training time
-    and its ratio to the CPU study's FT-100 on this attack (same CPU model only)."""
+    and its ratio to the CPU study's FT-100 on this attack (runs on the same kind of CPU, AMD or Intel, only)."""
     groups: Dict[str, Dict[int, dict]] = {}
     for tag, item in sorted(tags.items()):
         m = SEED_TAG.match(tag)
         if m:  # the same seed twice (a snapshot run and a grid cell): the one with the snapshots' analysis
-            seen = groups.setdefault(m["setting"], {}).get(int(m["seed"]))
+            setting = m["head"] + (m["tail"] or "")
+            seen = groups.setdefault(setting, {}).get(int(m["seed"]))
             if seen is None or (item.get("analysis") and not seen.get("analysis")):
-                groups[m["setting"]][int(m["seed"])] = item
+                groups[setting][int(m["seed"])] = item
     vendors = {cpu_vendor(item["summary"]["machine"]["cpu"]) for item in tags.values()}
     ft100 = [s for s in (read_json(p) for p in sorted(glob.glob(os.path.join(STUDY, attack, "ft_e100_s*.json"))))
              if s and cpu_vendor(str(s.get("machine"))) in vendors]
@@ -524,7 +529,7 @@ def setting_rows(attack: str, tags: Dict[str, dict]) -> List[str]:
         worst = [max(float(r["test_asr"]) for r in s["rows"] if r.get("test_asr") is not None
                      and float(r["epoch"]) >= 10) for s in ft100]
         lines.append(f"| FT-100, CPU study (whole test set every 10 epochs) | "
-                     f"{', '.join(s['tag'][-1] for s in ft100)} | {mean_sd([s['rows'][-1]['test_acc'] for s in ft100])} | "
+                     f"{', '.join(SEED_TAG.match(s['tag'])['seed'] for s in ft100)} | {mean_sd([s['rows'][-1]['test_acc'] for s in ft100])} | "
                      f"{mean_sd([s['rows'][-1]['test_asr'] for s in ft100])} | {mean_sd(worst)} "
                      f"({pct(max(worst))}) | – | – | " + (f"{ref:.0f} (1.00, n={len(timed)})" if ref else "–") + " |")
     for setting, seeds in sorted(groups.items()):
@@ -598,7 +603,8 @@ def cmd_report(args) -> int:
              "label smoothing 0.1), 5% class-balanced clean subset, one thread; `--protocol backdoorbench` in the "
              "settings: BackdoorBench's recipe instead (plain cross-entropy, uniform subset). ACC / ASR / RA at the "
              "end on the whole test set (in-run); along the run on the "
-             f"fixed subsets ({EVAL_SUBSET // 10} clean test images per class, {EVAL_SUBSET} poisoned test images evenly "
+             f"fixed subsets ({EVAL_SUBSET // 10} clean test images per class, {EVAL_SUBSET // 9 * 9} poisoned test "
+             "images evenly "
              "from the non-target classes) from weight snapshots every 5 epochs. **Worst ASR after epoch 10**: the "
              "largest subset ASR at the evaluations from epoch 10 on (the target: ≤ 5% at every one). **P-ASR**: "
              "`ftsam retune` (1,000 clean training images holding 5 poisoned ones, 5 epochs, lr 0.01) on the final "
@@ -681,9 +687,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     uap.add_argument("--epochs", type=int, nargs="+", default=[0, 5, 20, 100])
     uap.add_argument("--unlearner", default="uap", choices=("uap", "uap-l2"), help="whose scan (default uap)")
     uap.add_argument("--eps", type=float, help="radius in pixel levels out of 255 (default: the unlearner's)")
+    sub.add_parser("collect", help="summaries of the finished cells of benchmarks/grids/lasting.yaml")
     sub.add_parser("report", help="benchmarks/results/lasting.md and its plots from the committed files")
     args = parser.parse_args(argv)
-    sub.add_parser("collect", help="summaries of the finished cells of benchmarks/grids/lasting.yaml")
     commands = {"run": cmd_run, "analyse": cmd_analyse, "retune": cmd_retune, "uap": cmd_uap, "report": cmd_report,
                 "collect": cmd_collect}
     return commands[args.command](args)

@@ -56,9 +56,9 @@ def test_the_setting_table_pools_seeds_and_reads_a_grid_cells_own_evaluations():
                         "machine": machine},
             "analysis": {"along": [{"epoch": 5, "asr": 0.5}, {"epoch": 10, "asr": 0.03}, {"epoch": 100, "asr": 0.02}]},
             "retune": retune}
-    cell_rows = [{"epoch": "5", "test_acc": "0.6", "test_asr": "0.9", "eval_set": "subset2000"},
-                 {"epoch": "50", "test_acc": "0.7", "test_asr": "0.07", "eval_set": "subset2000"},
-                 {"epoch": "100", "test_acc": "0.74", "test_asr": "0.01", "eval_set": "whole", "train_time_s": "300"}]
+    cell_rows = [{"epoch": "5", "test_acc": "", "test_asr": "", "subset_test_asr": "0.9"},
+                 {"epoch": "50", "test_acc": "", "test_asr": "", "subset_test_asr": "0.07"},
+                 {"epoch": "100", "test_acc": "0.74", "test_asr": "0.01", "subset_test_asr": "", "train_time_s": "300"}]
     cell = {"summary": {"rows": cell_rows, "machine": machine}, "analysis": None, "retune": None}
     other = {"summary": {"rows": [{"epoch": "100", "test_acc": "0.1", "test_asr": "0.9"}], "machine": machine},
              "analysis": None, "retune": None}  # seed 3 again, without the snapshots' analysis: not counted
@@ -74,6 +74,7 @@ def test_collect_turns_a_finished_grid_cell_into_a_run_summary(tmp_path, monkeyp
     import json
     import textwrap
 
+    from ftsam_plugin.provenance import git_commit
     from helpers import make_attack_record, run_cli
 
     module = lasting()
@@ -101,7 +102,10 @@ def test_collect_turns_a_finished_grid_cell_into_a_run_summary(tmp_path, monkeyp
     assert module.cmd_collect(args) == 0 and path.stat().st_mtime_ns == first  # written once
     assert item["flags"] == ["--defense", "ft-baseline", "--yaml_path", "cpu", "--eval_every", "1", "--eval_subset",
                              "10", "--epochs", "2", "--random_seed", "0"]
-    assert [r["eval_set"] for r in item["rows"]] == ["subset10", "whole"]
+    assert [(r["subset_test_asr"] != "", r["test_asr"] != "") for r in item["rows"]] == [(True, False), (False, True)]
+    assert item["commit"] == git_commit(str(BENCH.parent))  # the code the cell ran
     assert item["retune_target"] == {"result_file": f"record/{name}", "defense": "lasting_ft_e2_s0"}
     along = module.along_of({"summary": item, "analysis": None})
     assert [a["epoch"] for a in along] == [1, 2] and along[1]["asr"] == float(item["rows"][1]["test_asr"])
+    assert along[0]["asr"] == float(item["rows"][0]["subset_test_asr"])
+    assert module.main(["--cache", str(tmp_path), "collect"]) == 0  # the command line reaches it

@@ -182,9 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                            "(default 0.25)")
     # run control
     add("--eval_every", type=int, help="evaluate ACC/ASR/RA every k epochs (the last epoch always)")
-    add("--eval_subset", type=int, help="evaluate before the last epoch on fixed class-balanced test subsets of N "
-                                        "clean and N poisoned images (the last epoch: the whole test sets); "
-                                        "default: the whole test sets every time")
+    add("--eval_subset", type=int, help="evaluate before the last epoch on fixed test subsets, N clean and up to N "
+                                        "poisoned images spread over the classes, in columns subset_test_* (the "
+                                        "last epoch: the whole test sets); default: the whole test sets every time")
     add("--protocol", type=str, choices=sorted(PROTOCOLS),
         help="; ".join(f"{p.name}: {p.help}" for p in PROTOCOLS.values()) + " (default: fixed)")
     add("--resume", type=str2bool, nargs="?", const=True, help="continue from <save_path>/checkpoint/last.pt")

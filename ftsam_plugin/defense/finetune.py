@@ -49,6 +49,7 @@ logger = logging.getLogger("ftsam_plugin.defense")
 _StopOnSigint = StopOnSigint  # the name it had here before signals.py
 CSV_COLUMNS = ("epoch", "train_epoch_loss_avg_over_batch", "train_acc", "clean_test_loss_avg_over_batch",
                "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra", "lr")
+SUBSET_COLUMNS = ("subset_test_acc", "subset_test_asr", "subset_test_ra")  # --eval_subset's evaluations
 
 
 class FineTune:
@@ -322,9 +323,13 @@ class FineTune:
             row.update(self.extra_metrics())
             if self.unlearner is not None:
                 row.update(self.unlearner.epoch_metrics())
+            measured = {}
             if self.dist.is_main and (epoch % args.eval_every == 0 or epoch == args.epochs):
-                row.update(self.evaluate(ddp.unwrap(model), whole=epoch == args.epochs))
-            row.update(clock.columns(train_seconds))  # last: the existing columns keep their order
+                measured = self.evaluate(ddp.unwrap(model), whole=epoch == args.epochs)
+            subset = {k: measured.pop(k) for k in SUBSET_COLUMNS if k in measured}
+            row.update(measured)
+            row.update(clock.columns(train_seconds))  # after these: the existing columns keep their order
+            row.update(subset)
             history.append(row)
             rngs = ddp.all_gather_objects(rng_state(), self.dist)  # every rank's RNG state (a collective)
             if self.dist.is_main:
@@ -535,7 +540,9 @@ class FineTune:
     def evaluate(self, model, whole: bool = True) -> dict:
         """ACC on the clean test set; ASR (backdoor labels) and RA (original labels) on the backdoor test set.
         Always in fp32 (as BackdoorBench evaluates), whatever --amp says for training. With --eval_subset N and
-        `whole` false, on the fixed subsets of N clean and N poisoned test images instead (column eval_set)."""
+        `whole` false, ACC / ASR / RA on its fixed test subsets instead, under their own SUBSET_COLUMNS (so that
+        BackdoorBench's test_* columns, their summary's valid_max and the time to purify hold whole-set values
+        only)."""
         from ftsam_plugin.metrics import evaluate_backdoor
 
         clean, bd = self.result["clean_test"], self.result["bd_test"]
@@ -543,15 +550,17 @@ class FineTune:
         if subset is not None and not whole:
             if self._eval_subsets is None:
                 self._eval_subsets = fixed_eval_subsets(clean, bd, int(subset))
-            clean, bd = Subset(clean, self._eval_subsets[0]), Subset(bd, self._eval_subsets[1])
+            m = evaluate_backdoor(model, Subset(clean, self._eval_subsets[0]), Subset(bd, self._eval_subsets[1]),
+                                  device=self.device, batch_size=self.args.batch_size, amp_dtype=None,
+                                  num_workers=self.args.num_workers)
+            return dict(zip(SUBSET_COLUMNS, (float(m["acc"]), float(m["asr"]), float(m["ra"]))))
         m = evaluate_backdoor(model, clean, bd, device=self.device,
                               batch_size=self.args.batch_size, amp_dtype=None,
                               num_workers=self.args.num_workers, with_loss=True)
         # the losses as BackdoorBench's trainer logs them: plain cross-entropy, mean over batches (bd: vs bd labels)
         return {"clean_test_loss_avg_over_batch": float(m["clean_loss"]),
                 "bd_test_loss_avg_over_batch": float(m["bd_loss"]),
-                "test_acc": float(m["acc"]), "test_asr": float(m["asr"]), "test_ra": float(m["ra"]),
-                **({"eval_set": "whole" if whole else f"subset{int(subset)}"} if subset is not None else {})}
+                "test_acc": float(m["acc"]), "test_asr": float(m["asr"]), "test_ra": float(m["ra"])}
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, path, epoch, model, indices, history, rngs=None) -> None:

@@ -86,6 +86,7 @@ def run_cell(job: CellJob) -> Dict[str, Any]:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     fields = dict(attempts=int(previous.get("attempts") or 0) + 1, executor=job.executor,
                   host=socket.gethostname(), pid=os.getpid(), slurm=slurm, machine=_machine(job.threads),
+                  commit=_commit(),
                   first_started=previous.get("first_started") or stamp, started=stamp, resumed=resumed,
                   resumed_from_epoch=epochs_done(cell) if resumed else None)
     write_summary(cell, state="running", **fields)
@@ -159,6 +160,13 @@ class _ErrorLine(io.TextIOBase):
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def _commit() -> str:
+    """The code this attempt runs: the commit of the checkout holding ftsam_plugin ('unknown' outside one)."""
+    from ftsam_plugin.provenance import git_commit
+
+    return git_commit(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _machine(threads: int) -> Dict[str, Any]:
