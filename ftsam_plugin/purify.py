@@ -2,8 +2,9 @@
 
 A run's per-epoch CSV (`<name>_df.csv`) holds, besides BackdoorBench's columns, the cumulative seconds of the run
 (`RunClock`): `train_time_s`, the training passes only, and `wall_time_s`, training plus evaluation and checkpoints
-(both from the start of the epoch loop; setup such as loading the record or `--rho auto`'s probes is not counted;
-a resumed run continues from the checkpoint's totals, the lost part of an interrupted epoch is not counted).
+(both from the start of the epoch loop; setup such as loading the record or `--rho auto`'s probes is not counted,
+`--unlearn`'s scan before the first epoch is, in both; a resumed run continues from the checkpoint's totals, the
+lost part of an interrupted epoch is not counted).
 
 `time_to_purify(rows)` finds the first evaluated epoch from which ASR stays <= the threshold (5%) at every later
 evaluation; "never" when the last evaluation is above it. ASR is only known at the evaluated epochs (every
@@ -44,6 +45,11 @@ class RunClock:
         self.known = not history or (train is not None and wall is not None)
         self.train, self.wall = (train or 0.0, wall or 0.0)
         self.start = time.perf_counter()
+
+    def add(self, seconds: float) -> None:
+        """Training work done before the epoch loop (`--unlearn`'s scan): counted in both totals."""
+        self.train += seconds
+        self.wall += seconds
 
     def columns(self, train_seconds: float) -> Dict[str, float]:
         """The epoch just done (`train_seconds` of training) as {train_time_s, wall_time_s}, ms resolution."""

@@ -3,6 +3,7 @@ UAP update against a hand computation, resume bit for bit, the per-epoch signal,
 
 import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -195,6 +196,25 @@ def test_run_logs_the_scan_and_the_signal_and_resumes_bit_for_bit(record, monkey
         without_clock_columns((full / "defense" / "ftsam" / "ftsam_df.csv").read_text())
     code, _, err = run_cli([*again, "--unlearn_frac", "0.5", "--resume"])  # another setting: refused
     assert code == 2 and "was made with unlearn_frac=0.25, now 0.5" in err
+
+
+def test_the_scan_counts_as_training_time_of_the_first_epoch(record, monkeypatch):
+    folder = record.parent / "timed"
+    shutil.copytree(record, folder, ignore=shutil.ignore_patterns("defense"))
+    real_scan = UapUnlearning.scan
+
+    def slow_scan(self, *args):  # a scan that takes at least 2 s
+        time.sleep(2.0)
+        return real_scan(self, *args)
+
+    monkeypatch.setattr(UapUnlearning, "scan", slow_scan)
+    code, _, err = run_cli(["defend", "--result_file", str(folder), "--defense", "ft-baseline", *FLAGS, "--epochs",
+                            "2", "--unlearn", "uap"])
+    assert code == 0, err
+    rows = read_csv(folder / "defense" / "ft-baseline" / "ft-baseline_df.csv")
+    first, second = (float(rows[0]["train_time_s"]), float(rows[1]["train_time_s"]))
+    assert first >= 2.0 and second - first < 2.0  # in epoch 1's total, once
+    assert float(rows[0]["wall_time_s"]) >= first
 
 
 @pytest.mark.parametrize("flags,message", [

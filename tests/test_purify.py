@@ -81,6 +81,10 @@ def test_run_clock_accumulates_and_continues_a_resumed_history():
     third = resumed.columns(1.0)
     assert third["train_time_s"] == 6.0 and third["wall_time_s"] >= second["wall_time_s"]
     assert RunClock([{"epoch": 1, "test_asr": 0.5}]).columns(1.0) == {}  # an older history: totals unknown
+    early = RunClock()
+    early.add(4.0)  # work before the epoch loop (--unlearn's scan): in both totals
+    cols = early.columns(1.0)
+    assert cols["train_time_s"] == 5.0 and cols["wall_time_s"] >= 4.0
 
 
 @pytest.mark.parametrize("value,seconds", [(5.0, "5 s"), (0.123, "0.12 s"), (1234.4, "1234 s")])

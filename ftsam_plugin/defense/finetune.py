@@ -117,6 +117,7 @@ class FineTune:
         self._start_from: Optional[str] = None  # --checkpoint_path: the defense_result.pt the run starts from
         self._start_model: Optional[torch.nn.Module] = None
         self.unlearner = None  # --unlearn's (setup_training); None in --rho auto's probes, which run before it
+        self._work_before_epoch_1 = 0.0  # seconds of training work before the first epoch (--unlearn's scan)
         self.dist = ddp.DistInfo()
         ddp.resolve_device(self.args.device, int(os.environ.get("LOCAL_RANK", "0")))  # fail before loading data
         if self.args.result_file is not None:
@@ -262,9 +263,11 @@ class FineTune:
             logger.warning("checkpoint %s from an earlier run will be overwritten (starting from epoch 1; pass "
                            "--resume to continue that run instead)", ckpt_path)
         if self.unlearner is not None and self.unlearner.delta is None:  # a resumed run keeps its own UAP
+            scan_started = time.perf_counter()
             self.unlearner.scan(model, *self._scan_pool(indices))
             # every rank takes rank 0's suspect and UAP (a GPU's scan need not be bit-identical across ranks)
             self.unlearner.load_state_dict(ddp.all_gather_objects(self.unlearner.state_dict(), self.dist)[0])
+            self._work_before_epoch_1 = time.perf_counter() - scan_started
         if self.dist.is_main:
             from ftsam_plugin.io import atomic_write_text
 
@@ -308,6 +311,8 @@ class FineTune:
 
         args = self.args
         clock = RunClock(history)  # the time columns, continued from a resumed run's history
+        clock.add(self._work_before_epoch_1)  # the scan is training work: in the totals from epoch 1 on
+        self._work_before_epoch_1 = 0.0
         for epoch in bar:
             test_pause(epoch, 0, self._stop)
             lr_used = self.optimizer.param_groups[0]["lr"]  # per-batch stepping: the epoch's first step's lr
