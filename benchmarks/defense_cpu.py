@@ -196,6 +196,7 @@ class Run:
     sam_every: Optional[int] = None  # FT-SAM's cheaper schedules (issue 22): None leaves the option unset
     sam_prob: Optional[float] = None
     sam_epochs: Optional[str] = None  # "FIRST-LAST"
+    unlearn: Optional[str] = None  # --unlearn (issue 29): uap | uap-l2
 
     @property
     def tag(self) -> str:
@@ -208,7 +209,8 @@ class Run:
     def schedule_tag(self) -> str:
         return ((f"_every{self.sam_every}" if self.sam_every else "")
                 + (f"_p{self.sam_prob:g}" if self.sam_prob else "")
-                + (f"_sam{self.sam_epochs}" if self.sam_epochs else ""))
+                + (f"_sam{self.sam_epochs}" if self.sam_epochs else "")
+                + (f"_{self.unlearn.replace('-', '')}" if self.unlearn else ""))
 
 
 # The recommended CPU setting (FT-SAM rho 4 over 20 epochs) was chosen from the single-seed Blended runs reported
@@ -227,7 +229,8 @@ def run_of(cell) -> Run:
               seed=int(s["random_seed"]), rho=text("rho"), protocol=text("protocol") or "fixed",
               eval_every=int(s["eval_every"]), group=cell.group,
               sam_every=int(s["sam_every"]) if "sam_every" in s else None,
-              sam_prob=float(s["sam_prob"]) if "sam_prob" in s else None, sam_epochs=text("sam_epochs"))
+              sam_prob=float(s["sam_prob"]) if "sam_prob" in s else None, sam_epochs=text("sam_epochs"),
+              unlearn=text("unlearn"))
     if run.tag != cell.folder_name:
         raise ValueError(f"{cell.label}: the grid file names the folder {cell.folder_name}, the report {run.tag}")
     return run
@@ -296,7 +299,7 @@ def defense_argv(mode: Mode, run: Run, record: str, data: str) -> List[str]:
         argv += ["--rho", run.rho]
     if run.protocol != "fixed":
         argv += ["--protocol", run.protocol]
-    for flag in ("sam_every", "sam_prob", "sam_epochs"):
+    for flag in ("sam_every", "sam_prob", "sam_epochs", "unlearn"):
         if getattr(run, flag) is not None:
             argv += [f"--{flag}", f"{getattr(run, flag):g}" if isinstance(getattr(run, flag), float) else
                      str(getattr(run, flag))]

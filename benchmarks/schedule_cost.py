@@ -1,7 +1,11 @@
-"""What an epoch of each cheaper FT-SAM schedule costs against a plain FT epoch, side by side in one run (issue 22).
+"""What an epoch of each cheaper FT-SAM schedule costs against a plain FT epoch, side by side in one run (issue 22);
+also `--unlearn`'s epochs and scan, and issue 29's frozen rule.
 
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/schedule_cost.py --rounds 3 --epochs 2
     python benchmarks/schedule_cost.py --report_only        # rewrite the report from its JSON
+    # --unlearn's cost (the frozen rule): its own report
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/schedule_cost.py --rounds 2 --epochs 3 \
+        --kinds SAM "FT + unlearn uap-l2" "SAM + unlearn uap-l2" --out benchmarks/results/unlearn_cost.md
 
 The cheap table of `defense_cpu.py` compares runs made at different times on a shared machine, so its time ratios
 carry the machine's drift. Here each round runs one short `ftsam defend` process per kind of epoch, in a rotated
@@ -36,7 +40,10 @@ KINDS: Dict[str, Tuple[str, dict]] = {
     "SAM": ("ftsam", {}),
     "SAM every 2nd step": ("ftsam", {"sam_every": 2}),
     "SAM with p=0.5": ("ftsam", {"sam_prob": 0.5}),
+    "FT + unlearn uap-l2": ("ft-baseline", {"unlearn": "uap-l2"}),  # issue 29's frozen rule's plain epochs
+    "SAM + unlearn uap-l2": ("ftsam", {"unlearn": "uap-l2"}),  # and its SAM epochs
 }
+UNLEARN_KINDS = [k for k, (_, flags) in KINDS.items() if "unlearn" in flags]  # epoch 1 also holds the scan
 # the cheap table's schedules as epochs of each kind
 SCHEDULES: List[Tuple[str, Dict[str, int]]] = [
     ("FT, 100 epochs", {"FT": 100}),
@@ -47,6 +54,8 @@ SCHEDULES: List[Tuple[str, Dict[str, int]]] = [
     ("FT-SAM ρ=4, SAM with p=0.5, 20 epochs", {"SAM with p=0.5": 20}),
     ("FT-SAM ρ=4, 10 epochs", {"SAM": 10}),
     ("FT-SAM ρ=4, SAM in epochs 1-10 only, 20 epochs", {"SAM": 10, "FT": 10}),
+    ("the frozen rule (`cifar10_lasting`): SAM in epochs 1-5 + unlearn uap-l2, 100 epochs, + its scan",
+     {"SAM + unlearn uap-l2": 5, "FT + unlearn uap-l2": 95, "scan": 1}),
 ]
 
 
@@ -64,9 +73,23 @@ def measure(kind: str, rnd: int, epochs: int, record: str, data: str, cache: str
     rows = study.read_rows(os.path.join(rec, "defense", defense, f"{defense}_df.csv"))
     train = [r["train_time_s"] for r in rows]
     last = rows[-1]
-    return {"kind": kind, "round": rnd, "epochs_s": [b - a for a, b in zip([0.0] + train[:-1], train)],
+    epochs_s = [b - a for a, b in zip([0.0] + train[:-1], train)]
+    scan = {}
+    if kind in UNLEARN_KINDS:  # epoch 1's total holds --unlearn's scan: the scan is that excess, the epoch is not timed
+        scan = {"scan_s": epochs_s[0] - statistics.median(epochs_s[1:])}
+        epochs_s = epochs_s[1:]
+    return {"kind": kind, "round": rnd, "epochs_s": epochs_s, **scan,
             "eval_s": last["wall_time_s"] - last["train_time_s"],
             "sam_steps": last.get("sam_steps")}
+
+
+def kinds_flags(args: argparse.Namespace, out: str) -> str:
+    """The report's command: --kinds and --out where they are not the defaults."""
+    kinds = [k for k in getattr(args, "kinds", None) or KINDS if k != "FT"]
+    text = "" if set(kinds) >= set(KINDS) - {"FT"} else " --kinds " + " ".join(
+        k if " " not in k else f'"{k}"' for k in kinds)
+    rel = os.path.relpath(out, study.REPO)
+    return text + ("" if rel == os.path.join("benchmarks", "results", "schedule_cost.md") else f" --out {rel}")
 
 
 def report(items: List[dict], args: argparse.Namespace, out: str, made: Optional[dict] = None) -> None:
@@ -78,12 +101,15 @@ def report(items: List[dict], args: argparse.Namespace, out: str, made: Optional
                     "finished": datetime.now().isoformat(timespec="seconds")}
     per_kind = {k: [s for i in items if i["kind"] == k for s in i["epochs_s"]] for k in KINDS}
     med = {k: statistics.median(v) for k, v in per_kind.items() if v}
+    scans = [i["scan_s"] for i in items if "scan_s" in i]
+    if scans:
+        med["scan"] = statistics.median(scans)
     evaluation = statistics.median(i["eval_s"] for i in items)
     ft = med["FT"]
     ref = 100 * ft + evaluation
-    lines = ["# Cost of the cheaper FT-SAM schedules, side by side (issue 22)", "",
+    lines = ["# Cost of the cheaper FT-SAM schedules and of `--unlearn`, side by side (issues 22, 29)", "",
              f"Command: `nice -n 10 env OMP_NUM_THREADS={args.threads} python benchmarks/schedule_cost.py --rounds "
-             f"{args.rounds} --epochs {args.epochs}`  ",
+             f"{args.rounds} --epochs {args.epochs}{kinds_flags(args, out)}`  ",
              f"Commit: {made['commit']}  ",
              f"Machine: {made['machine']}  ",
              f"Finished: {made['finished']}", "",
@@ -94,13 +120,18 @@ def report(items: List[dict], args: argparse.Namespace, out: str, made: Optional
              + (f" Load: {args.load_note}" if getattr(args, "load_note", "") else ""), "",
              "| kind of epoch | epochs timed | median s | vs FT |", "|---|---|---|---|"]
     for k in KINDS:
-        lines.append(f"| {k} | {len(per_kind[k])} | {med[k]:.2f} | {med[k] / ft:.2f}× |")
+        if per_kind[k]:
+            lines.append(f"| {k} | {len(per_kind[k])} | {med[k]:.2f} | {med[k] / ft:.2f}× |")
+    if scans:
+        lines.append(f"| `--unlearn`'s scan, once before epoch 1 (epoch 1's excess over the process's later "
+                     f"epochs) | {len(scans)} | {med['scan']:.2f} | {med['scan'] / ft:.2f}× |")
     lines += ["", f"One evaluation: {evaluation:.1f} s (median of {len(items)}).", "",
               "Each schedule of the cheap table from these parts, evaluated once at the end, as a ratio to FT over "
               "100 epochs evaluated once at the end (setup, ~10 s a process, excluded):", "",
               "| schedule | epochs (kind × count) | training + one evaluation, s | vs FT-100 |", "|---|---|---|---|"]
-    totals = {name: sum(med[k] * n for k, n in mix.items()) + evaluation for name, mix in SCHEDULES}
-    for name, mix in SCHEDULES:
+    measured = [(name, mix) for name, mix in SCHEDULES if all(k in med for k in mix)]  # a run of some kinds only
+    totals = {name: sum(med[k] * n for k, n in mix.items()) + evaluation for name, mix in measured}
+    for name, mix in measured:
         parts = " + ".join(f"{n} × {k}" for k, n in mix.items())
         lines.append(f"| {name} | {parts} | {totals[name]:.0f} | {totals[name] / ref:.3f}× |")
     lines += ["", "`defense_cpu.md`'s cheap table quotes the last column (its `side by side` column) and judges the "
@@ -127,6 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=os.path.join(study.REPO, "benchmarks", "results", "schedule_cost.md"))
     parser.add_argument("--report_only", action="store_true", help="rewrite the report from its JSON (no runs)")
     parser.add_argument("--load_note", default="", help="what else ran on the machine meanwhile (for the report)")
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS),
+                        help="the kinds of epoch to time (default all; FT is always timed: the unit)")
     args = parser.parse_args(argv)
     if args.report_only:
         with open(os.path.splitext(args.out)[0] + ".json") as handle:
@@ -140,7 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not study.record_ready(record):
         sys.exit(f"error: {record} not found; run benchmarks/defense_cpu.py first (it makes the record)")
     data = study.unpack(cache)
-    kinds = list(KINDS)
+    kinds = ["FT"] + [k for k in args.kinds if k != "FT"]
+    if any(k in UNLEARN_KINDS for k in kinds) and args.epochs < 2:
+        sys.exit("error: --unlearn's kinds need --epochs 2 or more (epoch 1 also holds the scan); raise --epochs")
     items = []
     for rnd in range(args.rounds):
         for kind in kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]:

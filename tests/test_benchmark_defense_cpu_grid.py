@@ -79,7 +79,7 @@ def test_a_finished_cell_becomes_the_summary_the_report_reads(study, tmp_path, m
                        "ftsam_rho4_e1_s0" / "grid_cell.json").read_text())
     assert item["run"] == {"attack": "badnet", "defense": "ftsam", "epochs": 1, "seed": 0, "rho": "4",
                            "protocol": "fixed", "eval_every": 1, "group": "seeds", "sam_every": None,
-                           "sam_prob": None, "sam_epochs": None}
+                           "sam_prob": None, "sam_epochs": None, "unlearn": None}
     assert item["rows"][-1]["test_acc"] == pytest.approx(cell["result"]["acc"])
     assert item["threads"] == 1 and item["provenance"] == cell["machine"] and item["machine"].endswith("1 thread")
     assert item["wall_s"] == cell["wall_s"] and item["subset_size"] == 40 and not item["resumed"]

@@ -109,17 +109,23 @@ def test_schedule_cost_uses_medians_and_ratios_to_ft_100(tmp_path):
     cost = bench("schedule_cost")
     epochs = {"FT": ([10.0, 12.0], [11.0, 30.0]), "SAM": ([20.0, 22.0], [21.0, 25.0]),
               "SAM every 2nd step": ([15.0, 16.0], [15.0, 17.0]), "SAM with p=0.5": ([14.0, 15.0], [16.0, 14.0])}
-    evals = {"FT": (5.0, 6.0), "SAM": (7.0, 5.0), "SAM every 2nd step": (5.0, 6.0), "SAM with p=0.5": (5.0, 9.0)}
-    items = [{"kind": k, "round": r, "epochs_s": epochs[k][r], "eval_s": evals[k][r], "sam_steps": None}
-             for r in (0, 1) for k in cost.KINDS]
+    epochs.update({"FT + unlearn uap-l2": ([16.0], [18.0]), "SAM + unlearn uap-l2": ([30.0], [32.0])})  # epoch 2
+    evals = {"FT": (5.0, 6.0), "SAM": (7.0, 5.0), "SAM every 2nd step": (5.0, 6.0), "SAM with p=0.5": (5.0, 9.0),
+             "FT + unlearn uap-l2": (5.5, 5.5), "SAM + unlearn uap-l2": (5.5, 5.5)}
+    scans = {"FT + unlearn uap-l2": (100.0, 130.0), "SAM + unlearn uap-l2": (90.0, 120.0)}  # median 110
+    items = [{"kind": k, "round": r, "epochs_s": epochs[k][r], "eval_s": evals[k][r], "sam_steps": None,
+              **({"scan_s": scans[k][r]} if k in scans else {})} for r in (0, 1) for k in cost.KINDS]
     args = argparse.Namespace(rounds=2, epochs=2, threads=1, load_note="")
     out = tmp_path / "schedule_cost.md"
     cost.report(items, args, str(out), {"commit": "abc1234", "machine": "Test CPU", "finished": "2026-01-01"})
     text = out.read_text()
-    # medians: FT 11.5, SAM 21.5, every 2nd 15.5, p 0.5 14.5; one evaluation 5.5 (median of the 8);
+    # medians: FT 11.5, SAM 21.5, every 2nd 15.5, p 0.5 14.5; one evaluation 5.5 (median of the 12);
     # FT-100 = 100 x 11.5 + 5.5 = 1155.5 s
     assert "| FT | 4 | 11.50 | 1.00× |" in text and "| SAM | 4 | 21.50 | 1.87× |" in text
-    assert "One evaluation: 5.5 s (median of 8)." in text
+    assert "One evaluation: 5.5 s (median of 12)." in text
+    assert "| FT + unlearn uap-l2 | 2 | 17.00 | 1.48× |" in text and "scan, once before epoch 1" in text
+    # the frozen rule: 5 x 31 + 95 x 17 + the scan's 110 + 5.5 = 1885.5 s, 1.632x FT-100
+    assert "| 1886 | 1.632× |" in text
     assert "| FT-SAM ρ=4, 20 epochs | 20 × SAM | 436 | 0.377× |" in text  # 20 x 21.5 + 5.5 = 435.5
     assert "| FT-SAM ρ=4, SAM in epochs 1-5 only, 15 epochs | 5 × SAM + 10 × FT | 228 | 0.197× |" in text
     saved = json.loads((tmp_path / "schedule_cost.json").read_text())
