@@ -170,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     cache = os.path.abspath(args.cache)
     record = os.path.join(cache, "record", study.record_name(study.MODES["full"], "blended"))
-    if not study.record_ready(record):
+    if not os.path.isfile(os.path.join(record, "attack_result.pt")):
         sys.exit(f"error: {record} not found; run benchmarks/defense_cpu.py first (it makes the record)")
     data = study.unpack(cache)
     kinds = ["FT"] + [k for k in args.kinds if k != "FT"]
