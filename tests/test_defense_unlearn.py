@@ -135,6 +135,7 @@ def test_augment_step_against_a_hand_computation():
                                                  / torch.tensor(STD).view(1, 3, 1, 1)), torch.full((k,), 3))
     (g,) = torch.autograd.grad(loss, d)
     new_delta = (un.delta - TRAIN_STEP_SIZE * (8 / 255) * g.sign()).clamp(-8 / 255, 8 / 255)
+    old_delta = un.delta.clone()
     xa, ya = un.augment(model, x, y)
     assert xa.shape[0] == 10 + k and torch.equal(ya, torch.cat([y, y[:k]]))
     assert torch.equal(xa[:10], x)
@@ -143,13 +144,35 @@ def test_augment_step_against_a_hand_computation():
     assert model.training and model.proj.grad is None
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
-    metrics = un.epoch_metrics()  # the share of added images (not of class 3) the model sends to class 3
+    metrics = un.epoch_metrics()  # the share of UAP images (not of class 3) sent to class 3, by the UAP before the step
     with torch.no_grad():
-        pred = ref(xa[10:]).argmax(1)
+        pred = ref(un.apply(x[:k], old_delta)).argmax(1)
     keep = y[:k] != 3
     assert metrics["unlearn_class"] == 3
     assert metrics["unlearn_success"] == pytest.approx(100.0 * float((pred[keep] == 3).float().mean()))
     assert math.isnan(un.epoch_metrics()["unlearn_success"])  # reset
+
+
+def test_the_signal_counts_each_step_with_the_uap_it_started_from():
+    model = Shortcut(3)
+
+    def rate(un, x, y):  # % of the images not of class 3 that x + the UAP sends to class 3 (eval mode)
+        with torch.no_grad():
+            pred = model.eval()(un.apply(x, un.delta)).argmax(1)
+        return 100.0 * float((pred[y != 3] == 3).float().mean())
+
+    for seed in range(200):  # a batch whose count changes with the step: the test can tell before from after
+        x, y = images(40, seed=seed)
+        un = UapUnlearning(8 / 255, 0.25, 10, MEAN, STD)
+        un.target, un.delta = 3, torch.full((1, 3, 8, 8), 1 / 255)
+        k = math.ceil(0.25 * len(x))
+        before = rate(un, x[:k], y[:k])
+        un.augment(model.train(), x, y)
+        if rate(un, x[:k], y[:k]) != before:
+            break
+    else:
+        pytest.fail("no batch whose count the step changes")
+    assert un.epoch_metrics()["unlearn_success"] == pytest.approx(before)
 
 
 def test_augment_before_scan_is_an_error():

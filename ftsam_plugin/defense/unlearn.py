@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,15 +76,16 @@ class UapUnlearning:
         return ((x * std + mean + delta).clamp(0.0, 1.0) - mean) / std
 
     def _targeted_step(self, net: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor, target: int,
-                       size: float, dist=None) -> torch.Tensor:
-        """delta moved one gradient step of `size` x the radius towards `target` on `x`, projected to the radius."""
+                       size: float, dist=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """delta moved one gradient step of `size` x the radius towards `target` on `x`, projected to the radius;
+        and the logits of `x` carrying delta before the step."""
         delta = delta.detach().requires_grad_(True)
         logits = net(self.apply(x, delta))
         loss = F.cross_entropy(logits, torch.full((len(x),), target, dtype=torch.long, device=x.device))
         (grad,) = torch.autograd.grad(loss, delta)
         if dist is not None:
             ddp.all_reduce_sum(grad, dist)  # every rank takes the same step: the UAP stays identical
-        return self._project(delta.detach() - size * self.eps * self._direction(grad))
+        return self._project(delta.detach() - size * self.eps * self._direction(grad)), logits.detach()
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
         """The step's unit direction (L-inf: the sign)."""
@@ -118,7 +119,7 @@ class UapUnlearning:
                 delta = torch.zeros(shape, device=images.device)
                 for _ in range(SCAN_STEPS):
                     idx = torch.randint(0, len(fit_x), (min(SCAN_BATCH, len(fit_x)),), generator=gen)
-                    delta = self._targeted_step(net, fit_x[idx.to(images.device)], delta, c, SCAN_STEP_SIZE)
+                    delta, _ = self._targeted_step(net, fit_x[idx.to(images.device)], delta, c, SCAN_STEP_SIZE)
                 pred = self._predict(net, measure_x, delta)
                 others = measure_y != c
                 success.append(float((pred[others] == c).float().mean()) * 100 if others.any() else 0.0)
@@ -146,18 +147,20 @@ class UapUnlearning:
         was_training = net.training
         net.eval()
         try:
-            self.delta = self._targeted_step(net, xs, self.delta.to(x.device), self.target, TRAIN_STEP_SIZE,
-                                             distributed)
+            self.delta, logits = self._targeted_step(net, xs, self.delta.to(x.device), self.target,
+                                                     TRAIN_STEP_SIZE, distributed)
+            others = ys != self.target  # the signal, from the step's own forward (the UAP before the step)
+            self._hits += int((logits.argmax(1)[others] == self.target).sum())
+            self._seen += int(others.sum())
             with torch.no_grad():
                 xa = self.apply(xs, self.delta)
-                self._hits += int((net(xa).argmax(1)[ys != self.target] == self.target).sum())
-                self._seen += int((ys != self.target).sum())
         finally:
             net.train(was_training)
         return torch.cat([x, xa.to(x.dtype)]), torch.cat([y, ys])
 
     def epoch_metrics(self) -> Dict[str, float]:
-        """The epoch's share of UAP images (not of the suspect class) sent to it, %, then reset."""
+        """The epoch's share of UAP images (not of the suspect class) sent to it, %, then reset (each step counts
+        its images with the UAP it started from: no forward pass of its own)."""
         rate = 100.0 * self._hits / self._seen if self._seen else float("nan")
         self._hits = self._seen = 0
         return {"unlearn_class": self.target, "unlearn_success": rate}
