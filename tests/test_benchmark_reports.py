@@ -226,3 +226,16 @@ def test_reports_regenerate_from_their_committed_data_files(tmp_path):
     assert bench("leaderboard_cpu").main(["--out", str(tmp_path / "board")]) == 0
     assert (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8") == _committed(
         "leaderboard_cpu/leaderboard.md")
+
+
+def test_schedule_cost_names_the_kinds_it_ran_in_its_command(tmp_path):
+    cost = bench("schedule_cost")
+    default = tmp_path / "x" / ".." / ".." / "schedule_cost.md"
+    ns = argparse.Namespace
+    assert cost.kinds_flags(ns(kinds=None), str(cost.study.REPO) + "/benchmarks/results/schedule_cost.md") == ""
+    assert cost.kinds_flags(ns(kinds=list(cost.DEFAULT_KINDS)),
+                            str(cost.study.REPO) + "/benchmarks/results/schedule_cost.md") == ""
+    assert cost.kinds_flags(ns(kinds=["FT"]), str(default)).startswith(" --kinds FT --out ")
+    flags = cost.kinds_flags(ns(kinds=["SAM", "FT + unlearn uap-l2"]),
+                             str(cost.study.REPO) + "/benchmarks/results/unlearn_cost.md")
+    assert flags == ' --kinds SAM "FT + unlearn uap-l2" --out benchmarks/results/unlearn_cost.md'

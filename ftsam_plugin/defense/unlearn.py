@@ -13,8 +13,10 @@ the suspect class on those images (BatchNorm in eval mode, the weights' gradient
 follows the backdoor if fine-tuning brings it back. The share of those images the model still sends to the suspect
 class is logged per epoch (`unlearn_success`, a clean-data signal of the backdoor returning).
 
-Cost: the step's batch grows by --unlearn_frac, plus one forward/backward on those images for the UAP step; the scan
-is SCAN_STEPS forward/backwards of SCAN_BATCH images per class, once. Single-target (all-to-one) backdoors only: an
+Cost: the step's batch grows by --unlearn_frac, plus one forward/backward on those images for the UAP step (and,
+under DDP, one broadcast of the BatchNorm buffers); the scan, once, is SCAN_STEPS forward/backwards of SCAN_BATCH
+images per class plus a forward of the SCAN_IMAGES / 2 measuring images per class
+(benchmarks/results/unlearn_cost.md). Single-target (all-to-one) backdoors only: an
 all-to-all backdoor has no one class to find. Where no backdoor exists, the scan still picks the easiest class, and
 the run becomes adversarial fine-tuning against that class's UAP (a little clean accuracy).
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import socket
@@ -162,8 +163,10 @@ class _ErrorLine(io.TextIOBase):
         self.stream.flush()
 
 
+@functools.lru_cache(maxsize=None)
 def _commit() -> str:
-    """The code this attempt runs: the commit of the checkout holding ftsam_plugin ('unknown' outside one)."""
+    """The code this worker runs: the commit of the checkout holding ftsam_plugin when the worker first asks ('unknown'
+    outside one); read once, as the worker's code was imported once."""
     from ftsam_plugin.provenance import git_commit
 
     return git_commit(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
