@@ -418,10 +418,10 @@ def cmd_collect(args) -> int:
         if state.state != "done":
             continue
         rows = read_csv_rows(os.path.join(cell.folder, f"{cell.defense}_df.csv"))
-        settings = dict(cell.settings)
-        flags = ["--defense", cell.defense] + [f"--{k}" if i == 0 else str(v) for k, v in settings.items()
-                                               if k not in COMMON_FLAGS and (k, v) != ("yaml_path", "cifar10")
-                                               for i in range(2)]
+        flags = ["--defense", cell.defense]  # the cell's own flags, written as the grid writes them
+        for key, value in cell.settings:
+            if key not in COMMON_FLAGS and (key, value) != ("yaml_path", "cifar10"):
+                flags += [f"--{key}", cell.text(value)]
         grid = state.summary
         atomic_json(path, {
             "tag": cell.folder_name, "attack": attack, "record": os.path.basename(cell.record),
@@ -456,15 +456,18 @@ def load_runs() -> Dict[str, Dict[str, dict]]:
     return runs
 
 
-def p_asr(retune: Optional[dict], poison: int) -> str:
-    """Mean ± sample standard deviation (n - 1) of the ASR after retuning over the seeds, and their count."""
-    if not retune:
-        return "–"
-    values = [r["after"]["asr"] for r in retune["runs"] if r["poison_num"] == poison]
+def mean_sd(values: Sequence[float], scale: float = 100.0) -> str:
+    """Mean ± sample standard deviation (n - 1) of fractions, in % ("–" for none)."""
     if not values:
         return "–"
-    sd = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{100 * statistics.mean(values):.2f}{sd} (n={len(values)})"
+    sd = f" ± {scale * statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{scale * statistics.mean(values):.2f}{sd}"
+
+
+def p_asr(retune: Optional[dict], poison: int) -> str:
+    """Mean ± sample standard deviation of the ASR after retuning over the seeds, and their count."""
+    values = [r["after"]["asr"] for r in (retune or {"runs": []})["runs"] if r["poison_num"] == poison]
+    return f"{mean_sd(values)} (n={len(values)})" if values else "–"
 
 
 def worst_after(along: List[dict], first_epoch: int = 10) -> Optional[float]:
@@ -497,13 +500,6 @@ def along_of(item: dict) -> List[dict]:
 def cpu_vendor(text: str) -> str:
     """AMD or Intel: CPU runs reproduce to the digit only on the same kind of CPU."""
     return "AMD" if "AMD" in text else "Intel" if "Intel" in text else text
-
-
-def mean_sd(values: Sequence[float], scale: float = 100.0) -> str:
-    if not values:
-        return "–"
-    sd = f" ± {scale * statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{scale * statistics.mean(values):.2f}{sd}"
 
 
 def setting_rows(attack: str, tags: Dict[str, dict]) -> List[str]:

@@ -117,7 +117,6 @@ class FineTune:
         self._start_from: Optional[str] = None  # --checkpoint_path: the defense_result.pt the run starts from
         self._start_model: Optional[torch.nn.Module] = None
         self.unlearner = None  # --unlearn's (setup_training); None in --rho auto's probes, which run before it
-        self._work_before_epoch_1 = 0.0  # seconds of training work before the first epoch (--unlearn's scan)
         self.dist = ddp.DistInfo()
         ddp.resolve_device(self.args.device, int(os.environ.get("LOCAL_RANK", "0")))  # fail before loading data
         if self.args.result_file is not None:
@@ -262,12 +261,13 @@ class FineTune:
         elif os.path.isfile(ckpt_path) and self.dist.is_main:
             logger.warning("checkpoint %s from an earlier run will be overwritten (starting from epoch 1; pass "
                            "--resume to continue that run instead)", ckpt_path)
+        scan_seconds = 0.0  # training work before the first epoch: --unlearn's scan
         if self.unlearner is not None and self.unlearner.delta is None:  # a resumed run keeps its own UAP
             scan_started = time.perf_counter()
             self.unlearner.scan(model, *self._scan_pool(indices))
             # every rank takes rank 0's suspect and UAP (a GPU's scan need not be bit-identical across ranks)
             self.unlearner.load_state_dict(ddp.all_gather_objects(self.unlearner.state_dict(), self.dist)[0])
-            self._work_before_epoch_1 = time.perf_counter() - scan_started
+            scan_seconds = time.perf_counter() - scan_started
         if self.dist.is_main:
             from ftsam_plugin.io import atomic_write_text
 
@@ -286,7 +286,7 @@ class FineTune:
             mark_running(args.save_path)  # from its first write there to its last, the folder is not a finished run
         with StopOnSigint() as self._stop:
             try:
-                self._train_epochs(model, train_set, bar, indices, history, ckpt_path, csv_path)
+                self._train_epochs(model, train_set, bar, indices, history, ckpt_path, csv_path, scan_seconds)
             finally:
                 bar.close()  # before any error message is printed
         ddp.broadcast_buffers(model, self.dist)  # BN stats of the last (no_sync) pass are rank-local: take rank 0's
@@ -306,13 +306,13 @@ class FineTune:
         self.history = history
         return {"model": ddp.unwrap(model)}
 
-    def _train_epochs(self, model, train_set, bar, indices, history, ckpt_path, csv_path) -> None:
+    def _train_epochs(self, model, train_set, bar, indices, history, ckpt_path, csv_path,
+                      scan_seconds: float = 0.0) -> None:
         from ftsam_plugin.data.records import write_metrics_csv
 
         args = self.args
         clock = RunClock(history)  # the time columns, continued from a resumed run's history
-        clock.add(self._work_before_epoch_1)  # the scan is training work: in the totals from epoch 1 on
-        self._work_before_epoch_1 = 0.0
+        clock.add(scan_seconds)  # the scan is training work: in the totals from epoch 1 on
         for epoch in bar:
             test_pause(epoch, 0, self._stop)
             lr_used = self.optimizer.param_groups[0]["lr"]  # per-batch stepping: the epoch's first step's lr
@@ -552,16 +552,16 @@ class FineTune:
 
         clean, bd = self.result["clean_test"], self.result["bd_test"]
         subset = getattr(self.args, "eval_subset", None)
-        if subset is not None and not whole:
+        on_subsets = subset is not None and not whole
+        if on_subsets:
             if self._eval_subsets is None:
                 self._eval_subsets = fixed_eval_subsets(clean, bd, int(subset))
-            m = evaluate_backdoor(model, Subset(clean, self._eval_subsets[0]), Subset(bd, self._eval_subsets[1]),
-                                  device=self.device, batch_size=self.args.batch_size, amp_dtype=None,
-                                  num_workers=self.args.num_workers)
-            return dict(zip(SUBSET_COLUMNS, (float(m["acc"]), float(m["asr"]), float(m["ra"]))))
+            clean, bd = Subset(clean, self._eval_subsets[0]), Subset(bd, self._eval_subsets[1])
         m = evaluate_backdoor(model, clean, bd, device=self.device,
                               batch_size=self.args.batch_size, amp_dtype=None,
-                              num_workers=self.args.num_workers, with_loss=True)
+                              num_workers=self.args.num_workers, with_loss=not on_subsets)
+        if on_subsets:
+            return dict(zip(SUBSET_COLUMNS, (float(m["acc"]), float(m["asr"]), float(m["ra"]))))
         # the losses as BackdoorBench's trainer logs them: plain cross-entropy, mean over batches (bd: vs bd labels)
         return {"clean_test_loss_avg_over_batch": float(m["clean_loss"]),
                 "bd_test_loss_avg_over_batch": float(m["bd_loss"]),
